@@ -1,0 +1,1563 @@
+#!/usr/bin/env python3
+"""dicom_sar: bulk search/replace, dump, generate and send for trees of DICOM files.
+
+The file reads like its pipeline: options -> tag specs -> discovery -> engine (a bounded,
+ordered thread pool) -> one section per mode -> writing -> report -> main().
+Runs on free-threaded CPython 3.13t (parallel) and on any CPython >= 3.11 (GIL, serial speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import difflib
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import struct
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pydicom.charset
+import pydicom.config
+import pydicom.datadict
+import pydicom.valuerep
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.encaps import generate_fragments
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import correct_ambiguous_vr_element
+from pydicom.tag import BaseTag, Tag
+from tqdm import tqdm
+
+__version__ = "0.1.0"
+PROG = "dicom_sar"
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+LOG_NAME, ERROR_LOG_NAME = "dicom_sar.log", "errors.log"
+TEMP_PREFIX = ".dicom_sar-tmp-"  # every temporary file this tool writes starts with this
+DEFAULT_OUTPUT, DEFAULT_BACKUP = "dicom_sar_output", "dicom_sar_backup"
+STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+TEXT_VRS = frozenset("SH LO ST LT UC UT PN".split())  # affected by SpecificCharacterSet
+SINGLE_VALUE_VRS = frozenset("LT ST UT UR".split())  # backslash is text, not a delimiter
+BULK_VRS = frozenset("OB OD OF OL OV OW UN".split())
+
+log = logging.getLogger(PROG)
+errlog = logging.getLogger(PROG + ".errors")
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Runtime: which interpreter we are on, and how many workers it can use
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+def gil_disabled() -> bool:
+    """True when this interpreter runs Python threads in parallel (free-threaded, GIL off)."""
+    check = getattr(sys, "_is_gil_enabled", None)
+    return check is not None and not check()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (affinity-aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """The user's rule: leave four CPUs for the rest of the machine."""
+    return max(1, usable_cpus() - 4)
+
+
+def runtime_line() -> str:
+    """One line for logs and summaries: Python version and free-threaded yes/no."""
+    return (f"Python {sys.version.split()[0]}, free-threaded: {'yes' if gil_disabled() else 'no'}, "
+            f"pydicom {pydicom.__version__}")
+
+
+class UsageError(Exception):
+    """A problem with the command line; reported before any file is touched (exit 2)."""
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Options: argparse with a group per mode, turned once into a frozen Options object
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+EPILOG = """\
+examples (fish):
+  dump:      python dicom_sar.py --dump --tag 10,20 --path ~/archive
+  count:     python dicom_sar.py --dump --count --tag PatientID --path ~/archive
+  preview:   python dicom_sar.py --sar --tag PatientID --regex_search '^(.*)$' --regex_replace 'GENHOSP\\1' --dry-run --path ~/archive
+  sar:       python dicom_sar.py --sar --tag PatientID --regex_search '^(.*)$' --regex_replace 'GENHOSP\\1' --path ~/archive --output ~/archive_fixed
+  in place:  python dicom_sar.py --sar --inplace --tag "(0010, 0020), (0010,0010)" --regex_search '^X' --regex_replace 'Y' --path ~/archive
+  generate:  python dicom_sar.py --generate --scenario default --patients 3 --seed 7 --output demo
+  send:      python dicom_sar.py --send --path demo -H 127.0.0.1 -p 11112 -a STORESCP
+
+exit status: 0 all fine, 1 some files failed or were rejected, 2 usage error, 130 interrupted.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, grouped by mode."""
+    p = argparse.ArgumentParser(
+        prog="dicom_sar.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Bulk search/replace, dump, generate and send for trees of DICOM files.")
+    modes = p.add_argument_group("mode (choose one)").add_mutually_exclusive_group()
+    modes.add_argument("--dump", action="store_true", help="print header elements like dcmdump")
+    modes.add_argument("--sar", action="store_true", help="regex search/replace on tag values")
+    modes.add_argument("--generate", action="store_true", help="write a synthetic DICOM tree")
+    modes.add_argument("--list-scenarios", action="store_true", help="list --generate presets")
+    modes.add_argument("--version", action="store_true", help="print versions for a bug report")
+
+    common = p.add_argument_group("common")
+    common.add_argument("--path", action="append", metavar="P",
+                        help="file or directory to process, repeatable (default: .)")
+    common.add_argument("--tag", action="append", metavar="SPEC",
+                        help="10,20 | (0010, 0020) | 00100020 | PatientID | "
+                             "Seq[*].Tag | (0029,\"CREATOR\",10); comma lists; repeatable")
+    common.add_argument("--glob", metavar="PATTERN", help="only file names matching this pattern")
+    common.add_argument("--workers", "--threads", "-j", type=int, metavar="N",
+                        help=f"worker threads (default: max(1, CPUs-4) = {default_workers()})")
+    common.add_argument("--follow-symlinks", action="store_true",
+                        help="follow symlinked directories and files (loops are detected)")
+    common.add_argument("--log-dir", metavar="DIR", default=".",
+                        help="where dicom_sar.log and errors.log go (default: .)")
+    common.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="DEBUG logs, values in error lines")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="print only errors and the mode's own output")
+    common.add_argument("--dry-run", action="store_true",
+                        help="write nothing; show what would change")
+
+    dump = p.add_argument_group("dump")
+    dump.add_argument("--format", choices=("text", "json"), default="text",
+                      help="text like dcmdump (default) or one DICOM JSON object per file")
+    dump.add_argument("--with-filename", action="store_true", help="prefix lines with 'path: '")
+    dump.add_argument("--count", action="store_true",
+                      help="histogram of the tags' values instead of per-file lines")
+
+    sar = p.add_argument_group("sar")
+    sar.add_argument("--regex_search", "--regex-search", dest="regex_search", metavar="PATTERN",
+                     help="Python regular expression to search for in each value")
+    sar.add_argument("--regex_replace", "--regex-replace", dest="regex_replace", metavar="REPL",
+                     help="replacement, with backreferences \\1 and \\g<name>")
+    sar.add_argument("--force", action="store_true",
+                     help="allow SAR on every string element when no --tag is given")
+    sar.add_argument("--deep", action="store_true",
+                     help="also match plain tags inside sequence items at any depth")
+    sar.add_argument("--inplace", action="store_true",
+                     help="replace files in place (atomic; original kept in --backup-dir)")
+    sar.add_argument("--output", "-o", metavar="DIR",
+                     help=f"output tree (sar default: ./{DEFAULT_OUTPUT}; generate: required)")
+    sar.add_argument("--backup-dir", metavar="DIR",
+                     help=f"backup tree for --inplace (default: ./{DEFAULT_BACKUP}/<UTC time>)")
+    sar.add_argument("--no-backup", action="store_true", help="no backup with --inplace")
+    sar.add_argument("--copy-unmodified", action="store_true",
+                     help="also copy unmodified DICOM files into the output tree")
+    sar.add_argument("--no-fsync", action="store_true",
+                     help="skip fsync before each rename (faster, not power-loss safe)")
+
+    gen = p.add_argument_group("generate")
+    gen.add_argument("--scenario", action="append", metavar="NAME",
+                     help="preset to generate, repeatable (see --list-scenarios)")
+    gen.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    gen.add_argument("--patients", type=int, metavar="N", help="patients per scenario")
+    gen.add_argument("--studies", type=int, metavar="N", help="studies per patient")
+    gen.add_argument("--series", type=int, metavar="N", help="series per study")
+    gen.add_argument("--instances", type=int, metavar="N", help="instances per series")
+    gen.add_argument("--modality", choices=("MG", "CT", "MR"), help="modality of the images")
+    gen.add_argument("--size", metavar="ROWSxCOLS", help="image size, e.g. 64x64")
+    gen.add_argument("--layout", choices=("tree", "flat"), default="tree",
+                     help="tree: OUTPUT/PatientID/Study/Series/SOP (default); flat: OUTPUT/SOP")
+    gen.add_argument("--config", metavar="FILE.json", help="power-customize JSON config")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything a run needs, validated once; workers only read it."""
+
+    mode: str
+    paths: tuple[Path, ...]
+    specs: tuple[TagSpec, ...]
+    glob: str | None
+    workers: int
+    follow_symlinks: bool
+    log_dir: Path
+    summary_json: Path | None
+    progress: bool
+    verbose: bool
+    quiet: bool
+    dry_run: bool
+    fmt: str = "text"
+    with_filename: bool = False
+    count: bool = False
+    pattern: re.Pattern[str] | None = None
+    replacement: str = ""
+    deep: bool = False
+    all_strings: bool = False
+    inplace: bool = False
+    output: Path | None = None
+    backup: Path | None = None
+    copy_unmodified: bool = False
+    fsync: bool = True
+    generate: Any = None
+
+    @property
+    def writes(self) -> bool:
+        """True when this run may create or replace files."""
+        return self.mode in ("sar", "generate") and not self.dry_run
+
+
+def options_from_args(ns: argparse.Namespace) -> Options:
+    """Validate the parsed command line into Options; raise UsageError with advice."""
+    mode = next((m for m in ("dump", "sar", "generate") if getattr(ns, m)), None)
+    if mode is None:
+        raise UsageError("choose a mode: --dump, --sar or --generate (see --help)")
+    specs = tuple(s for text in (ns.tag or ()) for s in parse_tag_specs(text))
+    workers = ns.workers if ns.workers is not None else default_workers()
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers}")
+    paths = tuple(Path(p) for p in (ns.path or ["."]))
+    for path in paths:
+        if not path.exists() and not path.is_symlink() and mode != "generate":
+            raise UsageError(f"--path {path}: no such file or directory")
+    common = dict(
+        mode=mode, paths=paths, specs=specs, glob=ns.glob, workers=workers,
+        follow_symlinks=ns.follow_symlinks, log_dir=Path(ns.log_dir),
+        summary_json=Path(ns.summary_json) if ns.summary_json else None,
+        progress=not ns.no_progress and not ns.quiet and sys.stderr.isatty(),
+        verbose=ns.verbose, quiet=ns.quiet, dry_run=ns.dry_run)
+    if mode == "dump":
+        if ns.count and not specs:
+            raise UsageError("--count needs --tag (e.g. --count --tag PatientID)")
+        if ns.count and ns.format == "json":
+            raise UsageError("--count and --format json do not go together; pick one")
+        return Options(**common, fmt=ns.format, with_filename=ns.with_filename, count=ns.count)
+    if mode == "sar":
+        return Options(**common, **sar_options(ns, specs))
+    return Options(**common, output=Path(ns.output) if ns.output else None,
+                   generate=generate_plan_from_args(ns))
+
+
+def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str, Any]:
+    """The SAR-specific part of Options: regex, targets and where writes go."""
+    if ns.regex_search is None or ns.regex_replace is None:
+        raise UsageError("--sar needs --regex_search PATTERN and --regex_replace REPL")
+    try:
+        pattern = re.compile(ns.regex_search)
+    except re.error as exc:
+        raise UsageError(f"--regex_search {ns.regex_search!r}: {exc.msg} at position {exc.pos}; "
+                         "fix the pattern (Python re syntax)") from None
+    try:
+        pattern.sub(ns.regex_replace, "")  # checks backreferences against the pattern's groups
+    except (re.error, IndexError) as exc:
+        raise UsageError(f"--regex_replace {ns.regex_replace!r}: {exc}; "
+                         f"the pattern has {pattern.groups} group(s)") from None
+    if not specs and not ns.force:
+        raise UsageError("no --tag given: SAR on every string element needs --force "
+                         "(or give --tag PatientID)")
+    for spec in specs:
+        vr = spec.dictionary_vr()
+        if vr is not None and vr not in STRING_VRS:
+            raise UsageError(f"--tag {spec.text}: VR {vr} is not a string VR; "
+                             "SAR changes string values only")
+    if ns.inplace and ns.output:
+        raise UsageError("--inplace and --output exclude each other; pick one")
+    output = None if ns.inplace else Path(ns.output or DEFAULT_OUTPUT)
+    backup = None
+    if ns.inplace and not ns.no_backup:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        backup = Path(ns.backup_dir) if ns.backup_dir else Path(DEFAULT_BACKUP) / stamp
+    for root in (Path(p) for p in (ns.path or ["."])):
+        for where, what in ((output, "--output"), (backup, "--backup-dir")):
+            if where is not None and root.is_dir() and is_within(where, root) and not ns.dry_run \
+                    and what == "--backup-dir":
+                raise UsageError(f"{what} {where} is inside the scanned tree {root}; "
+                                 "put backups outside it")
+    return dict(pattern=pattern, replacement=ns.regex_replace, deep=ns.deep,
+                all_strings=not specs, inplace=ns.inplace, output=output, backup=backup,
+                copy_unmodified=ns.copy_unmodified, fsync=not ns.no_fsync)
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """True when path is root or lies below it (after resolving symlinks and '..')."""
+    path, root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return path == root or root in path.parents
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Tag specs: one parser for every mode — lazy hex, keywords, sequence paths, private tags
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+_HEX = r"[0-9A-Fa-f]{1,4}"
+_END = r"(?=\s*(?:$|,|\.|\[))"
+_ELEMENT_FORMS = [
+    re.compile(rf'\(\s*(?P<g>{_HEX})\s*,\s*"(?P<c>[^"]*)"\s*,\s*(?P<e>{_HEX})\s*\)'),
+    re.compile(rf'(?P<g>{_HEX})\s*,\s*"(?P<c>[^"]*)"\s*,\s*(?P<e>{_HEX}){_END}'),
+    re.compile(rf"\(\s*(?P<g>{_HEX})\s*,\s*(?P<e>{_HEX})\s*\)"),
+    re.compile(rf"(?P<g8>[0-9A-Fa-f]{{8}}){_END}"),
+    re.compile(rf"(?P<g>{_HEX})\s*,\s*(?P<e>{_HEX}){_END}"),
+    re.compile(rf"(?P<kw>[A-Za-z][A-Za-z0-9_]*){_END}"),
+]
+_ITEM = re.compile(r"\[\s*(?P<i>\d+|\*)\s*\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One element of a tag path; item selects sequence items when a step follows."""
+
+    tag: int  # for a private tag by creator: group << 16 | element offset (0x00-0xFF)
+    creator: str | None = None
+    item: int | None = None  # None = every item
+
+    def label(self) -> str:
+        """DCMTK-style text of this step."""
+        g, e = self.tag >> 16, self.tag & 0xFFFF
+        return f'({g:04x},"{self.creator}",{e:02x})' if self.creator else f"({g:04x},{e:04x})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TagSpec:
+    """A parsed --tag: a path of steps from the top-level dataset down to one element."""
+
+    steps: tuple[Step, ...]
+    text: str
+
+    @property
+    def leaf(self) -> Step:
+        """The element the spec names (the last step)."""
+        return self.steps[-1]
+
+    @property
+    def plain(self) -> bool:
+        """A single public or private tag with no sequence path."""
+        return len(self.steps) == 1
+
+    def dictionary_vr(self) -> str | None:
+        """The VR pydicom's dictionary gives the leaf, when it is a public tag."""
+        leaf = self.leaf
+        if leaf.creator is not None:
+            return None
+        try:
+            vr = pydicom.datadict.dictionary_VR(leaf.tag)
+        except KeyError:
+            return None
+        return vr if vr in STRING_VRS or " or " not in vr else None
+
+    def label(self) -> str:
+        """DCMTK-style path text, e.g. (0008,1110)[0].(0008,1155)."""
+        parts = []
+        for step in self.steps:
+            part = step.label()
+            if step is not self.leaf:
+                part += "[*]" if step.item is None else f"[{step.item}]"
+            parts.append(part)
+        return ".".join(parts)
+
+
+def parse_tag_specs(text: str) -> list[TagSpec]:
+    """Parse one --tag argument, which may hold several comma-separated specs."""
+    specs, pos, s = [], 0, text.strip()
+    if not s:
+        raise UsageError("--tag is empty; give e.g. --tag PatientID or --tag 10,20")
+    while True:
+        start = pos
+        steps, pos = _parse_path(s, pos)
+        specs.append(TagSpec(tuple(steps), s[start:pos].strip()))
+        sep = re.compile(r"\s*,\s*").match(s, pos)
+        if pos == len(s):
+            return specs
+        if not sep:
+            raise UsageError(f"--tag {text!r}: cannot read {s[pos:]!r}; "
+                             "use forms like 10,20  (0010,0020)  PatientID")
+        pos = sep.end()
+
+
+def _parse_path(s: str, pos: int) -> tuple[list[Step], int]:
+    steps: list[Step] = []
+    while True:
+        step, pos = _parse_element(s, pos)
+        item_match = _ITEM.match(s, pos)
+        if item_match:
+            pos = item_match.end()
+            index = item_match["i"]
+            step = dataclasses.replace(step, item=None if index == "*" else int(index))
+        steps.append(step)
+        if s.startswith(".", pos):
+            pos += 1
+            continue
+        if item_match:
+            raise UsageError(f"--tag {s!r}: an item index [..] must be followed by .TAG")
+        return steps, pos
+
+
+def _parse_element(s: str, pos: int) -> tuple[Step, int]:
+    while pos < len(s) and s[pos].isspace():
+        pos += 1
+    for form in _ELEMENT_FORMS:
+        m = form.match(s, pos)
+        if not m:
+            continue
+        d = m.groupdict()
+        if d.get("kw"):
+            return Step(tag_for_keyword(d["kw"])), m.end()
+        if d.get("g8"):
+            return Step(int(d["g8"], 16)), m.end()
+        group, elem = int(d["g"], 16), int(d["e"], 16)
+        if d.get("c") is not None:
+            if group % 2 == 0 or elem > 0xFF:
+                raise UsageError(f"--tag {s!r}: a private tag by creator needs an odd group "
+                                 "and an element offset 00-ff, e.g. (0029,\"CREATOR\",10)")
+            return Step(group << 16 | elem, creator=d["c"]), m.end()
+        return Step(group << 16 | elem), m.end()
+    raise UsageError(f"--tag {s!r}: cannot read {s[pos:]!r} as a tag; "
+                     "use forms like 10,20  (0010,0020)  00100020  PatientID")
+
+
+def tag_for_keyword(keyword: str) -> int:
+    """The tag of a dictionary keyword, or a UsageError with a did-you-mean suggestion."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is not None:
+        return int(tag)
+    keywords = pydicom.datadict.keyword_dict
+    by_lower = {k.lower(): k for k in keywords}
+    guess = by_lower.get(keyword.lower()) or next(
+        iter(difflib.get_close_matches(keyword, list(keywords), n=1, cutoff=0.75)), None)
+    hint = f"did you mean {guess}?" if guess else "check the spelling in the DICOM dictionary"
+    raise UsageError(f"--tag {keyword}: unknown keyword; {hint}")
+
+
+def keyword_of(tag: int) -> str:
+    """DCMTK-style name of a tag: dictionary keyword, private name, or a generic label."""
+    if tag & 0xFFFF == 0 and tag >> 16 != 2:
+        return "GenericGroupLength"
+    if (tag >> 16) % 2 == 1:
+        return "PrivateCreator" if 0x10 <= tag & 0xFFFF <= 0xFF else "Unknown Tag & Data"
+    return pydicom.datadict.keyword_for_tag(tag) or "Unknown Tag & Data"
+
+
+def resolve_step(ds: Dataset, step: Step) -> int | None:
+    """The concrete tag a step names in ds (private blocks looked up by creator)."""
+    if step.creator is None:
+        return step.tag
+    try:
+        return int(ds.private_block(step.tag >> 16, step.creator).get_tag(step.tag & 0xFF))
+    except KeyError:
+        return None
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Discovery: a lazy, sorted walk; files are recognised later by content, not by name
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A path found by the walk, the --path root it came from, or why it cannot be used."""
+
+    path: Path
+    root: Path
+    problem: str | None = None  # "error: ..." or "skip: ..."
+
+
+def discover(opts: Options, excluded: Iterable[Path]) -> Iterator[Candidate]:
+    """Yield candidates in deterministic order (sorted names per directory), lazily."""
+    skip = {os.path.realpath(p) for p in excluded}
+    for root in opts.paths:
+        if root.is_dir() and (opts.follow_symlinks or not root.is_symlink()
+                              or root in opts.paths):
+            yield from _walk(root, root, opts, skip)
+        else:
+            yield from _file_candidate(root, root, opts, skip, explicit=True)
+
+
+def _walk(root: Path, top: Path, opts: Options, skip: set[str]) -> Iterator[Candidate]:
+    seen_dirs: set[tuple[int, int]] = set()
+    stack: list[Iterator[os.DirEntry[str]]] = []
+
+    def enter(directory: Path) -> Iterator[Candidate]:
+        try:
+            st = directory.stat()
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                yield Candidate(directory, root, "skip: symlink loop")
+                return
+            seen_dirs.add((st.st_dev, st.st_ino))
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            stack.append(iter(entries))
+        except OSError as exc:
+            yield Candidate(directory, root, f"error: {type(exc).__name__}: {exc.strerror}")
+
+    yield from enter(top)
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        path = Path(entry.path)
+        if os.path.realpath(path) in skip or entry.name.startswith(TEMP_PREFIX):
+            if entry.name.startswith(TEMP_PREFIX):
+                yield Candidate(path, root, "skip: leftover temporary file of an earlier run")
+            continue
+        try:
+            is_link = entry.is_symlink()
+            is_dir = entry.is_dir(follow_symlinks=opts.follow_symlinks)
+        except OSError as exc:
+            yield Candidate(path, root, f"error: {type(exc).__name__}: {exc.strerror}")
+            continue
+        if is_dir:
+            yield from enter(path)
+        else:
+            yield from _file_candidate(path, root, opts, skip, explicit=False, is_link=is_link)
+
+
+def _file_candidate(path: Path, root: Path, opts: Options, skip: set[str], *, explicit: bool,
+                    is_link: bool | None = None) -> Iterator[Candidate]:
+    if is_link is None:
+        is_link = path.is_symlink()
+    if is_link and not opts.follow_symlinks and not explicit:
+        yield Candidate(path, root, "skip: symlink (use --follow-symlinks)")
+        return
+    if opts.glob and not fnmatch.fnmatch(path.name, opts.glob):
+        return
+    if not explicit and os.path.realpath(path) in skip:
+        return
+    yield Candidate(path, root)
+
+
+def sniff_dicom(head: bytes, size: int) -> str | None:
+    """'part10' for preamble+DICM, 'bare' for a plausible dataset without preamble, else None."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "part10"
+    if len(head) < 8:
+        return None
+    for order in "<>":
+        group, elem = struct.unpack(order + "HH", head[:4])
+        if group % 2 or not 0x0002 <= group <= 0x0010 or elem > 0x0100:
+            continue
+        vr = head[4:6].decode("latin-1")
+        if vr in pydicom.valuerep.VR.__members__:
+            return "bare"
+        (length,) = struct.unpack(order + "I", head[4:8])
+        if length < size:
+            return "bare"
+    return None
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Engine: a bounded, ordered pool — memory stays bounded, output keeps the walk order
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclasses.dataclass(frozen=True)
+class FileResult:
+    """What one task did to one file; built in a worker, consumed by the main thread."""
+
+    path: Path
+    status: str  # ok | unchanged | modified | rejected | error | skipped | not-dicom
+    nbytes: int = 0
+    seconds: float = 0.0
+    message: str = ""
+    error_type: str = ""
+    lines: tuple[str, ...] = ()
+    values: tuple[tuple[str, str], ...] = ()  # --count: (tag label, value)
+    changes: tuple[Change, ...] = ()
+    rejections: tuple[str, ...] = ()
+
+
+def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
+                workers: int, stop: threading.Event) -> Iterator[FileResult]:
+    """Run task over candidates on a thread pool, yielding results in submission order.
+
+    At most a few tasks per worker are in flight (backpressure on the walk).
+    """
+    limit = max(4, workers * 4)
+    inflight: collections.deque[Future[FileResult]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG) as pool:
+        try:
+            for cand in candidates:
+                if stop.is_set():
+                    break
+                inflight.append(_submit(pool, task, cand))
+                while len(inflight) >= limit:
+                    yield inflight.popleft().result()
+            while inflight:
+                yield inflight.popleft().result()
+        finally:
+            for fut in inflight:
+                fut.cancel()
+
+
+def _submit(pool: ThreadPoolExecutor, task: Callable[[Candidate], FileResult],
+            cand: Candidate) -> Future[FileResult]:
+    if cand.problem is None:
+        return pool.submit(guarded, task, cand)
+    done: Future[FileResult] = Future()
+    kind, _, message = cand.problem.partition(": ")
+    done.set_result(FileResult(cand.path, "error" if kind == "error" else "skipped",
+                               message=message, error_type="OSError" if kind == "error" else ""))
+    return done
+
+
+def guarded(task: Callable[[Candidate], FileResult], cand: Candidate) -> FileResult:
+    """Run one task; any exception becomes an error result (the run goes on)."""
+    t0 = time.perf_counter()
+    try:
+        result = task(cand)
+    except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
+        result = FileResult(cand.path, "error", message=str(exc) or repr(exc),
+                            error_type=type(exc).__name__)
+    return dataclasses.replace(result, seconds=time.perf_counter() - t0)
+
+
+def read_dataset(path: Path, *, header_only: bool) -> tuple[Dataset | None, int, str | None]:
+    """Read a file if its content says DICOM: (dataset or None, size, kind)."""
+    with open(path, "rb") as fp:
+        size = os.fstat(fp.fileno()).st_size
+        head = fp.read(132)
+        kind = sniff_dicom(head, size)
+        if kind is None:
+            return None, size, None
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
+    if len(ds) == 0 and not getattr(ds, "file_meta", None):
+        raise InvalidDicomError("no data elements could be read")
+    return ds, size, kind
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Rendering elements like dcmdump (DCMTK 3.6): shared by --dump and the --sar preview
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+VALUE_WIDTH, LINE_WIDTH = 40, 70  # DCMTK's DCM_OptPrintValueLength / DCM_OptPrintLineLength
+_BINARY_FORMATS = {"US": ("H", "{}"), "SS": ("h", "{}"), "UL": ("L", "{}"), "SL": ("l", "{}"),
+                   "UV": ("Q", "{}"), "SV": ("q", "{}"), "FL": ("f", "{:.8g}"),
+                   "FD": ("d", "{:.17g}"), "OF": ("f", "{:.8g}"), "OD": ("d", "{:.17g}"),
+                   "OL": ("L", "{}"), "OV": ("Q", "{}")}
+_DCMTK_TS_NAMES = {  # DCMTK names the four uncompressed transfer syntaxes differently
+    "1.2.840.10008.1.2": "LittleEndianImplicit", "1.2.840.10008.1.2.1": "LittleEndianExplicit",
+    "1.2.840.10008.1.2.2": "BigEndianExplicit",
+    "1.2.840.10008.1.2.1.99": "DeflatedLittleEndianExplicit"}
+
+
+def dump_line(tag: int, vr: str, info: str, length: int, vm: int, level: int,
+              name: str | None = None) -> str:
+    """One dcmdump line: tag, VR, value (padded to 40), then '# length, vm name'."""
+    shown = len(info.encode("utf-8", "surrogateescape"))
+    pad = " " * max(0, VALUE_WIDTH - shown)
+    ln = "u/l" if length == 0xFFFFFFFF else f"{length:3d}"
+    return (f"{'  ' * level}({tag >> 16:04x},{tag & 0xFFFF:04x}) {vr} {info}{pad} # {ln},"
+            f"{vm:2d} {name or keyword_of(tag)}")
+
+
+def shorten_bytes(text: str, limit: int) -> str:
+    """Cut text to limit UTF-8 bytes, as DCMTK does (it counts bytes, not characters)."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return raw[:limit].decode("utf-8", "surrogateescape")
+
+
+def element_vr(raw: RawDataElement | DataElement, ds: Dataset) -> str:
+    """The VR of an element, resolving implicit VR and ambiguous 'US or SS' forms."""
+    vr = raw.VR
+    if vr and " or " not in vr:
+        return str(vr)
+    if isinstance(raw, RawDataElement):
+        elem = convert_raw_data_element(raw, encoding=charset_of(ds), ds=ds)
+    else:
+        elem = raw
+    if " or " in (elem.VR or ""):
+        elem = correct_ambiguous_vr_element(elem, ds, raw.is_little_endian)
+    return str(elem.VR) if elem.VR and " or " not in elem.VR else "UN"
+
+
+def charset_of(ds: Dataset) -> list[str]:
+    """Python encodings for a dataset's SpecificCharacterSet (nested items inherit)."""
+    encodings = getattr(ds, "_character_set", None) or ["iso8859"]
+    return [encodings] if isinstance(encodings, str) else list(encodings)
+
+
+def decode_text(value: bytes, vr: str, encodings: list[str]) -> str:
+    """Decode a raw string value with the dataset's character set; strip padding."""
+    value = value.rstrip(b"\x00 ") if vr != "UI" else value.rstrip(b"\x00")
+    if vr in TEXT_VRS:
+        delimiters = {0x5C, 0x3D, 0x5E} if vr == "PN" else {0x5C}
+        return pydicom.charset.decode_bytes(value, encodings, delimiters)
+    return value.decode("latin-1")
+
+
+def render_value(raw: RawDataElement, vr: str, ds: Dataset) -> tuple[str, int]:
+    """The printed value of a non-sequence element and its VM, as dcmdump prints them."""
+    value = raw.value if isinstance(raw.value, bytes) else b""
+    if not value:
+        return "(no value available)", 0
+    if vr in STRING_VRS:
+        text = decode_text(value, vr, charset_of(ds))
+        if not text:
+            return "(no value available)", 0
+        vm = 1 if vr in SINGLE_VALUE_VRS else text.count("\\") + 1
+        if vr == "UI" and text in pydicom.uid.UID_dictionary:
+            return "=" + (_DCMTK_TS_NAMES.get(text) or pydicom.uid.UID(text).keyword), vm
+        if len(text.encode("utf-8", "surrogateescape")) + 2 > LINE_WIDTH:
+            return "[" + shorten_bytes(text, LINE_WIDTH - 4) + "...", vm
+        return f"[{text}]", vm
+    order = "<" if raw.is_little_endian else ">"
+    if vr in ("OB", "UN") or vr not in _BINARY_FORMATS and vr not in ("OW", "AT"):
+        return _hex_values(value, 1, order), 1
+    if vr == "OW":
+        return _hex_values(value, 2, order), 1
+    if vr == "AT":
+        count = len(value) // 4
+        words = struct.unpack(f"{order}{count * 2}H", value[: count * 4])
+        items = [f"({words[i]:04x},{words[i + 1]:04x})" for i in range(0, len(words), 2)]
+        return _joined(items, count), count
+    code, fmt = _BINARY_FORMATS[vr]
+    size = struct.calcsize("<" + code)
+    count = len(value) // size
+    numbers = struct.unpack(f"{order}{count}{code}", value[: count * size])
+    shown = _joined([fmt.format(n) for n in numbers], count)
+    return shown, (1 if vr.startswith("O") else count)
+
+
+def _hex_values(value: bytes, width: int, order: str) -> str:
+    count = len(value) // width
+    show = count
+    if count * (2 * width + 1) - 1 > LINE_WIDTH:
+        show = (LINE_WIDTH - 3 + 1) // (2 * width + 1)
+    if width == 1:
+        items = [f"{b:02x}" for b in value[:show]]
+    else:
+        items = [f"{w:04x}" for w in struct.unpack(f"{order}{show}H", value[: show * 2])]
+    return "\\".join(items) + ("..." if show < count else "")
+
+
+def _joined(items: list[str], count: int) -> str:
+    out, printed = [], 0
+    for i, item in enumerate(items):
+        piece = item if i == 0 else "\\" + item
+        new = printed + len(piece)
+        if new <= LINE_WIDTH and (i + 1 == count or new + 3 <= LINE_WIDTH):
+            out.append(piece)
+            printed = new
+        else:
+            out.append("...")
+            break
+    return "".join(out)
+
+
+def element_lines(ds: Dataset, tag: int, level: int) -> list[str]:
+    """dcmdump lines of one element of ds: one line, or a sequence with its items."""
+    raw = ds.get_item(tag)
+    vr = element_vr(raw, ds)
+    length = getattr(raw, "length", 0) if isinstance(raw, RawDataElement) else 0
+    if vr == "SQ" or (isinstance(raw, DataElement) and raw.VR == "SQ"):
+        return sequence_lines(ds, tag, level)
+    if length == 0xFFFFFFFF and isinstance(raw, RawDataElement):
+        return pixel_sequence_lines(raw, vr, level)
+    if not isinstance(raw, RawDataElement):
+        raw = raw_of(ds[tag], ds)
+    info, vm = render_value(raw, vr, ds)
+    return [dump_line(tag, vr, info, raw.length, vm, level)]
+
+
+def raw_of(elem: DataElement, ds: Dataset) -> RawDataElement:
+    """Encode a converted element back to raw bytes (for printing after a change)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_data_element(fp, elem, charset_of(ds))
+    value = fp.getvalue()[8:]
+    return RawDataElement(BaseTag(elem.tag), elem.VR, len(value), value, 0, False, True)
+
+
+def sequence_of(ds: Dataset, tag: int) -> DataElement:
+    """ds[tag] for a sequence, remembering the length it had in the file."""
+    raw = ds.get_item(tag)
+    elem = ds[tag]
+    if isinstance(raw, RawDataElement):
+        elem.file_length = raw.length  # pydicom keeps no length once an element is converted
+    return elem
+
+
+def sequence_lines(ds: Dataset, tag: int, level: int) -> list[str]:
+    """A sequence, its items and delimiters, as dcmdump shows them."""
+    seq = sequence_of(ds, tag)
+    items = seq.value or []
+    length = getattr(seq, "file_length", 0)
+    undefined = length == 0xFFFFFFFF or getattr(seq, "is_undefined_length", False)
+    kind = "undefined" if undefined else "explicit"
+    lines = [dump_line(tag, "SQ", f"(Sequence with {kind} length #={len(items)})",
+                       0xFFFFFFFF if undefined else length, 1, level)]
+    for item in items:
+        item_undefined = getattr(item, "is_undefined_length_sequence_item", False)
+        lines.append(dump_line(0xFFFEE000, "na", f"(Item with {'undefined' if item_undefined else 'explicit'}"
+                               f" length #={len(item)})", 0xFFFFFFFF if item_undefined
+                               else item_length(item), 1, level + 1, "Item"))
+        for sub in item.keys():
+            lines.extend(element_lines(item, sub, level + 2))
+        end = "(ItemDelimitationItem)" if item_undefined else \
+            "(ItemDelimitationItem for re-encoding)"
+        lines.append(dump_line(0xFFFEE00D, "na", end, 0, 0, level + 1, "ItemDelimitationItem"))
+    end = "(SequenceDelimitationItem)" if undefined else "(SequenceDelimitationItem for re-encod.)"
+    lines.append(dump_line(0xFFFEE0DD, "na", end, 0, 0, level, "SequenceDelimitationItem"))
+    return lines
+
+
+def pixel_sequence_lines(raw: RawDataElement, vr: str, level: int) -> list[str]:
+    """Encapsulated pixel data: one 'pi' line per fragment (the offset table first)."""
+    order = "<" if raw.is_little_endian else ">"
+    fragments = list(generate_fragments(raw.value or b"", endianness=order))
+    lines = [dump_line(raw.tag, vr, f"(PixelSequence #={len(fragments)})", 0xFFFFFFFF, 1, level)]
+    for fragment in fragments:
+        info = _hex_values(fragment, 1, order) if fragment else "(no value available)"
+        lines.append(dump_line(0xFFFEE000, "pi", info, len(fragment), 1, level + 1, "Item"))
+    lines.append(dump_line(0xFFFEE0DD, "na", "(SequenceDelimitationItem)", 0, 0, level,
+                           "SequenceDelimitationItem"))
+    return lines
+
+
+def item_length(item: Dataset) -> int:
+    """Encoded length of an explicit-length item (pydicom keeps no item lengths)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian = item.is_little_endian if item.is_little_endian is not None else True
+    fp.is_implicit_VR = item.is_implicit_VR if item.is_implicit_VR is not None else False
+    try:
+        write_dataset(fp, item)
+    except Exception:  # noqa: BLE001 - a length we cannot compute is shown as 0
+        return 0
+    return len(fp.getvalue())
+
+
+def find_elements(ds: Dataset, spec: TagSpec, *, deep: bool) -> Iterator[tuple[Dataset, int]]:
+    """Every (dataset, tag) a spec names: a path, or a plain tag at the top (or any depth)."""
+    if spec.plain:
+        yield from _find_plain(ds, spec.leaf, deep)
+        return
+    yield from _follow_path(ds, spec.steps)
+
+
+def _find_plain(ds: Dataset, step: Step, deep: bool) -> Iterator[tuple[Dataset, int]]:
+    tag = resolve_step(ds, step)
+    for key in list(ds.keys()):
+        if key == tag:
+            yield ds, tag
+        if deep and is_sequence(ds, key):
+            for item in sequence_of(ds, key).value or []:
+                yield from _find_plain(item, step, deep)
+
+
+def _follow_path(ds: Dataset, steps: tuple[Step, ...]) -> Iterator[tuple[Dataset, int]]:
+    tag = resolve_step(ds, steps[0])
+    if tag is None or tag not in ds:
+        return
+    if len(steps) == 1:
+        yield ds, tag
+        return
+    if not is_sequence(ds, tag):
+        return
+    items = sequence_of(ds, tag).value or []
+    chosen = items if steps[0].item is None else items[steps[0].item: steps[0].item + 1]
+    for item in chosen:
+        yield from _follow_path(item, steps[1:])
+
+
+def is_sequence(ds: Dataset, tag: int) -> bool:
+    """True when element tag of ds is a sequence (without decoding other values)."""
+    raw = ds.get_item(tag)
+    if raw is None:
+        return False
+    if isinstance(raw, DataElement):
+        return raw.VR == "SQ"
+    if raw.VR is not None:
+        return raw.VR == "SQ"
+    try:
+        return pydicom.datadict.dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return raw.length == 0xFFFFFFFF and tag != 0x7FE00010
+
+
+def all_datasets_of(ds: Dataset) -> Iterator[tuple[str, Dataset]]:
+    """The file meta (if any) then the dataset: what dcmdump walks, in that order."""
+    meta = getattr(ds, "file_meta", None)
+    if meta:
+        yield "meta", meta
+    yield "data", ds
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --dump: per-file lines (text or JSON) or values for --count
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+def dump_task(cand: Candidate, opts: Options) -> FileResult:
+    """Read one file's header and render what --dump was asked for."""
+    wants_pixels = any(s.steps[0].tag >= 0x7FE00010 for s in opts.specs)
+    ds, size, kind = read_dataset(cand.path, header_only=not wants_pixels)
+    if ds is None:
+        return FileResult(cand.path, "not-dicom", nbytes=size)
+    if opts.count:
+        return FileResult(cand.path, "ok", nbytes=size, values=tuple(count_values(ds, opts)))
+    if opts.fmt == "json":
+        return FileResult(cand.path, "ok", nbytes=size, lines=(json_line(cand.path, ds, opts),))
+    lines = tagged_lines(ds, opts.specs) if opts.specs else full_dump_lines(ds, kind)
+    if opts.with_filename:
+        lines = [f"{cand.path}: {line}" for line in lines]
+    return FileResult(cand.path, "ok", nbytes=size, lines=tuple(lines))
+
+
+def tagged_lines(ds: Dataset, specs: Iterable[TagSpec]) -> list[str]:
+    """Like dcmdump +P: per spec, every instance at every depth, unindented, file order."""
+    lines = []
+    for spec in specs:
+        for _, container in all_datasets_of(ds):
+            for owner, tag in find_elements(container, spec, deep=spec.plain):
+                lines.extend(element_lines(owner, tag, 0))
+    return lines
+
+
+def full_dump_lines(ds: Dataset, kind: str | None) -> list[str]:
+    """The whole header like dcmdump: file meta, then the dataset, nested items indented."""
+    lines = ["", "# Dicom-File-Format" if kind == "part10" else "# Dicom-Data-Set", ""]
+    for part, container in all_datasets_of(ds):
+        if part == "meta":
+            lines += ["# Dicom-Meta-Information-Header",
+                      "# Used TransferSyntax: Little Endian Explicit"]
+        else:
+            if kind == "part10":
+                lines += ["", "# Dicom-Data-Set"]
+            lines.append(f"# Used TransferSyntax: {transfer_syntax_name(ds)}")
+        for tag in container.keys():
+            lines.extend(element_lines(container, tag, 0))
+    return lines
+
+
+def transfer_syntax_name(ds: Dataset) -> str:
+    """The dataset's transfer syntax, named like DCMTK's 'Used TransferSyntax' line."""
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is not None:
+        return uid.name
+    implicit = ds.original_encoding[0]
+    return "Little Endian Implicit" if implicit else "Little Endian Explicit"
+
+
+def json_line(path: Path, ds: Dataset, opts: Options, bulk_limit: int = 1024) -> str:
+    """One DICOM JSON (PS3.18 Annex F) object for the file, restricted to --tag if given."""
+    selected = Dataset()
+    if opts.specs:
+        for spec in opts.specs:
+            for owner, tag in find_elements(ds, spec, deep=False):
+                if owner is ds:
+                    selected.add(ds[tag])
+    else:
+        selected = ds
+    for elem in list(selected.iterall()):
+        pass
+    kept = Dataset()
+    for elem in selected:
+        if elem.VR in BULK_VRS and elem.value is not None and len(elem.value) > bulk_limit:
+            continue
+        kept.add(elem)
+    kept.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    return json.dumps({"path": str(path), "dataset": kept.to_json_dict(bulk_limit, lambda e: "")},
+                      ensure_ascii=False, sort_keys=False)
+
+
+def count_values(ds: Dataset, opts: Options) -> Iterator[tuple[str, str]]:
+    """(spec label, value) for every selected element; (label, '') when a file lacks it."""
+    for spec in opts.specs:
+        found = False
+        for _, container in all_datasets_of(ds):
+            for owner, tag in find_elements(container, spec, deep=spec.plain):
+                found = True
+                info, _ = render_value_of(owner, tag)
+                yield spec_label(spec), info
+        if not found:
+            yield spec_label(spec), ""
+
+
+def render_value_of(ds: Dataset, tag: int) -> tuple[str, int]:
+    """The dcmdump-style printed value of ds[tag] (sequences summarised)."""
+    raw = ds.get_item(tag)
+    vr = element_vr(raw, ds)
+    if vr == "SQ":
+        return f"(Sequence #={len(sequence_of(ds, tag).value or [])})", 1
+    if not isinstance(raw, RawDataElement):
+        raw = raw_of(ds[tag], ds)
+    return render_value(raw, vr, ds)
+
+
+def spec_label(spec: TagSpec) -> str:
+    """'(0010,0020) PatientID' for a plain tag, the DCMTK path otherwise."""
+    if spec.plain and spec.leaf.creator is None:
+        return f"{spec.label()} {keyword_of(spec.leaf.tag)}"
+    return spec.label()
+
+
+def render_count(counter: collections.Counter[tuple[str, str]], out: Callable[[str], None]) -> None:
+    """Print a --count histogram like 'sort | uniq -c | sort -rn'."""
+    for (label, value), n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
+        out(f"{n:7d} {label} {value if value else '(absent)'}")
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --sar: plan every change in a file, validate all of it, then write it or nothing
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One element whose value changes (values are shown only where the user asked)."""
+
+    label: str  # "(0010,0020) PatientID"
+    old: str
+    new: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A change ready to apply: where, which tag, and the new value(s)."""
+
+    owner: Dataset
+    tag: int
+    vr: str
+    encoded: bytes
+    change: Change
+
+
+def sar_task(cand: Candidate, opts: Options) -> FileResult:
+    """Search/replace one file: plan, validate (all or nothing), then write or preview."""
+    ds, size, _ = read_dataset(cand.path, header_only=False)
+    if ds is None:
+        return FileResult(cand.path, "not-dicom", nbytes=size)
+    planned, rejections = plan_changes(ds, opts)
+    if rejections:
+        return FileResult(cand.path, "rejected", nbytes=size, rejections=tuple(rejections),
+                          changes=tuple(p.change for p in planned), error_type="InvalidValue",
+                          message=rejections[0])
+    if not planned:
+        if opts.copy_unmodified and not opts.dry_run and opts.output is not None:
+            copy_file_atomic(cand.path, output_path(cand, opts), fsync=opts.fsync)
+        return FileResult(cand.path, "unchanged", nbytes=size)
+    changes = tuple(p.change for p in planned)
+    if opts.dry_run:
+        return FileResult(cand.path, "modified", nbytes=size, changes=changes)
+    apply_changes(ds, planned)
+    if opts.inplace:
+        replace_in_place(cand, ds, opts)
+    else:
+        write_dataset_atomic(ds, output_path(cand, opts), fsync=opts.fsync, like=cand.path)
+    return FileResult(cand.path, "modified", nbytes=size, changes=changes)
+
+
+def sar_targets(ds: Dataset, opts: Options) -> Iterator[tuple[Dataset, int]]:
+    """Elements the SAR applies to: the --tag specs, or every string element (--force)."""
+    if opts.all_strings:
+        yield from _all_string_elements(ds)
+        return
+    seen: set[tuple[int, int]] = set()
+    for spec in opts.specs:
+        containers = [ds]
+        if spec.leaf.tag >> 16 == 0x0002 and getattr(ds, "file_meta", None) is not None:
+            containers = [ds.file_meta]
+        for container in containers:
+            for owner, tag in find_elements(container, spec, deep=opts.deep):
+                if (id(owner), tag) not in seen:
+                    seen.add((id(owner), tag))
+                    yield owner, tag
+
+
+def _all_string_elements(ds: Dataset) -> Iterator[tuple[Dataset, int]]:
+    for tag in list(ds.keys()):
+        if is_sequence(ds, tag):
+            for item in sequence_of(ds, tag).value or []:
+                yield from _all_string_elements(item)
+        elif element_vr(ds.get_item(tag), ds) in STRING_VRS:
+            yield ds, tag
+
+
+def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
+    """Compute and validate every change in ds; rejections name tag, VR and the rule."""
+    planned, rejections = [], []
+    assert opts.pattern is not None
+    for owner, tag in sar_targets(ds, opts):
+        raw = owner.get_item(tag)
+        vr = element_vr(raw, owner)
+        if vr not in STRING_VRS or not isinstance(raw, RawDataElement) and raw.VR not in STRING_VRS:
+            continue
+        if not isinstance(raw, RawDataElement):
+            raw = raw_of(owner[tag], owner)
+        old_text = decode_text(raw.value or b"", vr, charset_of(owner))
+        old_values = [old_text] if vr in SINGLE_VALUE_VRS else old_text.split("\\")
+        new_values = [opts.pattern.sub(opts.replacement, v) for v in old_values]
+        if new_values == old_values or not old_text:
+            continue
+        label = f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {keyword_of(tag)}"
+        new_text = "\\".join(new_values)
+        change = Change(label, old_text, new_text)
+        encoded, problem = encode_new_values(vr, new_values, charset_of(owner))
+        if problem:
+            rejections.append(f"{label} VR {vr}: {problem}")
+        planned.append(Planned(owner, tag, vr, encoded, change))
+    return planned, rejections
+
+
+def encode_new_values(vr: str, values: list[str], encodings: list[str]) -> tuple[bytes, str]:
+    """Validate with pydicom's VR rules, then encode exactly; (bytes, '') or (b'', problem).
+
+    A value is accepted only if it decodes back to itself: no silent '?' substitution.
+    """
+    for value in values:
+        try:
+            pydicom.valuerep.validate_value(vr, value, pydicom.config.RAISE)
+        except ValueError as exc:
+            return b"", str(exc).replace("\n", " ")
+    text = values[0] if vr in SINGLE_VALUE_VRS else "\\".join(values)
+    if vr not in TEXT_VRS:
+        if not text.isascii():
+            return b"", f"VR {vr} allows ASCII characters only"
+        encoded = text.encode("ascii")
+    else:
+        try:
+            encoded = b"\\".join(pydicom.charset.encode_string(v, encodings) for v in
+                                  ([text] if vr in SINGLE_VALUE_VRS else values))
+        except (UnicodeError, ValueError, KeyError):
+            encoded = b""
+        if (not encoded and text) or outside_repertoire(encoded, encodings) \
+                or decode_text(encoded, vr, encodings) != text.rstrip(" "):
+            return b"", f"not encodable in the file's character set ({', '.join(encodings)})"
+    if len(encoded) % 2:
+        encoded += b"\0" if vr == "UI" else b" "
+    return encoded, ""
+
+
+_ESCAPE_OR_TEXT = re.compile(rb"\x1b[\x20-\x2f]+[\x40-\x7e]|[^\x1b]+")
+
+
+def outside_repertoire(encoded: bytes, encodings: list[str]) -> bool:
+    """True when a byte >= 0x80 sits where the default repertoire (ASCII) is in force.
+
+    pydicom encodes the default repertoire leniently as Latin-1; DICOM allows only ASCII there.
+    """
+    current = encodings[0]
+    for chunk in _ESCAPE_OR_TEXT.findall(encoded):
+        if chunk.startswith(b"\x1b"):
+            current = pydicom.charset.CODES_TO_ENCODINGS.get(chunk, current)
+        elif current == pydicom.charset.default_encoding and not chunk.isascii():
+            return True
+    return False
+
+
+def apply_changes(ds: Dataset, planned: list[Planned]) -> None:
+    """Store the encoded values; keep MediaStorageSOPInstanceUID equal to SOPInstanceUID."""
+    for p in planned:
+        p.owner[p.tag] = raw_element(p.tag, p.vr, p.encoded)
+        meta = getattr(ds, "file_meta", None)
+        if p.tag == 0x00080018 and p.owner is ds and meta is not None \
+                and 0x00020003 in meta:
+            meta[0x00020003] = raw_element(0x00020003, "UI", p.encoded)
+
+
+def raw_element(tag: int, vr: str, value: bytes) -> RawDataElement:
+    """A ready-encoded text element: pydicom writes raw elements byte for byte."""
+    return RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
+
+
+def output_path(cand: Candidate, opts: Options) -> Path:
+    """Where a file goes in the output tree: its path relative to its --path root."""
+    assert opts.output is not None
+    return mirrored(cand, opts.output, opts)
+
+
+def mirrored(cand: Candidate, base: Path, opts: Options) -> Path:
+    """base / (path relative to its root); never escapes base."""
+    rel = Path(cand.path.name) if cand.root == cand.path else cand.path.relative_to(cand.root)
+    if len(opts.paths) > 1:
+        rel = Path(f"{opts.paths.index(cand.root)}_{cand.root.name or 'root'}") / rel
+    target = base / rel
+    if not is_within(target.parent, base) and target.parent.exists():
+        raise PermissionError(f"refusing to write outside {base}: {target}")
+    return target
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Writing: the only place that creates or replaces files (temp file + atomic rename)
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+def _temp_in(directory: Path) -> tuple[int, Path]:
+    # A temporary file in the target directory: os.replace within one filesystem is atomic,
+    # so a crash leaves either the old file or the new one, never a partial file.
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    return fd, Path(name)
+
+
+def write_dataset_atomic(ds: Dataset, target: Path, *, fsync: bool, like: Path | None) -> None:
+    """Write ds to target via a temporary file and rename; copy mode/times from like."""
+    fd, tmp = _temp_in(target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            ds.save_as(fp, enforce_file_format=False)
+            if fsync:
+                fp.flush()
+                os.fsync(fp.fileno())
+        if like is not None:
+            shutil.copystat(like, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_file_atomic(source: Path, target: Path, *, fsync: bool) -> None:
+    """Copy source to target (data, mode, times) via a temporary file and rename."""
+    fd, tmp = _temp_in(target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
+        shutil.copystat(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def replace_in_place(cand: Candidate, ds: Dataset, opts: Options) -> None:
+    """Back up the original (unless --no-backup), then atomically replace it."""
+    if cand.path.is_symlink():
+        raise PermissionError("refusing to replace a symlink in place")
+    if opts.backup is not None:
+        copy_file_atomic(cand.path, mirrored(cand, opts.backup, opts), fsync=opts.fsync)
+    st = cand.path.stat()
+    write_dataset_atomic(ds, cand.path, fsync=opts.fsync, like=cand.path)
+    if hasattr(os, "chown"):
+        try:
+            os.chown(cand.path, st.st_uid, st.st_gid)
+        except OSError:
+            pass
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --generate: lives in its own section below (planning, encoding, manifest)
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+def generate_plan_from_args(ns: argparse.Namespace) -> Any:
+    """Placeholder until --generate lands: a usage error that says so."""
+    raise UsageError("--generate is not available in this build")
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Report: counters, logs, progress bar, summary and exit status — main thread only
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters fed only by results, in the main thread."""
+
+    seen: int = 0
+    dicom: int = 0
+    not_dicom: int = 0
+    skipped: int = 0
+    processed: int = 0
+    errors: int = 0
+    modified: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    elements_changed: int = 0
+    nbytes: int = 0
+    busy_seconds: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, r: FileResult) -> None:
+        """Count one result."""
+        self.seen += 1
+        self.busy_seconds += r.seconds
+        if r.status == "skipped":
+            self.skipped += 1
+            self.seen -= 1
+            return
+        if r.status == "not-dicom":
+            self.not_dicom += 1
+            return
+        if r.status == "error":
+            self.errors += 1
+            return
+        self.dicom += 1
+        self.processed += 1
+        self.nbytes += r.nbytes
+        if r.status == "modified":
+            self.modified += 1
+            self.elements_changed += len(r.changes)
+        elif r.status == "unchanged":
+            self.unchanged += 1
+        elif r.status == "rejected":
+            self.rejected += 1
+
+    def summary(self, opts: Options) -> dict[str, Any]:
+        """The end-of-run numbers as a dict (also the --summary-json content)."""
+        total = time.perf_counter() - self.started
+        done = max(1, self.processed + self.errors)
+        data: dict[str, Any] = {
+            "mode": opts.mode, "files_seen": self.seen, "dicom_files": self.dicom,
+            "skipped_not_dicom": self.not_dicom, "skipped_other": self.skipped,
+            "processed": self.processed, "errors": self.errors,
+            "avg_ms_per_file": round(1000 * self.busy_seconds / done, 3),
+            "total_seconds": round(total, 3),
+            "files_per_second": round(self.processed / total, 1) if total > 0 else 0.0,
+            "mb_per_second": round(self.nbytes / 1e6 / total, 2) if total > 0 else 0.0,
+            "workers": opts.workers, "free_threaded": gil_disabled(),
+            "dry_run": opts.dry_run}
+        if opts.mode == "sar":
+            data |= {"modified" if not opts.dry_run else "would_modify": self.modified,
+                     "elements_changed": self.elements_changed,
+                     "rejected" if not opts.dry_run else "would_reject": self.rejected,
+                     "unchanged": self.unchanged}
+        return data
+
+
+def render_summary(data: dict[str, Any]) -> str:
+    """A compact, aligned table of the summary."""
+    width = max(len(k) for k in data)
+    rows = []
+    for key, value in data.items():
+        shown = ("yes" if value else "no") if isinstance(value, bool) else value
+        rows.append(f"  {key.replace('_', ' '):<{width}}  {shown}")
+    return "summary\n" + "\n".join(rows)
+
+
+def setup_logging(opts: Options) -> list[Path]:
+    """dicom_sar.log (INFO/DEBUG) and errors.log in the log dir, mode 0600; libraries quiet."""
+    opts.log_dir.mkdir(parents=True, exist_ok=True)
+    paths = [opts.log_dir / LOG_NAME, opts.log_dir / ERROR_LOG_NAME]
+    for path in paths:
+        os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    main_handler = logging.FileHandler(paths[0], encoding="utf-8")
+    main_handler.setFormatter(fmt)
+    err_handler = logging.FileHandler(paths[1], encoding="utf-8")
+    err_handler.setFormatter(fmt)
+    for logger, handler in ((log, main_handler), (errlog, err_handler)):
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
+        logger.addHandler(handler)
+        logger.propagate = False
+    log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
+    errlog.setLevel(logging.INFO)
+    for name in ("pydicom", "pynetdicom"):
+        logging.getLogger(name).setLevel(logging.DEBUG if opts.verbose else logging.WARNING)
+    return paths
+
+
+def configure_pydicom() -> None:
+    """Once, before the pool: lenient reading, strict writing, no warnings from threads."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    warnings.filterwarnings("ignore", category=UserWarning, message=".*")
+
+
+class Reporter:
+    """Consumes results in the main thread: output, logs, counters and progress."""
+
+    def __init__(self, opts: Options, out: Callable[[str], None]):
+        self.opts, self.out = opts, out
+        self.stats = Stats()
+        self.counter: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.bar = tqdm(unit="file", file=sys.stderr, dynamic_ncols=True, leave=False,
+                        disable=not opts.progress)
+        self.last_status = time.monotonic()
+
+    def handle(self, r: FileResult) -> None:
+        """Account for one finished file."""
+        self.stats.add(r)
+        self.bar.update(1)
+        if r.status == "not-dicom":
+            log.debug("skipped (not DICOM): %s", r.path)
+        elif r.status == "skipped":
+            log.info("skipped: %s: %s", r.path, r.message)
+        elif r.status == "error":
+            self._error(r.path, r.error_type or "Error", r.message)
+        elif r.status == "rejected":
+            for why in r.rejections:
+                self._error(r.path, "Rejected", why)
+        for line in r.lines:
+            self.out(line)
+        for item in r.values:
+            self.counter[item] += 1
+        if r.changes:
+            self._changes(r)
+        if not self.opts.progress and time.monotonic() - self.last_status > 5:
+            self.last_status = time.monotonic()
+            log.info("progress: %d files, %d errors", self.stats.seen, self.stats.errors)
+
+    def _changes(self, r: FileResult) -> None:
+        if self.opts.dry_run:
+            for c in r.changes:
+                self.out(f"{r.path}  {c.label}  {c.old!r} -> {c.new!r}")
+            for why in r.rejections:
+                self.out(f"{r.path}  REJECTED  {why}")
+        if r.status == "modified" and not self.opts.dry_run:
+            tags = ", ".join(c.label for c in r.changes)
+            log.info("modified: %s: %s", r.path, tags)
+            if self.opts.verbose:
+                for c in r.changes:
+                    log.debug("  %s %r -> %r", c.label, c.old, c.new)
+
+    def _error(self, path: Path, kind: str, message: str) -> None:
+        line = f"{path}: {kind}: {message}"
+        errlog.error(line)
+        log.warning("error: %s: %s", path, kind)
+        self.bar.clear()
+        print(f"error: {line}", file=sys.stderr)
+
+    def finish(self) -> dict[str, Any]:
+        """Close the bar, print --count output and the summary; return the summary."""
+        self.bar.close()
+        if self.opts.count:
+            render_count(self.counter, self.out)
+        data = self.stats.summary(self.opts)
+        log.info("summary: %s", json.dumps(data))
+        if not self.opts.quiet:
+            print(render_summary(data), file=sys.stderr)
+        if self.opts.summary_json:
+            self.opts.summary_json.write_text(json.dumps(data, indent=2) + "\n")
+        return data
+
+
+def exit_status(stats: Stats) -> int:
+    """0 when every DICOM file was handled, 1 when any failed or was rejected."""
+    return EXIT_FAILURES if stats.errors or stats.rejected else EXIT_OK
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# main(): wire options -> discover -> pool -> report
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+def print_versions() -> None:
+    """What a bug report needs."""
+    try:
+        import pynetdicom
+        netver = pynetdicom.__version__
+    except ImportError:
+        netver = "not installed"
+    import tqdm as tqdm_module
+    print(f"dicom_sar {__version__}")
+    print(f"Python {sys.version.split()[0]} ({sys.executable}), "
+          f"free-threaded: {'yes' if gil_disabled() else 'no'}")
+    print(f"pydicom {pydicom.__version__}, pynetdicom {netver}, tqdm {tqdm_module.__version__}")
+
+
+def warn_if_gil() -> None:
+    """One warning when threads cannot run Python code in parallel."""
+    if not gil_disabled():
+        print("warning: this Python has the GIL enabled, so worker threads will not run in "
+              "parallel; for full speed use python3.13t (see README: "
+              "../shared/tools/free-threaded-python)", file=sys.stderr)
+
+
+def excluded_locations(opts: Options, log_paths: list[Path]) -> list[Path]:
+    """Our own output, backup and log files are never input."""
+    places = [Path(DEFAULT_OUTPUT), Path(DEFAULT_BACKUP), *log_paths]
+    if opts.output is not None:
+        places.append(opts.output)
+    if opts.backup is not None:
+        places.append(opts.backup)
+    if opts.summary_json is not None:
+        places.append(opts.summary_json)
+    if opts.log_dir.resolve() not in [p.resolve() for p in opts.paths] and not any(
+            is_within(p, opts.log_dir) for p in opts.paths):
+        places.append(opts.log_dir)
+    return places
+
+
+def run(opts: Options) -> int:
+    """Run one mode over the tree; return the exit status."""
+    log_paths = setup_logging(opts)
+    configure_pydicom()
+    log.info("run started: %s; mode %s; workers %d; %s", PROG + " " + __version__, opts.mode,
+             opts.workers, runtime_line())
+    stdout = sys.stdout
+
+    def out(line: str) -> None:
+        stdout.write(line + "\n")
+
+    if opts.mode == "generate":
+        return run_generate(opts, out)
+    task = {"dump": dump_task, "sar": sar_task}[opts.mode]
+    reporter = Reporter(opts, out)
+    stop = threading.Event()
+    status = EXIT_OK
+    try:
+        candidates = discover(opts, excluded_locations(opts, log_paths))
+        for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop):
+            reporter.handle(result)
+    except KeyboardInterrupt:
+        stop.set()
+        status = EXIT_SIGINT
+        log.warning("interrupted by the user")
+    data = reporter.finish()
+    if opts.dry_run and opts.mode == "sar" and not opts.quiet:
+        print(f"dry run: would modify {data['would_modify']} files, "
+              f"would reject {data['would_reject']}", file=sys.stderr)
+    log.info("run finished: free-threaded: %s", "yes" if gil_disabled() else "no")
+    return status or exit_status(reporter.stats)
+
+
+def run_generate(opts: Options, out: Callable[[str], None]) -> int:
+    """Placeholder; replaced by the generate section."""
+    raise UsageError("--generate is not available in this build")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, validate, run; usage errors exit 2 before any file is touched."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.version:
+        print_versions()
+        return EXIT_OK
+    try:
+        opts = options_from_args(ns)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not opts.quiet:
+        warn_if_gil()
+    try:
+        return run(opts)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
