@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import random
 import dataclasses
 import difflib
 import fnmatch
@@ -35,6 +36,8 @@ import pydicom
 import pydicom.charset
 import pydicom.config
 import pydicom.datadict
+import pydicom.encaps
+import pydicom.uid
 import pydicom.valuerep
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset
@@ -773,7 +776,18 @@ def element_lines(ds: Dataset, tag: int, level: int) -> list[str]:
     if not isinstance(raw, RawDataElement):
         raw = raw_of(ds[tag], ds)
     info, vm = render_value(raw, vr, ds)
-    return [dump_line(tag, vr, info, raw.length, vm, level)]
+    return [dump_line(tag, vr, info, printed_length(raw, vr, ds), vm, level)]
+
+
+def printed_length(raw: RawDataElement, vr: str, ds: Dataset) -> int:
+    """The length dcmdump +U8 reports: after its conversion of text to UTF-8 (padded even)."""
+    encodings = charset_of(ds)
+    if vr not in TEXT_VRS or not raw.value or encodings == ["UTF8"] \
+            or encodings == [pydicom.charset.default_encoding]:
+        return raw.length
+    text = decode_text(raw.value, vr, encodings)
+    size = len(text.encode("utf-8", "surrogateescape"))
+    return size + size % 2
 
 
 def raw_of(elem: DataElement, ds: Dataset) -> RawDataElement:
@@ -1262,13 +1276,830 @@ def replace_in_place(cand: Candidate, ds: Dataset, opts: Options) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# Mode --generate: lives in its own section below (planning, encoding, manifest)
+# Mode --generate: plan patients/studies/series/instances in the main thread (seeded, so the
+# same seed gives the same bytes), then encode and write each instance on the pool
 # ════════════════════════════════════════════════════════════════════════════════════════
 
+FAULTS = {
+    "bits_mismatch": "BitsStored/HighBit contradict BitsAllocated",
+    "corrupted_pixel": "pixel data shorter than Rows x Columns x bytes",
+    "large_dimensions": "Rows/Columns of 65535 that the pixel data cannot back",
+    "missing_dicom": "declared in the manifest, deliberately not written",
+    "missing_required_tag": "no Rows/Columns",
+    "no_pixel_data": "no PixelData element",
+    "null_byte_tag": "a NUL inside SeriesDescription",
+    "overly_large_numeric": "IS/DS values out of range",
+    "private_tag": "private creator blocks with private elements",
+    "studyuid_mismatch": "StudyInstanceUID differs from the rest of its study",
+    "pid_mismatch": "PatientID differs from the rest of its study",
+    "unsupported_modality": "Modality OT on a mammography image",
+    "unsupported_sop": "a Grayscale Softcopy Presentation State instead of an image",
+    "duplicate_sop": "same SOPInstanceUID as the image before it",
+    "invalid_date": "StudyDate 20231345",
+    "raw_not_for_presentation": "MG For Processing, PresentationIntentType FOR PROCESSING",
+    "encapsulated_pdf": "an Encapsulated PDF instead of an image",
+}
+ENCODING_PRESETS = {
+    "charset_latin1": "names in ISO_IR 100 (Latin-1)",
+    "charset_utf8": "names in ISO_IR 192 (UTF-8)",
+    "charset_japanese": "names in ISO 2022 IR 87 (Japanese, escape sequences)",
+    "implicit_vr": "Implicit VR Little Endian",
+    "big_endian": "Explicit VR Big Endian (retired, still found in archives)",
+    "deflated": "Deflated Explicit VR Little Endian",
+    "no_preamble": "bare dataset: no preamble, no file meta",
+    "compressed": "RLE Lossless encapsulated pixel data",
+    "long_values": "values exactly at their VR's maximum length",
+    "nested_sequences": "PatientID also inside OtherPatientIDsSequence",
+}
+BROKEN_PRESETS = {
+    "truncated": "a DICOM file cut off inside its pixel data",
+    "not_dicom": "a text file without extension among the DICOM files",
+    "zero_byte": "an empty file",
+}
+STUDY_PRESETS = {
+    "default": "one patient, current 4-view screening mammography (MG)",
+    "large_scale_shallow": "a normal current study plus one internal prior per fault",
+    "external_prior": "a current study plus a prior from another institution",
+    "multi_patient": "N patients x M studies (default 3 x 2) for volume tests",
+    "ct": "a CT volume, 512x512x16 bit (default 16 slices)",
+    "mr": "an MR series, 256x256x16 bit (default 16 slices)",
+}
 
-def generate_plan_from_args(ns: argparse.Namespace) -> Any:
-    """Placeholder until --generate lands: a usage error that says so."""
-    raise UsageError("--generate is not available in this build")
+
+def scenario_catalogue() -> dict[str, str]:
+    """Every --scenario name with its one-line description."""
+    names = dict(STUDY_PRESETS)
+    for fault, what in FAULTS.items():
+        names[f"cu_{fault}"] = f"current study, last image: {what}"
+        names[f"pr_{fault}"] = f"internal prior, last image: {what}"
+    return names | ENCODING_PRESETS | BROKEN_PRESETS
+
+
+_UID_BY_KEYWORD = {info[4]: uid for uid, info in pydicom.uid.UID_dictionary.items() if info[4]}
+MG_VIEWS = (("RCC", "R", "CC"), ("LCC", "L", "CC"), ("RMLO", "R", "MLO"), ("LMLO", "L", "MLO"))
+VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
+DEFAULT_SIZES = {"MG": (128, 128), "CT": (512, 512), "MR": (256, 256)}
+SOP_CLASSES = {"MG": "DigitalMammographyXRayImageStorageForPresentation",
+               "CT": "CTImageStorage", "MR": "MRImageStorage"}
+
+
+def sop_class(keyword: str) -> str:
+    """A SOP class UID by pydicom's keyword."""
+    return _UID_BY_KEYWORD[keyword]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """What --generate was asked for (validated in options)."""
+
+    scenarios: tuple[str, ...]
+    seed: int
+    patients: int | None
+    studies: int | None
+    series: int | None
+    instances: int | None
+    modality: str | None
+    size: tuple[int, int] | None
+    layout: str
+    config: dict[str, Any] | None
+    config_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Patient:
+    """A synthetic patient."""
+
+    patient_id: str
+    name: str
+    birth_date: str
+    issuer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A synthetic study; role is current, internal_prior or external_prior."""
+
+    uid: str
+    date: str
+    time: str
+    accession: str
+    study_id: str
+    description: str
+    role: str
+    institution: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InstancePlan:
+    """One file to write (or deliberately not write), with what ingestion should do."""
+
+    scenario: str
+    patient: Patient
+    study: Study
+    series_uid: str
+    series_number: int
+    modality: str
+    sop_uid: str
+    number: int
+    view: tuple[str, str, str] | None
+    size: tuple[int, int]
+    fault: str | None
+    encoding: str | None
+    expect: str  # accept | reject | absent
+    relpath: str
+    tags: tuple[tuple[int, Any], ...] = ()
+
+
+class Planner:
+    """Deterministic source of UIDs, IDs, names and dates for one seed."""
+
+    def __init__(self, request: GenerateRequest):
+        self.req = request
+        self.rng = random.Random(request.seed)
+        self.counter = 0
+
+    def uid(self, *parts: object) -> str:
+        """A UID derived from the seed and parts (same inputs, same UID)."""
+        return pydicom.uid.generate_uid(entropy_srcs=[str(self.req.seed), *map(str, parts)])
+
+    def patient(self, scenario: str, index: int) -> Patient:
+        """A patient aged 50-75 with an ID unique in this run."""
+        self.counter += 1
+        year = 2025 - self.rng.randint(50, 75)
+        family = self.rng.choice(["SMITH", "JONES", "GARCIA", "MILLER", "DAVIS", "MARTIN"])
+        given = self.rng.choice(["ANNA", "MARIA", "LINDA", "SUSAN", "KAREN", "HELEN"])
+        return Patient(f"PAT{self.req.seed % 10000:04d}{self.counter:05d}", f"{family}^{given}",
+                       f"{year}{self.rng.randint(1, 12):02d}{self.rng.randint(1, 28):02d}",
+                       "GENHOSP")
+
+    def study(self, patient: Patient, role: str, years_back: int, key: object) -> Study:
+        """A study of a patient; priors are older, external priors from elsewhere."""
+        year = 2025 - years_back
+        external = role == "external_prior"
+        accession = f"{'EXT' if external else 'ACC'}{self.rng.randint(0, 10**9):09d}"[:16]
+        return Study(self.uid("study", patient.patient_id, key),
+                     f"{year}{self.rng.randint(1, 12):02d}{self.rng.randint(1, 28):02d}",
+                     f"{self.rng.randint(7, 18):02d}{self.rng.randint(0, 59):02d}00",
+                     accession, f"S{self.rng.randint(0, 99999):05d}",
+                     "Screening mammography", role,
+                     "OTHER IMAGING CENTER" if external else "GENERAL HOSPITAL")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'64x64' -> (64, 64)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m[1]) <= 65535 or not 1 <= int(m[2]) <= 65535:
+        raise UsageError(f"--size {text!r}: use ROWSxCOLS, e.g. 64x64")
+    return int(m[1]), int(m[2])
+
+
+def generate_plan_from_args(ns: argparse.Namespace) -> GenerateRequest:
+    """Validate the --generate options (and the --config file) into a request."""
+    known = scenario_catalogue()
+    for name in ns.scenario or ():
+        if name not in known:
+            guess = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"did you mean {guess[0]}?" if guess else "see --list-scenarios"
+            raise UsageError(f"--scenario {name}: unknown scenario; {hint}")
+    for flag in ("patients", "studies", "series", "instances"):
+        value = getattr(ns, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be at least 1")
+    config = load_config(Path(ns.config)) if ns.config else None
+    scenarios = tuple(ns.scenario or (() if config else ("default",)))
+    return GenerateRequest(scenarios, ns.seed, ns.patients, ns.studies, ns.series,
+                           ns.instances, ns.modality, parse_size(ns.size) if ns.size else None,
+                           ns.layout, config, ns.config or "")
+
+
+def plan_generation(req: GenerateRequest) -> list[InstancePlan]:
+    """Expand scenarios (and the config) into the instances to write, in a fixed order."""
+    planner = Planner(req)
+    plans: list[InstancePlan] = []
+    for index, name in enumerate(req.scenarios):
+        plans.extend(plan_scenario(planner, name, index))
+    if req.config is not None:
+        plans.extend(plan_config(planner, req.config))
+    return plans
+
+
+def plan_scenario(planner: Planner, name: str, index: int) -> list[InstancePlan]:
+    """The instances of one named scenario."""
+    req = planner.req
+    if name in ("ct", "mr"):
+        return plan_volume(planner, name, name.upper())
+    patients = req.patients or (3 if name == "multi_patient" else 1)
+    studies = req.studies or (2 if name == "multi_patient" else 1)
+    plans: list[InstancePlan] = []
+    for p in range(patients):
+        patient = planner.patient(name, p)
+        for s in range(studies):
+            role = "current" if s == 0 else "internal_prior"
+            study = planner.study(patient, role, s * 2, (name, index, s))
+            plans += plan_study(planner, name, patient, study, req.modality or "MG",
+                                encoding=name if name in ENCODING_PRESETS else None)
+        if name.startswith(("cu_", "pr_")):
+            fault = name[3:]
+            prior = planner.study(patient, "internal_prior", 3, (name, index, "prior"))
+            plans += plan_study(planner, name, patient, prior, "MG")
+            target = plans[-1] if name.startswith("pr_") else \
+                [x for x in plans if x.study.role == "current"][-1]
+            plans = [apply_fault_plan(planner, x, fault, plans) if x is target else x
+                     for x in plans]
+        elif name == "large_scale_shallow":
+            for years, fault in enumerate(FAULTS, start=1):
+                prior = planner.study(patient, "internal_prior", years, (name, fault))
+                study_plans = plan_study(planner, name, patient, prior, "MG")
+                study_plans[-1] = apply_fault_plan(planner, study_plans[-1], fault, study_plans)
+                plans += study_plans
+        elif name == "external_prior":
+            ext = planner.study(patient, "external_prior", 4, (name, "external"))
+            plans += plan_study(planner, name, dataclasses.replace(
+                patient, issuer="OTHERHOSP", patient_id="X" + patient.patient_id), ext, "MG")
+        elif name in BROKEN_PRESETS:
+            plans[-1] = dataclasses.replace(plans[-1], fault=name, expect="reject")
+    return plans
+
+
+def plan_study(planner: Planner, scenario: str, patient: Patient, study: Study,
+               modality: str, encoding: str | None = None) -> list[InstancePlan]:
+    """One series of a study: MG cycles the four views, CT/MR are slices."""
+    req = planner.req
+    count = req.instances or (4 if modality == "MG" else 16)
+    plans = []
+    for series_index in range(req.series or 1):
+        series_uid = planner.uid("series", study.uid, series_index)
+        for n in range(count):
+            view = MG_VIEWS[n % 4] if modality == "MG" else None
+            sop_uid = planner.uid("sop", series_uid, n)
+            plans.append(InstancePlan(
+                scenario, patient, study, series_uid, series_index + 1, modality, sop_uid,
+                n + 1, view, req.size or DEFAULT_SIZES[modality], None, encoding, "accept",
+                instance_relpath(req.layout, patient, study.uid, series_uid, sop_uid)))
+    return plans
+
+
+def plan_volume(planner: Planner, name: str, modality: str) -> list[InstancePlan]:
+    """CT/MR presets: patients x studies of one volume each."""
+    req = planner.req
+    plans: list[InstancePlan] = []
+    for p in range(req.patients or 1):
+        patient = planner.patient(name, p)
+        for s in range(req.studies or 1):
+            study = planner.study(patient, "current" if s == 0 else "internal_prior", s,
+                                  (name, p, s))
+            study = dataclasses.replace(study, description=f"{modality} volume")
+            plans += plan_study(planner, name, patient, study, modality)
+    return plans
+
+
+def instance_relpath(layout: str, patient: Patient, study_uid: str, series_uid: str,
+                     sop_uid: str) -> str:
+    """Where an instance goes: PatientID/Study/Series/SOP, or flat SOP."""
+    if layout == "flat":
+        return sop_uid
+    return f"{patient.patient_id}/{study_uid}/{series_uid}/{sop_uid}"
+
+
+def apply_fault_plan(planner: Planner, plan: InstancePlan, fault: str,
+                     siblings: list[InstancePlan]) -> InstancePlan:
+    """Mark an instance with its fault; faults that change identity change the plan too."""
+    plan = dataclasses.replace(plan, fault=fault,
+                               expect="absent" if fault == "missing_dicom" else "reject")
+    if fault == "duplicate_sop":
+        before = [x for x in siblings if x.study is plan.study and x.number == plan.number - 1]
+        if before:
+            plan = dataclasses.replace(plan, sop_uid=before[0].sop_uid,
+                                       relpath=plan.relpath + "_duplicate")
+    elif fault == "studyuid_mismatch":
+        plan = dataclasses.replace(plan, study=dataclasses.replace(
+            plan.study, uid=planner.uid("mismatch", plan.study.uid)))
+    elif fault == "pid_mismatch":
+        plan = dataclasses.replace(plan, patient=dataclasses.replace(
+            plan.patient, patient_id=plan.patient.patient_id + "X"))
+    return plan
+
+
+# ── power customize: the user's JSON config shape ─────────────────────────────────────────
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read and validate a --config file; errors name the JSON path (exit 2)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--config {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--config {path}: malformed JSON at line {exc.lineno} column "
+                         f"{exc.colno}: {exc.msg}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config {path}: the top level must be an object")
+    allowed = {"outputDir", "seed", "patient", "current_study", "internal_priors",
+               "external_priors"}
+    for key in config:
+        if key not in allowed:
+            raise UsageError(f"--config {path}: {key}: unknown key; expected one of "
+                             f"{', '.join(sorted(allowed))}")
+    if "current_study" in config:
+        check_study_config(config["current_study"], "current_study", path)
+    for group in ("internal_priors", "external_priors"):
+        entries = config.get(group, [])
+        if not isinstance(entries, list):
+            raise UsageError(f"--config {path}: {group}: must be a list of studies")
+        for i, entry in enumerate(entries):
+            check_study_config(entry, f"{group}[{i}]", path)
+    return config
+
+
+def check_study_config(study: Any, where: str, path: Path) -> None:
+    """Validate one study object of the config, naming the JSON path of any problem."""
+    if not isinstance(study, dict):
+        raise UsageError(f"--config {path}: {where}: must be an object")
+    for key in study:
+        if key not in {"cancerous", "count", "description", "images", "date"}:
+            raise UsageError(f"--config {path}: {where}.{key}: unknown key")
+    count = study.get("count", 4)
+    if not isinstance(count, int) or count < 0:
+        raise UsageError(f"--config {path}: {where}.count: must be a whole number >= 0")
+    for i, image in enumerate(study.get("images", [])):
+        here = f"{where}.images[{i}]"
+        if not isinstance(image, dict) or not isinstance(image.get("tags", {}), dict):
+            raise UsageError(f"--config {path}: {here}: must be an object with \"tags\"")
+        fault = image.get("fault")
+        if fault is not None and fault not in FAULTS:
+            raise UsageError(f"--config {path}: {here}.fault: unknown fault {fault!r}")
+        for key, value in image.get("tags", {}).items():
+            config_tag_value(key, value, f"{here}.tags.{key}", path, deliberate=bool(fault))
+
+
+def config_tag_value(key: str, value: Any, where: str, path: Path, *,
+                     deliberate: bool) -> tuple[int, str]:
+    """Resolve a config tag (keyword or hex) and check its value against the VR."""
+    try:
+        specs = parse_tag_specs(key)
+    except UsageError as exc:
+        raise UsageError(f"--config {path}: {where}: {str(exc).split(': ', 1)[-1]}") from None
+    if len(specs) != 1 or not specs[0].plain or specs[0].leaf.creator:
+        raise UsageError(f"--config {path}: {where}: name one public tag")
+    tag = specs[0].leaf.tag
+    try:
+        vr = pydicom.datadict.dictionary_VR(tag)
+    except KeyError:
+        raise UsageError(f"--config {path}: {where}: tag not in the DICOM dictionary") from None
+    if vr == "SQ":
+        raise UsageError(f"--config {path}: {where}: sequences cannot be set from the config")
+    if not deliberate:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            try:
+                pydicom.valuerep.validate_value(vr.split(" or ")[0], v, pydicom.config.RAISE)
+            except ValueError as exc:
+                raise UsageError(f"--config {path}: {where}: invalid for VR {vr}: {exc} "
+                                 "(mark the image with \"fault\" to write it anyway)") from None
+    return tag, vr
+
+
+def plan_config(planner: Planner, config: dict[str, Any]) -> list[InstancePlan]:
+    """Instances for the config's current study, internal and external priors."""
+    patient = planner.patient("config", 0)
+    overrides = config.get("patient", {})
+    patient = dataclasses.replace(
+        patient, patient_id=str(overrides.get("PatientID", patient.patient_id)),
+        name=str(overrides.get("PatientName", patient.name)),
+        birth_date=str(overrides.get("PatientBirthDate", patient.birth_date)))
+    studies = []
+    if "current_study" in config:
+        studies.append(("current", config["current_study"], 0))
+    studies += [("internal_prior", s, i + 1) for i, s in enumerate(config.get("internal_priors",
+                                                                              []))]
+    studies += [("external_prior", s, i + 2) for i, s in enumerate(config.get("external_priors",
+                                                                              []))]
+    plans: list[InstancePlan] = []
+    for role, cfg, years in studies:
+        study = planner.study(patient, role, years, ("config", role, years))
+        description = cfg.get("description", study.description)
+        if cfg.get("cancerous"):
+            description += " - cancerous"
+        study = dataclasses.replace(study, description=description,
+                                    date=str(cfg.get("date", study.date)))
+        who = patient if role != "external_prior" else dataclasses.replace(
+            patient, issuer="OTHERHOSP")
+        images = cfg.get("images", [])
+        count = max(len(images), cfg.get("count", 4))
+        req = dataclasses.replace(planner.req, instances=count, series=1)
+        sub = Planner(req)
+        sub.rng = planner.rng
+        study_plans = plan_study(sub, "config", who, study, "MG")
+        for i, image in enumerate(images):
+            tags = tuple((config_tag_value(k, v, "", Path(""), deliberate=True)[0], v)
+                         for k, v in image.get("tags", {}).items())
+            fault = image.get("fault")
+            plan = dataclasses.replace(study_plans[i], tags=tags)
+            study_plans[i] = apply_fault_plan(planner, plan, fault, study_plans) \
+                if fault else plan
+        plans += study_plans
+    return plans
+
+
+# ── building datasets ─────────────────────────────────────────────────────────────────────
+
+
+def pixel_bytes(rows: int, cols: int, seed: int, order: str = "<") -> bytes:
+    """A cheap deterministic 16-bit ramp pattern (no numpy): rows are rotated ramps."""
+    base = struct.pack(f"{order}{cols * 2}H", *(((i * 16 + seed * 97) & 0x0FFF)
+                                                 for i in range(cols * 2)))
+    width = cols * 2
+    return b"".join(base[(r * 2) % width: (r * 2) % width + width] for r in range(rows))
+
+
+def rle_encode_16bit(pixels: bytes, order: str = "<") -> bytes:
+    """RLE Lossless (PS3.5 Annex G) frame for 16-bit samples, literal runs only."""
+    high = pixels[1::2] if order == "<" else pixels[0::2]
+    low = pixels[0::2] if order == "<" else pixels[1::2]
+    segments = []
+    for plane in (high, low):
+        out = bytearray()
+        for i in range(0, len(plane), 128):
+            chunk = plane[i:i + 128]
+            out += bytes([len(chunk) - 1]) + chunk
+        if len(out) % 2:
+            out += b"\x00"
+        segments.append(bytes(out))
+    header = struct.pack("<16L", 2, 64, 64 + len(segments[0]), *([0] * 13))
+    return header + b"".join(segments)
+
+
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    """A code sequence item."""
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def build_instance(plan: InstancePlan, seed: int) -> Dataset:
+    """The dataset of one planned instance, before its fault and encoding are applied."""
+    if plan.fault == "unsupported_sop":
+        ds = base_dataset(plan, "GrayscaleSoftcopyPresentationStateStorage")
+        add_presentation_state(ds, plan)
+        return ds
+    if plan.fault == "encapsulated_pdf":
+        ds = base_dataset(plan, "EncapsulatedPDFStorage")
+        add_encapsulated_pdf(ds)
+        return ds
+    ds = base_dataset(plan, SOP_CLASSES[plan.modality])
+    add_image(ds, plan, seed)
+    {"MG": add_mammography, "CT": add_ct, "MR": add_mr}[plan.modality](ds, plan)
+    return ds
+
+
+def base_dataset(plan: InstancePlan, sop_keyword: str) -> Dataset:
+    """Patient, study, series, equipment and SOP common modules."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class(sop_keyword)
+    meta.MediaStorageSOPInstanceUID = plan.sop_uid
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"DICOM_SAR_{__version__}"[:16]
+    ds = Dataset()
+    ds.file_meta, ds.preamble = meta, b"\x00" * 128
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, plan.sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = plan.study.date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = plan.study.time
+    ds.AccessionNumber = plan.study.accession
+    ds.Modality = plan.modality
+    ds.Manufacturer = "DICOM_SAR"
+    ds.InstitutionName = plan.study.institution
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = plan.study.description
+    ds.SeriesDescription = f"{plan.modality} series {plan.series_number}"
+    ds.ManufacturerModelName = "SYNTHETIC"
+    ds.PatientName = plan.patient.name
+    ds.PatientID = plan.patient.patient_id
+    ds.IssuerOfPatientID = plan.patient.issuer
+    ds.PatientBirthDate = plan.patient.birth_date
+    ds.PatientSex = "F" if plan.modality == "MG" else "O"
+    age = int(plan.study.date[:4]) - int(plan.patient.birth_date[:4])
+    ds.PatientAge = f"{max(0, min(age, 999)):03d}Y"
+    ds.DeviceSerialNumber = "0001"
+    ds.SoftwareVersions = __version__
+    ds.StudyInstanceUID = plan.study.uid
+    ds.SeriesInstanceUID = plan.series_uid
+    ds.StudyID = plan.study.study_id
+    ds.SeriesNumber = plan.series_number
+    ds.InstanceNumber = plan.number
+    return ds
+
+
+def add_image(ds: Dataset, plan: InstancePlan, seed: int) -> None:
+    """Image pixel module: 16-bit MONOCHROME2 with a deterministic pattern."""
+    rows, cols = plan.size
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixel_bytes(rows, cols, seed + plan.number)
+    ds["PixelData"].VR = "OW"
+
+
+def add_mammography(ds: Dataset, plan: InstancePlan) -> None:
+    """DX/MG modules for a For Presentation mammogram of one view."""
+    code, lat, view = plan.view or MG_VIEWS[0]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageLaterality = lat
+    ds.PatientOrientation = ["P", "L"] if lat == "R" else ["A", "R"]
+    ds.BodyPartExamined = "BREAST"
+    ds.PositionerType = "MAMMOGRAPHIC"
+    ds.OrganExposed = "BREAST"
+    ds.BurnedInAnnotation = "NO"
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = -1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.DetectorType = "DIRECT"
+    ds.ImagerPixelSpacing = [0.1, 0.1]
+    ds.DistanceSourceToDetector = 660
+    ds.DistanceSourceToPatient = 600
+    ds.EstimatedRadiographicMagnificationFactor = 1.1
+    ds.BreastImplantPresent = "NO"
+    ds.PartialView = "NO"
+    ds.AcquisitionContextSequence = pydicom.Sequence()
+    ds.AnatomicRegionSequence = pydicom.Sequence([code_item("76752008", "SCT", "Breast")])
+    view_code, meaning = VIEW_CODES[view]
+    item = code_item(view_code, "SCT", meaning)
+    item.ViewModifierCodeSequence = pydicom.Sequence()
+    ds.ViewCodeSequence = pydicom.Sequence([item])
+    ds.SeriesDescription = f"Screening {code}"
+
+
+def add_ct(ds: Dataset, plan: InstancePlan) -> None:
+    """CT image, image plane and frame of reference modules for one axial slice."""
+    add_plane(ds, plan, thickness=1.0)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    ds.KVP = 120
+    ds.AcquisitionNumber = 1
+    ds.BodyPartExamined = "CHEST"
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+
+
+def add_mr(ds: Dataset, plan: InstancePlan) -> None:
+    """MR image, image plane and frame of reference modules for one slice."""
+    add_plane(ds, plan, thickness=3.0)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.ScanningSequence, ds.SequenceVariant = "SE", "NONE"
+    ds.ScanOptions, ds.MRAcquisitionType = "", "2D"
+    ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = 500, 15, 1
+    ds.MagneticFieldStrength = 1.5
+    ds.ImagingFrequency = 63.87
+    ds.AcquisitionNumber = 1
+    ds.BodyPartExamined = "HEAD"
+
+
+def add_plane(ds: Dataset, plan: InstancePlan, thickness: float) -> None:
+    """Image plane and frame of reference for slice plan.number of an axial stack."""
+    ds.FrameOfReferenceUID = pydicom.uid.generate_uid(entropy_srcs=[plan.series_uid, "for"])
+    ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "HFS"
+    ds.PixelSpacing = [0.7, 0.7]
+    ds.SliceThickness = thickness
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [-180, -180, round(-thickness * plan.number, 2)]
+    ds.SliceLocation = round(-thickness * plan.number, 2)
+
+
+def add_presentation_state(ds: Dataset, plan: InstancePlan) -> None:
+    """A minimal Grayscale Softcopy Presentation State (the unsupported_sop fault)."""
+    ds.Modality = "PR"
+    ds.ContentLabel, ds.ContentDescription = "SYNTHETIC", "unsupported_sop fault"
+    ds.ContentCreatorName = ""
+    ds.PresentationCreationDate, ds.PresentationCreationTime = plan.study.date, plan.study.time
+    ds.PresentationLUTShape = "IDENTITY"
+
+
+def add_encapsulated_pdf(ds: Dataset) -> None:
+    """An Encapsulated PDF document (the encapsulated_pdf fault)."""
+    pdf = (b"%PDF-1.1\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
+           b"2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
+    ds.Modality = "DOC"
+    ds.ConversionType = "WSD"
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = "synthetic report"
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = pdf + (b"\x00" if len(pdf) % 2 else b"")
+    ds.ConceptNameCodeSequence = pydicom.Sequence()
+
+
+def apply_fault(ds: Dataset, plan: InstancePlan) -> None:
+    """Make the dataset carry exactly its fault (invalid values written as raw bytes)."""
+    fault = plan.fault
+    if fault == "bits_mismatch":
+        ds.BitsStored, ds.HighBit = ds.BitsAllocated + 4, ds.BitsAllocated - 5
+    elif fault == "corrupted_pixel":
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    elif fault == "large_dimensions":
+        ds.Rows = ds.Columns = 65535
+    elif fault == "missing_required_tag":
+        del ds.Rows, ds.Columns
+    elif fault == "no_pixel_data":
+        del ds.PixelData
+    elif fault == "null_byte_tag":
+        ds[0x0008103E] = raw_element(0x0008103E, "LO", b"Screening\x00Mammo ")
+    elif fault == "overly_large_numeric":
+        ds[0x00200013] = raw_element(0x00200013, "IS", b"999999999999")
+        ds[0x00101030] = raw_element(0x00101030, "DS", b"9.9e999 ")
+    elif fault == "private_tag":
+        block = ds.private_block(0x0009, "DICOM_SAR TEST", create=True)
+        block.add_new(0x01, "LO", "private value")
+        block.add_new(0x02, "US", 42)
+        other = ds.private_block(0x0019, "DICOM_SAR OTHER", create=True)
+        other.add_new(0x10, "SH", "SECOND")
+    elif fault == "unsupported_modality":
+        ds.Modality = "OT"
+    elif fault == "invalid_date":
+        ds[0x00080020] = raw_element(0x00080020, "DA", b"20231345")
+    elif fault == "raw_not_for_presentation":
+        ds.PresentationIntentType = "FOR PROCESSING"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class(
+            "DigitalMammographyXRayImageStorageForProcessing")
+        ds.PixelIntensityRelationship = "LIN"
+        ds.PixelIntensityRelationshipSign = 1
+        for name in ("WindowCenter", "WindowWidth", "PresentationLUTShape"):
+            delattr(ds, name)
+
+
+CHARSET_NAMES = {
+    "charset_latin1": ("ISO_IR 100", "MÜLLER^JÜRGEN"),
+    "charset_utf8": ("ISO_IR 192", "ØSTER^ZOË=王^小東"),
+    "charset_japanese": (["", "ISO 2022 IR 87"], "YAMADA^TAROU=山田^太郎=やまだ^たろう"),
+}
+ENCODING_SYNTAX = {
+    "implicit_vr": pydicom.uid.ImplicitVRLittleEndian,
+    "big_endian": pydicom.uid.ExplicitVRBigEndian,
+    "deflated": pydicom.uid.DeflatedExplicitVRLittleEndian,
+    "compressed": pydicom.uid.RLELossless,
+}
+
+
+def apply_encoding(ds: Dataset, plan: InstancePlan) -> None:
+    """Encoding presets: character sets, transfer syntaxes, long and nested values."""
+    enc = plan.encoding
+    if enc in CHARSET_NAMES:
+        ds.SpecificCharacterSet, ds.PatientName = CHARSET_NAMES[enc]
+    elif enc in ENCODING_SYNTAX:
+        ds.file_meta.TransferSyntaxUID = ENCODING_SYNTAX[enc]
+        if enc == "big_endian" and "PixelData" in ds:
+            ds.PixelData = pixel_bytes(ds.Rows, ds.Columns, plan.number, ">")
+        if enc == "compressed" and "PixelData" in ds:
+            frame = rle_encode_16bit(ds.PixelData)
+            ds.PixelData = pydicom.encaps.encapsulate([frame])
+            ds["PixelData"].VR = "OB"
+            ds.LossyImageCompression = "00"
+    elif enc == "no_preamble":
+        ds.preamble = None
+    elif enc == "long_values":
+        ds.PatientID = (plan.patient.patient_id + "L" * 64)[:64]
+        ds.StudyID = "S" * 16
+        ds.AccessionNumber = (plan.study.accession + "9" * 16)[:16]
+        ds.InstitutionName = "I" * 64
+        ds.StationName = "W" * 16
+        ds.PatientName = "F" * 30 + "^" + "G" * 33
+    elif enc == "nested_sequences":
+        item = Dataset()
+        item.PatientID = plan.patient.patient_id
+        item.IssuerOfPatientID = "OTHERHOSP"
+        item.TypeOfPatientID = "TEXT"
+        ds.OtherPatientIDsSequence = pydicom.Sequence([item])
+
+
+def encode_instance(plan: InstancePlan, seed: int) -> bytes:
+    """The bytes of one planned file (broken presets are cut or replaced here)."""
+    if plan.fault == "not_dicom":
+        return b"This is not a DICOM file; it has no extension, like its neighbours.\n"
+    if plan.fault == "zero_byte":
+        return b""
+    ds = build_instance(plan, seed)
+    for tag, value in plan.tags:
+        vr = pydicom.datadict.dictionary_VR(tag).split(" or ")[0]
+        if plan.fault and isinstance(value, str):
+            encoded = value.encode("latin-1", "replace")
+            ds[tag] = raw_element(tag, vr, encoded + (b" " if len(encoded) % 2 else b""))
+        else:
+            ds[tag] = DataElement(tag, vr, value)
+    if plan.fault:
+        apply_fault(ds, plan)
+    if plan.encoding:
+        apply_encoding(ds, plan)
+    from pydicom.filebase import DicomBytesIO
+
+    fp = DicomBytesIO()
+    bare = plan.encoding == "no_preamble"
+    if bare:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+    if bare:
+        pydicom.dcmwrite(fp, ds, implicit_vr=False, little_endian=True)
+    else:
+        pydicom.dcmwrite(fp, ds, enforce_file_format=True)
+    data = fp.getvalue()
+    if plan.fault == "truncated":
+        return data[: len(data) - max(2, (ds.Rows * ds.Columns) // 3) - 1]
+    return data
+
+
+def generate_task(plan: InstancePlan, output: Path, seed: int) -> FileResult:
+    """Encode and write one planned instance atomically."""
+    target = output / plan.relpath
+    if plan.expect == "absent":
+        return FileResult(target, "skipped", message="missing_dicom: deliberately not written")
+    data = encode_instance(plan, seed)
+    write_bytes_atomic(data, target, fsync=False)
+    return FileResult(target, "modified", nbytes=len(data))
+
+
+def write_bytes_atomic(data: bytes, target: Path, *, fsync: bool) -> None:
+    """Write bytes to target via a temporary file and rename."""
+    fd, tmp = _temp_in(target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+            if fsync:
+                fp.flush()
+                os.fsync(fp.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def manifest_entry(plan: InstancePlan) -> dict[str, Any]:
+    """One instance in manifest.json."""
+    return {"path": plan.relpath, "scenario": plan.scenario, "expect": plan.expect,
+            "fault": plan.fault, "encoding": plan.encoding, "modality": plan.modality,
+            "patient_id": plan.patient.patient_id, "patient_name": plan.patient.name,
+            "issuer_of_patient_id": plan.patient.issuer, "study_uid": plan.study.uid,
+            "study_role": plan.study.role, "study_date": plan.study.date,
+            "accession": plan.study.accession, "series_uid": plan.series_uid,
+            "sop_uid": plan.sop_uid, "instance_number": plan.number,
+            "view": plan.view[0] if plan.view else None}
+
+
+def write_manifest(output: Path, req: GenerateRequest, plans: list[InstancePlan]) -> Path:
+    """manifest.json: every instance, its fault and what ingestion should do; plus a tree."""
+    entries = [manifest_entry(p) for p in plans]
+    patients: dict[str, Any] = {}
+    for e in entries:
+        patient = patients.setdefault(e["patient_id"], {"patient_id": e["patient_id"],
+                                                        "studies": {}})
+        study = patient["studies"].setdefault(e["study_uid"], {
+            "study_uid": e["study_uid"], "role": e["study_role"], "accession": e["accession"],
+            "date": e["study_date"], "series": {}})
+        study["series"].setdefault(e["series_uid"], []).append(e["sop_uid"])
+    manifest = {"generator": f"dicom_sar {__version__}", "seed": req.seed,
+                "scenarios": list(req.scenarios), "config": req.config_name or None,
+                "layout": req.layout, "instances": entries,
+                "patients": [{"patient_id": p["patient_id"], "studies": [
+                    {**{k: v for k, v in s.items() if k != "series"},
+                     "series": [{"series_uid": uid, "sop_uids": sops}
+                                for uid, sops in s["series"].items()]}
+                    for s in p["studies"].values()]} for p in patients.values()]}
+    path = output / "manifest.json"
+    write_bytes_atomic((json.dumps(manifest, indent=1) + "\n").encode(), path, fsync=False)
+    return path
+
+
+def run_generate(opts: Options, out: Callable[[str], None]) -> int:
+    """Plan, then encode and write on the pool in plan order; manifest last."""
+    req: GenerateRequest = opts.generate
+    output = opts.output or Path((req.config or {}).get("outputDir") or "dicom_sar_generated")
+    plans = plan_generation(req)
+    if opts.dry_run:
+        for p in plans:
+            out(f"{p.scenario}  {p.patient.patient_id}  {p.study.role}  {p.modality}  "
+                f"#{p.number}  {p.fault or '-'}  {p.expect}  {p.relpath}")
+        print(f"dry run: would write {sum(p.expect != 'absent' for p in plans)} files "
+              f"to {output}", file=sys.stderr)
+        return EXIT_OK
+    reporter = Reporter(opts, out)
+    stop = threading.Event()
+    cands = (Candidate(Path(p.relpath), output) for p in plans)
+    by_path = {p.relpath: p for p in plans}
+    status = EXIT_OK
+    try:
+        for result in run_ordered(
+                cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
+                opts.workers, stop):
+            reporter.handle(result)
+    except KeyboardInterrupt:
+        stop.set()
+        status = EXIT_SIGINT
+    path = write_manifest(output, req, plans)
+    log.info("generated %d planned instances into %s; manifest %s", len(plans), output, path)
+    reporter.finish()
+    return status or exit_status(reporter.stats)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1338,6 +2169,8 @@ class Stats:
                      "elements_changed": self.elements_changed,
                      "rejected" if not opts.dry_run else "would_reject": self.rejected,
                      "unchanged": self.unchanged}
+        if opts.mode == "generate":
+            data |= {"files_written": self.modified, "deliberately_absent": self.skipped}
         return data
 
 
@@ -1531,17 +2364,16 @@ def run(opts: Options) -> int:
     return status or exit_status(reporter.stats)
 
 
-def run_generate(opts: Options, out: Callable[[str], None]) -> int:
-    """Placeholder; replaced by the generate section."""
-    raise UsageError("--generate is not available in this build")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, validate, run; usage errors exit 2 before any file is touched."""
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.version:
         print_versions()
+        return EXIT_OK
+    if ns.list_scenarios:
+        for name, what in scenario_catalogue().items():
+            print(f"{name:<32} {what}")
         return EXIT_OK
     try:
         opts = options_from_args(ns)
