@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import struct
 import sys
 import tempfile
@@ -40,11 +39,11 @@ import pydicom.encaps
 import pydicom.uid
 import pydicom.valuerep
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import correct_ambiguous_vr_element
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import BaseTag
 from tqdm import tqdm
 
 __version__ = "0.1.0"
@@ -640,9 +639,41 @@ def read_dataset(path: Path, *, header_only: bool) -> tuple[Dataset | None, int,
             return None, size, None
         fp.seek(0)
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
-    if len(ds) == 0 and not getattr(ds, "file_meta", None):
-        raise InvalidDicomError("no data elements could be read")
+        check_complete(ds, fp, size)
     return ds, size, kind
+
+
+class TruncatedFileError(InvalidDicomError):
+    """The file ends before an element it declares."""
+
+
+def check_complete(ds: Dataset, fp: Any, size: int) -> None:
+    """Raise if the file is cut short: pydicom silently returns short values."""
+    if len(ds) == 0:
+        raise TruncatedFileError("no data elements after the file meta (truncated?)")
+    last = ds.get_item(list(ds.keys())[-1])
+    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF \
+            and isinstance(last.value, bytes) and len(last.value) < last.length:
+        raise TruncatedFileError(f"element {BaseTag(last.tag)} declares {last.length} bytes, "
+                                 f"the file ends after {len(last.value)}")
+    pos = fp.tell()
+    if pos + 8 > size:
+        return
+    head = fp.read(12)
+    little = ds.original_encoding[1] is not False
+    order = "<" if little else ">"
+    if struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+        return
+    implicit = ds.original_encoding[0] is True
+    if implicit:
+        (length,) = struct.unpack(order + "I", head[4:8])
+        header = 8
+    else:
+        (length,) = struct.unpack(order + "I", head[8:12])
+        header = 12
+    if length != 0xFFFFFFFF and pos + header + length > size:
+        raise TruncatedFileError(f"PixelData declares {length} bytes, the file ends after "
+                                 f"{size - pos - header}")
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -803,12 +834,27 @@ def raw_of(elem: DataElement, ds: Dataset) -> RawDataElement:
 
 
 def sequence_of(ds: Dataset, tag: int) -> DataElement:
-    """ds[tag] for a sequence, remembering the length it had in the file."""
+    """ds[tag] for a sequence, remembering where it and its items are in the file.
+
+    pydicom keeps no lengths once an element is converted, and gives nested elements offsets
+    relative to their sequence's value; the splice writer needs absolute ones.
+    """
     raw = ds.get_item(tag)
     elem = ds[tag]
     if isinstance(raw, RawDataElement):
-        elem.file_length = raw.length  # pydicom keeps no length once an element is converted
+        elem.file_length = raw.length
+        start = dataset_base(ds) + raw.value_tell
+        elem.file_value_offset = start
+        for item in elem.value or []:
+            item.file_base = start
+            item.file_item_offset = start + item.seq_item_tell - raw.value_tell
+            item.file_parent = (ds, tag)
     return elem
+
+
+def dataset_base(ds: Dataset) -> int:
+    """Offset that turns value_tell of ds's raw elements into a file offset."""
+    return getattr(ds, "file_base", 0)
 
 
 def sequence_lines(ds: Dataset, tag: int, level: int) -> list[str]:
@@ -926,7 +972,8 @@ def all_datasets_of(ds: Dataset) -> Iterator[tuple[str, Dataset]]:
 
 def dump_task(cand: Candidate, opts: Options) -> FileResult:
     """Read one file's header and render what --dump was asked for."""
-    wants_pixels = any(s.steps[0].tag >= 0x7FE00010 for s in opts.specs)
+    # a tag dump stops before pixel data; a full dump shows its first values, like dcmdump
+    wants_pixels = not opts.specs or any(s.steps[0].tag >= 0x7FE00010 for s in opts.specs)
     ds, size, kind = read_dataset(cand.path, header_only=not wants_pixels)
     if ds is None:
         return FileResult(cand.path, "not-dicom", nbytes=size)
@@ -1057,11 +1104,13 @@ class Planned:
     vr: str
     encoded: bytes
     change: Change
+    value_offset: int | None  # where the old value starts in the file (None: unknown)
 
 
 def sar_task(cand: Candidate, opts: Options) -> FileResult:
     """Search/replace one file: plan, validate (all or nothing), then write or preview."""
-    ds, size, _ = read_dataset(cand.path, header_only=False)
+    stamp = file_stamp(cand.path)
+    ds, size, _ = read_dataset(cand.path, header_only=True)
     if ds is None:
         return FileResult(cand.path, "not-dicom", nbytes=size)
     planned, rejections = plan_changes(ds, opts)
@@ -1076,12 +1125,32 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
     changes = tuple(p.change for p in planned)
     if opts.dry_run:
         return FileResult(cand.path, "modified", nbytes=size, changes=changes)
-    apply_changes(ds, planned)
+    target = cand.path if opts.inplace else output_path(cand, opts)
+    patches = splice_patches(cand.path, ds, planned)
+    if patches is None:  # e.g. deflated: pydicom rewrites the whole file
+        ds, size, _ = read_dataset(cand.path, header_only=False)
+        planned, _ = plan_changes(ds, opts)
+        apply_changes(ds, planned)
+
+    def write(tmp_target: Path) -> None:
+        if file_stamp(cand.path) != stamp:
+            raise RuntimeError("the file changed while it was being processed; left as it is")
+        if patches is not None:
+            write_spliced(cand.path, tmp_target, patches, fsync=opts.fsync)
+        else:
+            write_dataset(ds, tmp_target, fsync=opts.fsync)
+
     if opts.inplace:
-        replace_in_place(cand, ds, opts)
+        replace_in_place(cand, opts, write)
     else:
-        write_dataset_atomic(ds, output_path(cand, opts), fsync=opts.fsync, like=cand.path)
+        write_atomic(target, write, like=cand.path)
     return FileResult(cand.path, "modified", nbytes=size, changes=changes)
+
+
+def file_stamp(path: Path) -> tuple[int, int, int]:
+    """Size, mtime and inode: enough to notice a file replaced under our feet."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def sar_targets(ds: Dataset, opts: Options) -> Iterator[tuple[Dataset, int]]:
@@ -1121,6 +1190,8 @@ def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
             continue
         if not isinstance(raw, RawDataElement):
             raw = raw_of(owner[tag], owner)
+        value_offset = dataset_base(owner) + raw.value_tell if raw.value_tell is not None \
+            else getattr(owner.get_item(tag), "file_tell", None)
         old_text = decode_text(raw.value or b"", vr, charset_of(owner))
         old_values = [old_text] if vr in SINGLE_VALUE_VRS else old_text.split("\\")
         new_values = [opts.pattern.sub(opts.replacement, v) for v in old_values]
@@ -1131,8 +1202,16 @@ def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
         change = Change(label, old_text, new_text)
         encoded, problem = encode_new_values(vr, new_values, charset_of(owner))
         if problem:
-            rejections.append(f"{label} VR {vr}: {problem}")
-        planned.append(Planned(owner, tag, vr, encoded, change))
+            shown = f" (new value {new_text!r})" if opts.verbose else ""
+            rejections.append(f"{label} VR {vr}: {problem}{shown}")
+        planned.append(Planned(owner, tag, vr, encoded, change, value_offset))
+        meta = getattr(ds, "file_meta", None)
+        if tag == 0x00080018 and owner is ds and meta is not None and 0x00020003 in meta:
+            # dcmodify keeps MediaStorageSOPInstanceUID equal to SOPInstanceUID; so do we
+            old = meta[0x00020003]
+            planned.append(Planned(meta, 0x00020003, "UI", encoded, Change(
+                "(0002,0003) MediaStorageSOPInstanceUID", str(old.value), new_text),
+                getattr(old, "file_tell", None)))
     return planned, rejections
 
 
@@ -1145,7 +1224,7 @@ def encode_new_values(vr: str, values: list[str], encodings: list[str]) -> tuple
         try:
             pydicom.valuerep.validate_value(vr, value, pydicom.config.RAISE)
         except ValueError as exc:
-            return b"", str(exc).replace("\n", " ")
+            return b"", without_value(str(exc), value)
     text = values[0] if vr in SINGLE_VALUE_VRS else "\\".join(values)
     if vr not in TEXT_VRS:
         if not text.isascii():
@@ -1182,14 +1261,17 @@ def outside_repertoire(encoded: bytes, encodings: list[str]) -> bool:
     return False
 
 
+def without_value(message: str, value: str) -> str:
+    """pydicom's validation message, one line, without the value (patient data)."""
+    message = message.replace(repr(value), "the new value").replace(value, "<value>")
+    message = re.sub(r"\s*Please see <[^>]*> for allowed values for each VR\.?", "", message)
+    return " ".join(message.split())
+
+
 def apply_changes(ds: Dataset, planned: list[Planned]) -> None:
-    """Store the encoded values; keep MediaStorageSOPInstanceUID equal to SOPInstanceUID."""
+    """Store the encoded values in ds (for the full-rewrite path)."""
     for p in planned:
         p.owner[p.tag] = raw_element(p.tag, p.vr, p.encoded)
-        meta = getattr(ds, "file_meta", None)
-        if p.tag == 0x00080018 and p.owner is ds and meta is not None \
-                and 0x00020003 in meta:
-            meta[0x00020003] = raw_element(0x00020003, "UI", p.encoded)
 
 
 def raw_element(tag: int, vr: str, value: bytes) -> RawDataElement:
@@ -1224,50 +1306,184 @@ def _temp_in(directory: Path) -> tuple[int, Path]:
     # so a crash leaves either the old file or the new one, never a partial file.
     directory.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    os.close(fd)
     return fd, Path(name)
 
 
-def write_dataset_atomic(ds: Dataset, target: Path, *, fsync: bool, like: Path | None) -> None:
-    """Write ds to target via a temporary file and rename; copy mode/times from like."""
-    fd, tmp = _temp_in(target.parent)
+def write_atomic(target: Path, produce: Callable[[Path], None], *,
+                 like: Path | None = None) -> None:
+    """produce() writes a temporary file beside target, which then replaces target."""
+    _, tmp = _temp_in(target.parent)
     try:
-        with os.fdopen(fd, "wb") as fp:
-            ds.save_as(fp, enforce_file_format=False)
-            if fsync:
-                fp.flush()
-                os.fsync(fp.fileno())
+        produce(tmp)
         if like is not None:
-            shutil.copystat(like, tmp)
+            shutil.copystat(like, tmp)  # permissions and timestamps of the original
+        else:
+            os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_dataset(ds: Dataset, path: Path, *, fsync: bool) -> None:
+    """Full rewrite by pydicom, keeping the file's own encoding (the fallback path)."""
+    with open(path, "wb") as fp:
+        ds.save_as(fp, enforce_file_format=False)
+        finish(fp, fsync)
+
+
+def write_bytes_atomic(data: bytes, target: Path, *, fsync: bool) -> None:
+    """Write bytes to target atomically."""
+    def produce(tmp: Path) -> None:
+        with open(tmp, "wb") as fp:
+            fp.write(data)
+            finish(fp, fsync)
+    write_atomic(target, produce)
 
 
 def copy_file_atomic(source: Path, target: Path, *, fsync: bool) -> None:
-    """Copy source to target (data, mode, times) via a temporary file and rename."""
-    fd, tmp = _temp_in(target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            if fsync:
-                out.flush()
-                os.fsync(out.fileno())
-        shutil.copystat(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Copy source to target (data, mode, times) atomically, with a kernel copy."""
+    def produce(tmp: Path) -> None:
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            copy_range(src.fileno(), out.fileno(), 0, os.fstat(src.fileno()).st_size)
+            finish(out, fsync)
+    write_atomic(target, produce, like=source)
 
 
-def replace_in_place(cand: Candidate, ds: Dataset, opts: Options) -> None:
+def finish(fp: Any, fsync: bool) -> None:
+    """Flush, and fsync when durability against power loss is wanted."""
+    fp.flush()
+    if fsync:
+        os.fsync(fp.fileno())
+
+
+def copy_range(src: int, dst: int, start: int, end: int) -> None:
+    """Copy bytes [start, end) of src to the current end of dst (copy_file_range/reflink)."""
+    offset = start
+    while offset < end:
+        try:
+            n = os.copy_file_range(src, dst, end - offset, offset)
+        except OSError:
+            n = 0
+        if n == 0:  # not supported here: plain reads and writes
+            os.lseek(src, offset, os.SEEK_SET)
+            chunk = os.read(src, min(1 << 20, end - offset))
+            if not chunk:
+                raise TruncatedFileError("the file shrank while it was being copied")
+            n = os.write(dst, chunk)
+        offset += n
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """Replace size bytes at offset of the original file with data."""
+
+    offset: int
+    size: int
+    data: bytes
+
+
+LONG_LENGTH_VRS = frozenset("OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+
+
+def splice_patches(path: Path, ds: Dataset, planned: list[Planned]) -> list[Patch] | None:
+    """The byte patches that turn the file into its modified version, or None.
+
+    Each changed value and its length field, plus every enclosing defined-length item and
+    sequence and every group length on the way up. None when a full rewrite is needed.
+    """
+    implicit, little = ds.original_encoding
+    meta = getattr(ds, "file_meta", None)
+    if implicit is None or (meta is not None and meta.get("TransferSyntaxUID")
+                            == pydicom.uid.DeflatedExplicitVRLittleEndian):
+        return None
+    patches: dict[int, Patch] = {}
+    growth: collections.Counter[tuple[int, str]] = collections.Counter()
+    with open(path, "rb") as fp:
+        fd = fp.fileno()
+        for p in planned:
+            if p.value_offset is None:
+                return None
+            in_meta = p.owner is meta
+            order = "<" if in_meta or little else ">"  # the file meta is always little endian
+            explicit_vr = None if implicit and not in_meta else p.owner.get_item(p.tag).VR
+            size = 2 if explicit_vr is not None and explicit_vr not in LONG_LENGTH_VRS else 4
+            fmt = order + ("H" if size == 2 else "I")
+            field = p.value_offset - size
+            (old_len,) = struct.unpack(fmt, os.pread(fd, size, field))
+            if old_len == 0xFFFFFFFF or len(p.encoded) > (0xFFFF if size == 2 else 0xFFFFFFFE):
+                return None
+            patches[field] = Patch(field, size, struct.pack(fmt, len(p.encoded)))
+            patches[p.value_offset] = Patch(p.value_offset, old_len, p.encoded)
+            for offset in container_length_fields(p.owner, p.tag >> 16, meta):
+                growth[(offset, order)] += len(p.encoded) - old_len
+        for (offset, order), delta in growth.items():
+            (old,) = struct.unpack(order + "I", os.pread(fd, 4, offset))
+            if not 0 <= old + delta < 0xFFFFFFFF:
+                return None
+            patches[offset] = Patch(offset, 4, struct.pack(order + "I", old + delta))
+    ordered = sorted(patches.values(), key=lambda x: x.offset)
+    if any(a.offset + a.size > b.offset for a, b in zip(ordered, ordered[1:], strict=False)):
+        return None  # overlapping patches: something is odd, let pydicom rewrite
+    return ordered
+
+
+def container_length_fields(ds: Dataset, group: int, meta: Dataset | None) -> list[int]:
+    """4-byte length fields that enclose an element of group in ds: group lengths, items, SQs."""
+    fields = []
+    while True:
+        group_length = value_offset_of(ds, group << 16) if group or ds is meta else None
+        if group_length is not None:
+            fields.append(group_length)
+        parent = getattr(ds, "file_parent", None)
+        if parent is None:
+            return fields
+        if not ds.is_undefined_length_sequence_item:
+            fields.append(ds.file_item_offset + 4)
+        parent_ds, sq_tag = parent
+        sq = parent_ds[sq_tag]
+        if sq.file_length != 0xFFFFFFFF:
+            fields.append(sq.file_value_offset - 4)
+        ds, group = parent_ds, sq_tag >> 16
+
+
+def value_offset_of(ds: Dataset, tag: int) -> int | None:
+    """File offset of the value of ds[tag], if ds has it and we know where it is."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement):
+        return dataset_base(ds) + elem.value_tell if elem.value_tell is not None else None
+    return getattr(elem, "file_tell", None)
+
+
+def write_spliced(source: Path, target: Path, patches: list[Patch], *, fsync: bool) -> None:
+    """Write source with patches applied: patched head from memory, tail by kernel copy."""
+    with open(source, "rb") as src, open(target, "wb") as out:
+        size = os.fstat(src.fileno()).st_size
+        last = patches[-1].offset + patches[-1].size
+        head = src.read(last)
+        if len(head) < last:
+            raise TruncatedFileError("the file shrank while it was being processed")
+        pos, parts = 0, []
+        for patch in patches:
+            parts += [head[pos:patch.offset], patch.data]
+            pos = patch.offset + patch.size
+        out.write(b"".join(parts))
+        out.flush()
+        copy_range(src.fileno(), out.fileno(), pos, size)
+        finish(out, fsync)
+
+
+def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[Path], None]) -> None:
     """Back up the original (unless --no-backup), then atomically replace it."""
     if cand.path.is_symlink():
         raise PermissionError("refusing to replace a symlink in place")
     if opts.backup is not None:
         copy_file_atomic(cand.path, mirrored(cand, opts.backup, opts), fsync=opts.fsync)
     st = cand.path.stat()
-    write_dataset_atomic(ds, cand.path, fsync=opts.fsync, like=cand.path)
+    write_atomic(cand.path, produce, like=cand.path)
     if hasattr(os, "chown"):
         try:
             os.chown(cand.path, st.st_uid, st.st_gid)
@@ -2017,22 +2233,6 @@ def generate_task(plan: InstancePlan, output: Path, seed: int) -> FileResult:
     data = encode_instance(plan, seed)
     write_bytes_atomic(data, target, fsync=False)
     return FileResult(target, "modified", nbytes=len(data))
-
-
-def write_bytes_atomic(data: bytes, target: Path, *, fsync: bool) -> None:
-    """Write bytes to target via a temporary file and rename."""
-    fd, tmp = _temp_in(target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            fp.write(data)
-            if fsync:
-                fp.flush()
-                os.fsync(fp.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def manifest_entry(plan: InstancePlan) -> dict[str, Any]:

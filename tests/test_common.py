@@ -1,0 +1,222 @@
+"""The foundation shared by every mode: tag specs, discovery, runtime, logs, exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import FREE_THREADED_BUILD, instances, run_tool
+
+import dicom_sar
+from dicom_sar import Step, UsageError, parse_tag_specs
+
+PID, PNAME = 0x00100020, 0x00100010
+
+
+@pytest.mark.parametrize("text", ["10,20", "(10,20)", "(0010, 0020)", "0010,0020", "00100020",
+                                  "PatientID", " ( 0010 ,0020 ) ", "(0010,0020)"])
+def test_lazy_forms_name_patient_id(text: str) -> None:
+    specs = parse_tag_specs(text)
+    assert [s.steps for s in specs] == [(Step(PID),)]
+
+
+@pytest.mark.parametrize("text", ["(0010, 0020), (0010,0010)", "PatientID,PatientName",
+                                  "10,20, 10,10", "PatientID, (0010,0010)"])
+def test_several_tags_at_once(text: str) -> None:
+    assert [s.leaf.tag for s in parse_tag_specs(text)] == [PID, PNAME]
+
+
+def test_sequence_paths() -> None:
+    (spec,) = parse_tag_specs("(0008,1110)[0].(0008,1155)")
+    assert spec.steps == (Step(0x00081110, item=0), Step(0x00081155))
+    (spec,) = parse_tag_specs("ReferencedStudySequence[*].ReferencedSOPInstanceUID")
+    assert spec.steps == (Step(0x00081110, item=None), Step(0x00081155))
+    assert spec.label() == "(0008,1110)[*].(0008,1155)"
+
+
+@pytest.mark.parametrize("text", ['(0029,"SIEMENS CSA HEADER",10)',
+                                  '0029,"SIEMENS CSA HEADER",10'])
+def test_private_tag_by_creator(text: str) -> None:
+    (spec,) = parse_tag_specs(text)
+    assert spec.leaf == Step(0x00290010, creator="SIEMENS CSA HEADER")
+
+
+def test_private_tag_resolves_to_the_creator_block() -> None:
+    ds = pydicom.Dataset()
+    ds.private_block(0x0029, "OTHER", create=True).add_new(0x10, "LO", "x")
+    ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True).add_new(0x10, "LO", "y")
+    (spec,) = parse_tag_specs('(0029,"SIEMENS CSA HEADER",10)')
+    assert [(t, ds[t].value) for _, t in dicom_sar.find_elements(ds, spec, deep=False)] == [
+        (0x00291110, "y")]
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("PatientId", "did you mean PatientID?"), ("PatientNmae", "did you mean PatientName?"),
+    ("(0010,", "cannot read"), ("10,20 junk", "cannot read"), ("(0010,0020)[0]", "item index"),
+    ('(0010,"X",10)', "odd group"), ("", "empty")])
+def test_bad_specs_are_usage_errors(text: str, needle: str) -> None:
+    with pytest.raises(UsageError, match=needle.replace("?", r"\?").replace("(", r"\(")):
+        parse_tag_specs(text)
+
+
+def test_unknown_keyword_exits_2_with_one_line(tmp_path: Path) -> None:
+    run = run_tool("--dump", "--tag", "PatientId", "--path", tmp_path, cwd=tmp_path)
+    assert run.code == 2
+    assert "did you mean PatientID?" in run.err
+    assert len(run.err.strip().splitlines()) == 1
+
+
+# ── discovery ───────────────────────────────────────────────────────────────────────────
+
+
+@pytest.fixture
+def mixed_tree(tmp_path: Path, generated: Path, manifest: dict) -> Path:
+    """Extension-less DICOM, a no-preamble dataset, text, nested dirs, a symlink loop."""
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    mg = instances(manifest, scenario="default")
+    shutil.copy(generated / mg[0]["path"], tree / "1.2.3.4")
+    shutil.copy(generated / mg[1]["path"], tree / "a" / "b" / "1.2.3.5")
+    shutil.copy(generated / instances(manifest, scenario="no_preamble")[0]["path"],
+                tree / "a" / "bare")
+    (tree / "a" / "notes").write_text("not dicom at all\n")
+    (tree / "a" / "loop").symlink_to(tree, target_is_directory=True)
+    return tree
+
+
+def summary_of(run, tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_discovery_by_content(mixed_tree: Path, tmp_path: Path) -> None:
+    run = run_tool("--dump", "--tag", "PatientID", "--with-filename", "--path", mixed_tree,
+                   "--summary-json", tmp_path / "summary.json", "--log-dir", tmp_path / "logs",
+                   cwd=tmp_path)
+    assert run.code == 0, run.err
+    files = [line.split(":")[0] for line in run.out.splitlines()]
+    assert files == [str(mixed_tree / "1.2.3.4"), str(mixed_tree / "a" / "b" / "1.2.3.5"),
+                     str(mixed_tree / "a" / "bare")]  # sorted walk order, loop not followed
+    s = summary_of(run, tmp_path)
+    assert (s["dicom_files"], s["skipped_not_dicom"], s["errors"]) == (3, 1, 0)
+
+
+def test_follow_symlinks_detects_the_loop(mixed_tree: Path, tmp_path: Path) -> None:
+    run = run_tool("--dump", "--tag", "PatientID", "--follow-symlinks", "--path", mixed_tree,
+                   "--summary-json", tmp_path / "summary.json", cwd=tmp_path, timeout=60)
+    assert run.code == 0, run.err
+    assert summary_of(run, tmp_path)["dicom_files"] == 3
+    assert "symlink loop" in run.log()
+
+
+def test_unreadable_entry_is_an_error_for_that_entry_only(mixed_tree: Path,
+                                                          tmp_path: Path) -> None:
+    if os.geteuid() == 0:  # root reads mode-000 files; a dangling link is unreadable for all
+        (mixed_tree / "gone").symlink_to(mixed_tree / "does-not-exist")
+        extra = ["--follow-symlinks"]
+    else:
+        (mixed_tree / "gone").write_bytes(b"x")
+        (mixed_tree / "gone").chmod(0)
+        extra = []
+    (mixed_tree / "a" / "loop").unlink()
+    run = run_tool("--dump", "--tag", "PatientID", "--path", mixed_tree, *extra,
+                   "--summary-json", tmp_path / "summary.json", cwd=tmp_path)
+    assert run.code == 1
+    s = summary_of(run, tmp_path)
+    assert (s["dicom_files"], s["errors"]) == (3, 1)
+    errors = (tmp_path / "errors.log").read_text().splitlines()
+    assert len(errors) == 1 and "gone" in errors[0]
+
+
+def test_glob_narrows_names(mixed_tree: Path, tmp_path: Path) -> None:
+    run = run_tool("--dump", "--tag", "PatientID", "--glob", "1.2.3.*", "--with-filename",
+                   "--path", mixed_tree, cwd=tmp_path)
+    assert {line.split(":")[0].rsplit("/", 1)[1] for line in run.out.splitlines()} == {
+        "1.2.3.4", "1.2.3.5"}
+
+
+def test_own_output_and_logs_are_not_scanned(mixed_tree: Path) -> None:
+    (mixed_tree / "a" / "loop").unlink()
+    args = ["--sar", "--tag", "PatientID", "--regex_search", "^", "--regex_replace", "Z",
+            "--path", ".", "--summary-json", "s.json"]
+    first = run_tool(*args, cwd=mixed_tree)
+    assert first.code == 0, first.err
+    second = run_tool(*args, cwd=mixed_tree)
+    s1 = json.loads((mixed_tree / "s.json").read_text())
+    assert second.code == 0
+    assert (mixed_tree / "dicom_sar_output" / "1.2.3.4").exists()
+    assert s1["dicom_files"] == 3 and s1["skipped_not_dicom"] == 1  # only 'notes'
+
+
+def test_leftover_temporary_files_are_never_input(mixed_tree: Path, tmp_path: Path) -> None:
+    shutil.copy(mixed_tree / "1.2.3.4", mixed_tree / (dicom_sar.TEMP_PREFIX + "abc"))
+    run = run_tool("--dump", "--tag", "PatientID", "--with-filename", "--path", mixed_tree,
+                   cwd=tmp_path)
+    assert dicom_sar.TEMP_PREFIX not in run.out
+    assert "leftover temporary file" in run.log()
+
+
+# ── runtime, output order, logs, exit status ────────────────────────────────────────────
+
+
+def test_workers_1_and_4_give_identical_output(generated: Path, tmp_path: Path) -> None:
+    outs = [run_tool("--dump", "--tag", "PatientID,StudyInstanceUID,ImageType",
+                     "--with-filename", "-j", n, "--path", generated, cwd=tmp_path).out
+            for n in ("1", "4")]
+    assert outs[0] == outs[1]
+    assert outs[0].count("\n") > 400
+
+
+def test_free_threaded_mode_is_reported(generated: Path, tmp_path: Path) -> None:
+    run = run_tool("--dump", "--tag", "Modality", "-j", "2", "--path", generated,
+                   "--summary-json", tmp_path / "summary.json", cwd=tmp_path)
+    s = summary_of(run, tmp_path)
+    assert s["free_threaded"] is FREE_THREADED_BUILD  # GIL still off at the end of the run
+    assert f"free-threaded: {'yes' if FREE_THREADED_BUILD else 'no'}" in run.log()
+    assert ("GIL enabled" in run.err) is not FREE_THREADED_BUILD
+
+
+def test_gil_disabled_after_imports() -> None:
+    if FREE_THREADED_BUILD:
+        assert not sys._is_gil_enabled()
+        assert dicom_sar.gil_disabled()
+
+
+def test_default_workers_leave_four_cpus() -> None:
+    assert dicom_sar.default_workers() == max(1, len(os.sched_getaffinity(0)) - 4)
+
+
+def test_exit_statuses(mixed_tree: Path, tmp_path: Path) -> None:
+    (mixed_tree / "a" / "loop").unlink()
+    assert run_tool("--dump", "--path", mixed_tree, cwd=tmp_path).code == 0
+    assert run_tool("--dump", "--path", tmp_path / "missing", cwd=tmp_path).code == 2
+    assert run_tool("--sar", "--regex_search", "x", "--regex_replace", "y", "--path",
+                    mixed_tree, cwd=tmp_path).code == 2  # no --tag and no --force
+    truncated = mixed_tree / "cut"
+    truncated.write_bytes((mixed_tree / "1.2.3.4").read_bytes()[:300])
+    assert run_tool("--dump", "--path", mixed_tree, cwd=tmp_path).code == 1
+
+
+def test_logs_name_files_not_values(generated: Path, manifest: dict, tmp_path: Path) -> None:
+    entry = instances(manifest, scenario="default")[0]
+    source = tmp_path / "in" / "1.2.840.99"  # the generated tree's paths contain PatientIDs
+    source.parent.mkdir()
+    shutil.copy(generated / entry["path"], source)
+    run = run_tool("--sar", "--tag", "PatientID,PatientName", "--regex_search", "^(.*)$",
+                   "--regex_replace", r"GENHOSP\1", "--path", source.parent,
+                   "--output", tmp_path / "out", cwd=tmp_path)
+    assert run.code == 0, run.err
+    text = run.log() + run.log("errors.log")
+    assert "1.2.840.99" in text and "PatientID" in text
+    assert entry["patient_id"] not in text and entry["patient_name"] not in text
+    assert oct((tmp_path / "dicom_sar.log").stat().st_mode & 0o777) == "0o600"
+
+
+def test_version_names_every_component(tmp_path: Path) -> None:
+    out = run_tool("--version", cwd=tmp_path).out
+    for word in ("dicom_sar", "Python", "free-threaded", "pydicom", "pynetdicom", "tqdm"):
+        assert word in out

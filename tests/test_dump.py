@@ -1,0 +1,126 @@
+"""--dump: dcmdump-compatible lines (checked against DCMTK), JSON, --count."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import dcmdump, instances, run_tool, squeeze
+
+ORACLE_TAGS = ["PatientID", "PatientName", "StudyInstanceUID", "Modality", "StudyDate",
+               "ImageType", "PixelSpacing", "Rows", "OtherPatientIDsSequence",
+               "ReferencedImageSequence", "WindowCenter", "InstitutionName"]
+
+
+def by_file(lines: list[str], prefix_sep: str = ": ") -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = collections.defaultdict(list)
+    for line in lines:
+        path, _, rest = line.partition(prefix_sep)
+        grouped[path].append(rest)
+    return grouped
+
+
+def test_tag_lines_equal_dcmdump_for_every_readable_pydicom_file(
+        readable_pydicom_files: list[Path], tmp_path: Path) -> None:
+    tree = tmp_path / "files"
+    tree.mkdir()
+    names = {}
+    for i, src in enumerate(readable_pydicom_files):
+        names[f"{i:03d}_{src.stem}"] = src
+        shutil.copy(src, tree / f"{i:03d}_{src.stem}")  # no extensions, like the user's files
+    args = [x for t in ORACLE_TAGS for x in ("--tag", t)]
+    run = run_tool("--dump", "--with-filename", "-j", "2", "--path", tree, *args, cwd=tmp_path)
+    assert run.code == 0, run.err
+    ours = by_file([line for line in run.out.splitlines()])
+    compared = 0
+    for name in names:
+        oracle = dcmdump("+U8", *[x for t in ORACLE_TAGS for x in ("+P", t)], tree / name)
+        if oracle.returncode or oracle.stderr.strip():
+            continue  # e.g. iconv here cannot convert ISO 2022 IR 87 for dcmdump +U8
+        expected = squeeze(oracle.stdout.decode("utf-8", "surrogateescape"))
+        # dcmdump +U8 rewrites SpecificCharacterSet itself, so it is not among the tags
+        assert squeeze("\n".join(ours.get(str(tree / name), []))) == expected, name
+        compared += bool(expected)
+    assert compared >= 100  # the comparison really covered the corpus
+
+
+def test_multi_valued_and_nested_instances_print_like_dcmdump(generated: Path,
+                                                              manifest: dict) -> None:
+    path = generated / instances(manifest, scenario="nested_sequences")[0]["path"]
+    run = run_tool("--dump", "--tag", "PatientID", "--tag", "ImageType", "--path", path,
+                   cwd=generated.parent)
+    lines = squeeze(run.out)
+    assert len([x for x in lines if "PatientID" in x]) == 2  # top level and inside the item
+    assert lines == squeeze(dcmdump("+U8", "+P", "PatientID", "+P", "ImageType",
+                                    path).stdout.decode())
+
+
+def test_full_header_dump_matches_dcmdump(generated: Path, manifest: dict) -> None:
+    for scenario in ("default", "nested_sequences", "compressed"):
+        path = generated / instances(manifest, scenario=scenario)[0]["path"]
+        ours = squeeze(run_tool("--dump", "--path", path, cwd=generated.parent).out)
+        theirs = squeeze(dcmdump("+U8", path).stdout.decode())
+        # DCMTK's own UID names, and the character set that +U8 rewrites
+        skip = ("# Used TransferSyntax", "(0002,0010)", "(0002,0012)", "(0008,0005)")
+        assert [x for x in ours if not x.startswith(skip)] == \
+               [x for x in theirs if not x.startswith(skip)], scenario
+        assert not any(len(x) > 200 for x in ours)  # pixel data summarised, not printed
+
+
+def test_with_filename_prefixes_every_line(generated: Path, manifest: dict) -> None:
+    path = generated / instances(manifest, scenario="default")[0]["path"]
+    out = run_tool("--dump", "--with-filename", "--path", path, cwd=generated.parent).out
+    assert out.strip() and all(line.startswith(f"{path}: ") for line in out.splitlines())
+
+
+def test_json_round_trips_through_pydicom(generated: Path, manifest: dict) -> None:
+    entry = instances(manifest, scenario="charset_utf8")[0]
+    path = generated / entry["path"]
+    run = run_tool("--dump", "--format", "json", "--tag", "PatientName,PatientID,ImageType",
+                   "--tag", "Rows", "--path", path, cwd=generated.parent)
+    (line,) = run.out.splitlines()
+    obj = json.loads(line)
+    assert obj["path"] == str(path)
+    back = pydicom.Dataset.from_json(obj["dataset"])
+    original = pydicom.dcmread(path)
+    assert set(obj["dataset"]) == {"00100010", "00100020", "00080008", "00280010"}
+    for keyword in ("PatientName", "PatientID", "ImageType", "Rows"):
+        assert back[keyword].value == original[keyword].value
+
+
+def test_json_leaves_bulk_data_out(generated: Path, manifest: dict) -> None:
+    path = generated / instances(manifest, scenario="default")[0]["path"]
+    obj = json.loads(run_tool("--dump", "--format", "json", "--path", path,
+                              cwd=generated.parent).out)
+    assert "7FE00010" not in obj["dataset"] and "00100020" in obj["dataset"]
+
+
+def test_count_is_a_histogram_with_absent_files(generated: Path, manifest: dict,
+                                                tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    mg = instances(manifest, scenario="multi_patient")
+    for i, e in enumerate(mg[:8]):
+        shutil.copy(generated / e["path"], tree / f"f{i}")
+    shutil.copy(generated / instances(manifest, scenario="cu_no_pixel_data")[0]["path"],
+                tree / "other")
+    ds = pydicom.dcmread(tree / "f0")
+    del ds.AccessionNumber
+    ds.save_as(tree / "f0")
+    run = run_tool("--dump", "--count", "--tag", "AccessionNumber", "--path", tree, cwd=tmp_path)
+    assert run.code == 0, run.err
+    rows = [line.split(None, 1) for line in run.out.splitlines()]
+    counts = {rest: int(n) for n, rest in rows}
+    assert counts["(0008,0050) AccessionNumber (absent)"] == 1
+    assert sum(counts.values()) == 9
+    assert [int(n) for n, _ in rows] == sorted((int(n) for n, _ in rows), reverse=True)
+
+
+@pytest.mark.parametrize("bad", [["--count"], ["--count", "--tag", "PatientID", "--format",
+                                               "json"]])
+def test_dump_usage_errors(bad: list[str], tmp_path: Path) -> None:
+    assert run_tool("--dump", *bad, "--path", tmp_path, cwd=tmp_path).code == 2

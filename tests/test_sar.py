@@ -1,0 +1,338 @@
+"""--sar: regex search/replace that never writes an invalid value or a broken file."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import TOOL, dcmdump, instances, read, run_tool, squeeze, tree_digest
+
+GENHOSP = ["--regex_search", "^(.*)$", "--regex_replace", r"GENHOSP\1"]
+
+
+def pid_counts(tree: Path) -> collections.Counter[str]:
+    """The user's check: dcmdump +P PatientID | sort | uniq -c, over a tree."""
+    counts: collections.Counter[str] = collections.Counter()
+    for path in sorted(p for p in tree.rglob("*") if p.is_file()):
+        for line in squeeze(dcmdump("+P", "PatientID", path).stdout.decode("latin-1")):
+            counts[line.split(" #")[0]] += 1
+    return counts
+
+
+def test_users_verification_method(readable_pydicom_files: list[Path], tmp_path: Path) -> None:
+    tree = tmp_path / "in"
+    tree.mkdir()
+    for i, src in enumerate(readable_pydicom_files):
+        shutil.copy(src, tree / f"{i:03d}")
+    before = pid_counts(tree)
+    # dcmdump +P counts PatientID at every depth, so the SAR goes --deep too
+    run = run_tool("--sar", "--tag", "PatientID", "--deep", *GENHOSP, "-j", "2", "--path", tree,
+                   "--output", tmp_path / "out", "--copy-unmodified", cwd=tmp_path)
+    assert run.code in (0, 1), run.err
+    after = pid_counts(tmp_path / "out")
+    rejected = (tmp_path / "errors.log").read_text().count("Rejected")
+    expected: collections.Counter[str] = collections.Counter()
+    for line, n in before.items():
+        value = re.search(r"\[(.*)\]$", line)
+        expected[line.replace(f"[{value[1]}]", f"[GENHOSP{value[1]}]") if value else line] += n
+    if rejected == 0:
+        assert after == expected
+    else:  # files whose new value would break a VR limit keep their old value, nothing else
+        assert sum(after.values()) == sum(before.values())
+    assert sum(1 for k in after if "GENHOSP" in k) >= 20
+
+
+def test_only_the_changed_element_differs_in_dcmdump(readable_pydicom_files: list[Path],
+                                                     tmp_path: Path) -> None:
+    tree = tmp_path / "in"
+    tree.mkdir()
+    for i, src in enumerate(readable_pydicom_files):
+        shutil.copy(src, tree / f"{i:03d}")
+    run = run_tool("--sar", "--tag", "InstitutionName", "--regex_search", "^(.+)$",
+                   "--regex_replace", r"\1 X", "-j", "2", "--path", tree,
+                   "--output", tmp_path / "out", cwd=tmp_path)
+    assert run.code in (0, 1), run.err
+    changed = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(changed) >= 10
+    lengths = re.compile(r"#\s*(\d+|u/l),")
+    for name in changed:
+        before = squeeze(dcmdump(tree / name).stdout.decode("latin-1"))
+        after = squeeze(dcmdump(tmp_path / "out" / name).stdout.decode("latin-1"))
+        assert len(before) == len(after), name
+        for a, b in zip(before, after, strict=True):
+            if a == b:
+                continue
+            # the changed element, or a length that encloses it (group length, SQ, item)
+            assert "InstitutionName" in a or lengths.sub("#", a) == lengths.sub("#", b) \
+                or a.startswith("(0008,0000)"), (name, a, b)
+            if "InstitutionName" in a:
+                assert b.split("]")[0] == a.split("]")[0] + " X", (name, a, b)
+
+
+def make_tree(tmp_path: Path, generated: Path, entries: list[dict]) -> Path:
+    tree = tmp_path / "in"
+    tree.mkdir(exist_ok=True)
+    for i, e in enumerate(entries):
+        shutil.copy(generated / e["path"], tree / f"{i:02d}_{e['scenario']}")
+    return tree
+
+
+@pytest.mark.parametrize(("tag", "search", "replace", "rule"), [
+    ("AccessionNumber", "^(.*)$", r"\1" + "X" * 17, "16"),          # SH over 16 characters
+    ("Modality", "^MG$", "mg", "CS"),                                 # CS in lower case
+    ("StudyInstanceUID", "$", "abc", "UI"),                           # UI with letters
+    ("PatientName", "^", "山", "character set"),                      # not in ISO_IR 100
+])
+def test_rejections_leave_the_file_byte_identical(tag: str, search: str, replace: str,
+                                                  rule: str, generated: Path, manifest: dict,
+                                                  tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="charset_latin1")[:1])
+    digest = tree_digest(tree)
+    run = run_tool("--sar", "--inplace", "--tag", tag, "--regex_search", search,
+                   "--regex_replace", replace, "--path", tree, cwd=tmp_path)
+    assert run.code == 1
+    assert tree_digest(tree) == digest
+    (line,) = (tmp_path / "errors.log").read_text().splitlines()
+    assert "Rejected" in line and tag in line and rule in line
+    assert replace not in line  # the value only with --verbose
+    assert not (tmp_path / "dicom_sar_backup").exists() or not any(
+        p.is_file() for p in (tmp_path / "dicom_sar_backup").rglob("*"))
+
+
+def test_rejection_names_the_value_with_verbose(generated: Path, manifest: dict,
+                                                tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="default")[:1])
+    run = run_tool("--sar", "--verbose", "--tag", "Modality", "--regex_search", "MG",
+                   "--regex_replace", "mg", "--path", tree, cwd=tmp_path)
+    assert run.code == 1
+    assert "'mg'" in (tmp_path / "errors.log").read_text()
+
+
+def test_all_or_nothing_per_file(generated: Path, manifest: dict, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="default")[:1])
+    run = run_tool("--sar", "--tag", "PatientID,Modality", "--regex_search", "^(.*)$",
+                   "--regex_replace", r"\1x", "--path", tree, cwd=tmp_path)
+    assert run.code == 1
+    assert not (tmp_path / "dicom_sar_output").exists()
+
+
+@pytest.mark.parametrize(("scenario", "replacement", "expected"), [
+    ("charset_latin1", "Ä", "MÜLLERÄ^JÜRGEN"),
+    ("charset_utf8", "Ä", "ØSTERÄ^ZOË=王^小東"),
+    ("charset_japanese", "山", "YAMADA山^TAROU=山田^太郎=やまだ^たろう"),
+])
+def test_character_sets(scenario: str, replacement: str, expected: str, generated: Path,
+                        manifest: dict, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario=scenario)[:1])
+    run = run_tool("--sar", "--tag", "PatientName", "--regex_search", r"^(\w+)\^",
+                   "--regex_replace", rf"\1{replacement}^", "--path", tree, cwd=tmp_path)
+    assert run.code == 0, run.err + (tmp_path / "errors.log").read_text()
+    (out,) = (tmp_path / "dicom_sar_output").iterdir()
+    ds = read(out)
+    assert str(ds.PatientName) == expected
+    assert ds.SpecificCharacterSet == read(next(tree.iterdir())).SpecificCharacterSet
+
+
+def test_pydicom_charset_files(tmp_path: Path) -> None:
+    from pydicom.data import get_charset_files
+    tree = tmp_path / "in"
+    tree.mkdir()
+    for name in ("chrGerm.dcm", "chrX1.dcm", "chrH31.dcm", "chrRuss.dcm"):
+        shutil.copy(get_charset_files(name)[0], tree / name)
+    run = run_tool("--sar", "--tag", "PatientName", "--regex_search", r"^(\w+)",
+                   "--regex_replace", r"\1Ä", "--path", tree, cwd=tmp_path)
+    assert run.code == 1  # Ä is not in ISO 2022 IR 87's default repertoire nor in ISO_IR 144
+    out = tmp_path / "dicom_sar_output"
+    assert sorted(p.name for p in out.iterdir()) == ["chrGerm.dcm", "chrX1.dcm"]
+    assert str(read(out / "chrGerm.dcm").PatientName) == "ÄneasÄ^Rüdiger"
+    old_raw = read(tree / "chrX1.dcm").get_item(0x00100010).value.rstrip(b" ")
+    new_raw = read(out / "chrX1.dcm").get_item(0x00100010).value.rstrip(b" ")
+    assert new_raw == old_raw.replace(b"Wang", "WangÄ".encode())  # trailing '=' group kept
+    errors = (tmp_path / "errors.log").read_text()
+    assert "chrH31.dcm" in errors and "chrRuss.dcm" in errors
+
+
+def test_multi_valued_values_are_matched_one_by_one(generated: Path, manifest: dict,
+                                                    tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="ct")[:1])
+    run = run_tool("--sar", "--tag", "ImageType", "--regex_search", "^PRIMARY$",
+                   "--regex_replace", "SECONDARY", "--path", tree, cwd=tmp_path)
+    assert run.code == 0, run.err
+    (out,) = (tmp_path / "dicom_sar_output").iterdir()
+    assert list(read(out).ImageType) == ["ORIGINAL", "SECONDARY", "AXIAL"]
+
+
+def test_deep_and_sequence_paths(generated: Path, manifest: dict, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="nested_sequences")[:1])
+    name = next(tree.iterdir()).name
+    for flag, expect_nested in ((["--tag", "PatientID"], False),
+                                (["--tag", "PatientID", "--deep"], True),
+                                (["--tag", "OtherPatientIDsSequence[*].PatientID"], True)):
+        out = tmp_path / f"out{len(flag)}{expect_nested}"
+        run = run_tool("--sar", *flag, "--regex_search", "^", "--regex_replace", "Z",
+                       "--path", tree, "--output", out, cwd=tmp_path)
+        assert run.code == 0, run.err
+        ds = read(out / name)
+        nested = ds.OtherPatientIDsSequence[0].PatientID
+        assert nested.startswith("Z") is expect_nested
+        assert ds.PatientID.startswith("Z") is (flag[1] == "PatientID")
+
+
+def test_private_tag_by_creator(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+    tree = tmp_path / "in"
+    tree.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), tree / "ct")
+    run = run_tool("--sar", "--tag", '(0009,"GEMS_IDEN_01",02)', "--regex_search", "CT01",
+                   "--regex_replace", "CT02", "--path", tree, cwd=tmp_path)
+    assert run.code == 0, run.err
+    assert read(tmp_path / "dicom_sar_output" / "ct")[0x00091002].value == "CT02"
+
+
+def test_sop_instance_uid_updates_the_file_meta(generated: Path, manifest: dict,
+                                                tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="default")[:1])
+    # generated UIDs are 64 characters already: a same-length change
+    run = run_tool("--sar", "--tag", "SOPInstanceUID", "--regex_search", r"\.8\.498\.",
+                   "--regex_replace", ".8.499.", "--path", tree, cwd=tmp_path)
+    assert run.code == 0, run.err
+    ds = read(next((tmp_path / "dicom_sar_output").iterdir()))
+    assert ".8.499." in ds.SOPInstanceUID
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    proc = dcmdump("-q", next((tmp_path / "dicom_sar_output").iterdir()))
+    assert proc.returncode == 0 and not proc.stderr
+
+
+@pytest.mark.parametrize("scenario", ["no_preamble", "implicit_vr", "big_endian", "deflated",
+                                      "compressed", "long_values"])
+def test_encodings_are_kept(scenario: str, generated: Path, manifest: dict,
+                            tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario=scenario)[:1])
+    src = next(tree.iterdir())
+    run = run_tool("--sar", "--tag", "StudyDescription", "--regex_search", "Screening",
+                   "--regex_replace", "Scr", "--path", tree, cwd=tmp_path)
+    assert run.code == 0, run.err
+    out = tmp_path / "dicom_sar_output" / src.name
+    before, after = read(src), read(out)
+    assert after.StudyDescription == "Scr mammography"
+    assert after.original_encoding == before.original_encoding
+    assert src.read_bytes()[128:132] == out.read_bytes()[128:132]  # preamble or not
+    assert after.PixelData == before.PixelData
+    old = squeeze(dcmdump(src).stdout.decode("latin-1"))
+    new = squeeze(dcmdump(out).stdout.decode("latin-1"))
+    assert [x for x in old if "StudyDescription" not in x] == \
+           [x for x in new if "StudyDescription" not in x]
+
+
+def test_dry_run_writes_nothing_and_previews(generated: Path, manifest: dict,
+                                             tmp_path: Path) -> None:
+    entries = instances(manifest, scenario="multi_patient")
+    tree = make_tree(tmp_path, generated, entries)
+    digest = tree_digest(tmp_path)
+    run = run_tool("--sar", "--dry-run", "--tag", "PatientID", *GENHOSP, "--path", tree,
+                   "--log-dir", tmp_path / "logs", cwd=tmp_path)
+    assert run.code == 0, run.err
+    assert tree_digest(tmp_path / "in") == {k.split("/", 1)[1]: v for k, v in digest.items()
+                                            if k.startswith("in/")}
+    assert not (tmp_path / "dicom_sar_output").exists()
+    first = entries[0]
+    assert f"(0010,0020) PatientID  '{first['patient_id']}' -> 'GENHOSP{first['patient_id']}'" \
+        in run.out
+    assert f"would modify {len(entries)} files, would reject 0" in run.err
+
+
+def test_output_tree_mirrors_paths(generated: Path, tmp_path: Path) -> None:
+    run = run_tool("--sar", "--tag", "PatientID", *GENHOSP, "--path", generated,
+                   "--output", tmp_path / "out", "-j", "2", cwd=tmp_path)
+    assert run.code == 1  # the broken presets (truncated, ...) are errors; the rest is written
+    written = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")
+               if p.is_file()}
+    assert written and all((generated / rel).is_file() for rel in written)
+    assert len(written) >= 400
+
+
+def test_inplace_keeps_a_complete_backup(generated: Path, manifest: dict,
+                                         tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="multi_patient"))
+    before = tree_digest(tree)
+    (tree / "00_multi_patient").chmod(0o640)
+    run = run_tool("--sar", "--inplace", "--tag", "PatientID", *GENHOSP, "--path", tree,
+                   "--backup-dir", tmp_path / "backup", cwd=tmp_path)
+    assert run.code == 0, run.err
+    assert tree_digest(tmp_path / "backup") == before
+    after = tree_digest(tree)
+    assert set(after) == set(before) and all(after[k] != before[k] for k in before)
+    assert (tree / "00_multi_patient").stat().st_mode & 0o777 == 0o640
+    assert not list(tree.glob(".dicom_sar-tmp-*"))
+
+
+def test_backup_inside_the_tree_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    run = run_tool("--sar", "--inplace", "--tag", "PatientID", *GENHOSP, "--path", "in",
+                   "--backup-dir", "in/backup", cwd=tmp_path)
+    assert run.code == 2 and "backups outside" in run.err
+
+
+def test_a_failed_write_is_an_error_for_that_file_only(generated: Path, manifest: dict,
+                                                       tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="ct")[:3])
+    before = tree_digest(tree)
+    # RLIMIT_FSIZE: writing more than 100 kB fails (EFBIG), even for root
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+            f"sys.argv = ['dicom_sar.py'] + sys.argv[1:]; sys.path.insert(0, {str(TOOL.parent)!r}); "
+            "import dicom_sar; sys.exit(dicom_sar.main())")
+    proc = subprocess.run([sys.executable, "-c", code, "--sar", "--inplace", "--no-backup",
+                           "--tag", "PatientID", *GENHOSP, "--path", str(tree)],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert tree_digest(tree) == before  # every original intact
+    assert len((tmp_path / "errors.log").read_text().splitlines()) == 3
+    assert not list(tree.glob(".dicom_sar-tmp-*"))
+
+
+def test_output_path_blocked_is_an_error_for_that_file(generated: Path, manifest: dict,
+                                                      tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="default")[:2])
+    tree_sub = tree / "sub"
+    tree_sub.mkdir()
+    shutil.move(tree / "01_default", tree_sub / "x")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_text("a file where a directory must go")
+    run = run_tool("--sar", "--tag", "PatientID", *GENHOSP, "--path", tree, "--output", out,
+                   "--summary-json", tmp_path / "s.json", cwd=tmp_path)
+    assert run.code == 1
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["modified"], s["errors"]) == (1, 1)
+    assert (out / "00_default").is_file()
+
+
+@pytest.mark.parametrize("bad", [
+    ["--tag", "PatientID", "--regex_search", "(", "--regex_replace", "x"],
+    ["--tag", "PatientID", "--regex_search", "a", "--regex_replace", r"\2"],
+    ["--tag", "Rows", "--regex_search", "a", "--regex_replace", "b"],
+    ["--regex_search", "a", "--regex_replace", "b"],
+])
+def test_sar_usage_errors(bad: list[str], tmp_path: Path) -> None:
+    run = run_tool("--sar", *bad, "--path", tmp_path, cwd=tmp_path)
+    assert run.code == 2
+    assert len(run.err.strip().splitlines()) == 1
+
+
+def test_force_targets_every_string_element(generated: Path, manifest: dict,
+                                            tmp_path: Path) -> None:
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="nested_sequences")[:1])
+    run = run_tool("--sar", "--force", "--regex_search", "OTHERHOSP", "--regex_replace",
+                   "ELSEWHERE", "--path", tree, cwd=tmp_path)
+    assert run.code == 0, run.err
+    ds = read(next((tmp_path / "dicom_sar_output").iterdir()))
+    assert ds.OtherPatientIDsSequence[0].IssuerOfPatientID == "ELSEWHERE"
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
