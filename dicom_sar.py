@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import random
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import itertools
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import struct
@@ -103,11 +105,13 @@ EPILOG = """\
 examples (fish):
   dump:      python dicom_sar.py --dump --tag 10,20 --path ~/archive
   count:     python dicom_sar.py --dump --count --tag PatientID --path ~/archive
-  preview:   python dicom_sar.py --sar --tag PatientID --regex_search '^(.*)$' --regex_replace 'GENHOSP\\1' --dry-run --path ~/archive
-  sar:       python dicom_sar.py --sar --tag PatientID --regex_search '^(.*)$' --regex_replace 'GENHOSP\\1' --path ~/archive --output ~/archive_fixed
-  in place:  python dicom_sar.py --sar --inplace --tag "(0010, 0020), (0010,0010)" --regex_search '^X' --regex_replace 'Y' --path ~/archive
+  preview:   python dicom_sar.py --sar --dry-run --tag PatientID \\
+                 --regex_search '^(.*)$' --regex_replace 'GENHOSP\\1' --path ~/archive
+  sar:       python dicom_sar.py --sar --tag PatientID --output ~/archive_fixed \\
+                 --regex_search '^(.*)$' --regex_replace 'GENHOSP\\1' --path ~/archive
+  in place:  python dicom_sar.py --sar --inplace --tag "(0010, 0020), (0010,0010)" \\
+                 --regex_search '^X' --regex_replace 'Y' --path ~/archive
   generate:  python dicom_sar.py --generate --scenario default --patients 3 --seed 7 --output demo
-  send:      python dicom_sar.py --send --path demo -H 127.0.0.1 -p 11112 -a STORESCP
 
 exit status: 0 all fine, 1 some files failed or were rejected, 2 usage error, 130 interrupted.
 """
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "Seq[*].Tag | (0029,\"CREATOR\",10); comma lists; repeatable")
     common.add_argument("--glob", metavar="PATTERN", help="only file names matching this pattern")
     common.add_argument("--workers", "--threads", "-j", type=int, metavar="N",
-                        help=f"worker threads (default: max(1, CPUs-4) = {default_workers()})")
+                        help="worker threads (default: max(1, usable CPUs - 4))")
     common.add_argument("--follow-symlinks", action="store_true",
                         help="follow symlinked directories and files (loops are detected)")
     common.add_argument("--log-dir", metavar="DIR", default=".",
@@ -623,7 +627,7 @@ def guarded(task: Callable[[Candidate], FileResult], cand: Candidate) -> FileRes
     t0 = time.perf_counter()
     try:
         result = task(cand)
-    except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
+    except Exception as exc:
         result = FileResult(cand.path, "error", message=str(exc) or repr(exc),
                             error_type=type(exc).__name__)
     return dataclasses.replace(result, seconds=time.perf_counter() - t0)
@@ -752,7 +756,7 @@ def render_value(raw: RawDataElement, vr: str, ds: Dataset) -> tuple[str, int]:
             return "[" + shorten_bytes(text, LINE_WIDTH - 4) + "...", vm
         return f"[{text}]", vm
     order = "<" if raw.is_little_endian else ">"
-    if vr in ("OB", "UN") or vr not in _BINARY_FORMATS and vr not in ("OW", "AT"):
+    if vr in ("OB", "UN") or (vr not in _BINARY_FORMATS and vr not in ("OW", "AT")):
         return _hex_values(value, 1, order), 1
     if vr == "OW":
         return _hex_values(value, 2, order), 1
@@ -813,8 +817,8 @@ def element_lines(ds: Dataset, tag: int, level: int) -> list[str]:
 def printed_length(raw: RawDataElement, vr: str, ds: Dataset) -> int:
     """The length dcmdump +U8 reports: after its conversion of text to UTF-8 (padded even)."""
     encodings = charset_of(ds)
-    if vr not in TEXT_VRS or not raw.value or encodings == ["UTF8"] \
-            or encodings == [pydicom.charset.default_encoding]:
+    if vr not in TEXT_VRS or not raw.value \
+            or encodings in (["UTF8"], [pydicom.charset.default_encoding]):
         return raw.length
     text = decode_text(raw.value, vr, encodings)
     size = len(text.encode("utf-8", "surrogateescape"))
@@ -868,9 +872,10 @@ def sequence_lines(ds: Dataset, tag: int, level: int) -> list[str]:
                        0xFFFFFFFF if undefined else length, 1, level)]
     for item in items:
         item_undefined = getattr(item, "is_undefined_length_sequence_item", False)
-        lines.append(dump_line(0xFFFEE000, "na", f"(Item with {'undefined' if item_undefined else 'explicit'}"
-                               f" length #={len(item)})", 0xFFFFFFFF if item_undefined
-                               else item_length(item), 1, level + 1, "Item"))
+        kind = "undefined" if item_undefined else "explicit"
+        length = 0xFFFFFFFF if item_undefined else item_length(item)
+        lines.append(dump_line(0xFFFEE000, "na", f"(Item with {kind} length #={len(item)})",
+                               length, 1, level + 1, "Item"))
         for sub in item.keys():
             lines.extend(element_lines(item, sub, level + 2))
         end = "(ItemDelimitationItem)" if item_undefined else \
@@ -904,7 +909,7 @@ def item_length(item: Dataset) -> int:
     fp.is_implicit_VR = item.is_implicit_VR if item.is_implicit_VR is not None else False
     try:
         write_dataset(fp, item)
-    except Exception:  # noqa: BLE001 - a length we cannot compute is shown as 0
+    except Exception:
         return 0
     return len(fp.getvalue())
 
@@ -1032,8 +1037,6 @@ def json_line(path: Path, ds: Dataset, opts: Options, bulk_limit: int = 1024) ->
                     selected.add(ds[tag])
     else:
         selected = ds
-    for elem in list(selected.iterall()):
-        pass
     kept = Dataset()
     for elem in selected:
         if elem.VR in BULK_VRS and elem.value is not None and len(elem.value) > bulk_limit:
@@ -1186,7 +1189,7 @@ def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
     for owner, tag in sar_targets(ds, opts):
         raw = owner.get_item(tag)
         vr = element_vr(raw, owner)
-        if vr not in STRING_VRS or not isinstance(raw, RawDataElement) and raw.VR not in STRING_VRS:
+        if vr not in STRING_VRS:
             continue
         if not isinstance(raw, RawDataElement):
             raw = raw_of(owner[tag], owner)
@@ -1424,7 +1427,7 @@ def splice_patches(path: Path, ds: Dataset, planned: list[Planned]) -> list[Patc
                 return None
             patches[offset] = Patch(offset, 4, struct.pack(order + "I", old + delta))
     ordered = sorted(patches.values(), key=lambda x: x.offset)
-    if any(a.offset + a.size > b.offset for a, b in zip(ordered, ordered[1:], strict=False)):
+    if any(a.offset + a.size > b.offset for a, b in itertools.pairwise(ordered)):
         return None  # overlapping patches: something is odd, let pydicom rewrite
     return ordered
 
@@ -1484,11 +1487,8 @@ def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[Path], N
         copy_file_atomic(cand.path, mirrored(cand, opts.backup, opts), fsync=opts.fsync)
     st = cand.path.stat()
     write_atomic(cand.path, produce, like=cand.path)
-    if hasattr(os, "chown"):
-        try:
-            os.chown(cand.path, st.st_uid, st.st_gid)
-        except OSError:
-            pass
+    with contextlib.suppress(OSError):  # keep the owner where we may
+        os.chown(cand.path, st.st_uid, st.st_gid)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════

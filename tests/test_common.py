@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import FREE_THREADED_BUILD, instances, run_tool
 
 import dicom_sar
+from conftest import FREE_THREADED_BUILD, instances, run_tool
 from dicom_sar import Step, UsageError, parse_tag_specs
 
 PID, PNAME = 0x00100020, 0x00100010

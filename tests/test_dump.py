@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
 from conftest import dcmdump, instances, run_tool, squeeze
 
 ORACLE_TAGS = ["PatientID", "PatientName", "StudyInstanceUID", "Modality", "StudyDate",

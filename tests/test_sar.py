@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
 from conftest import TOOL, dcmdump, instances, read, run_tool, squeeze, tree_digest
 
 GENHOSP = ["--regex_search", "^(.*)$", "--regex_replace", r"GENHOSP\1"]
@@ -287,7 +288,8 @@ def test_a_failed_write_is_an_error_for_that_file_only(generated: Path, manifest
     # RLIMIT_FSIZE: writing more than 100 kB fails (EFBIG), even for root
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
-            f"sys.argv = ['dicom_sar.py'] + sys.argv[1:]; sys.path.insert(0, {str(TOOL.parent)!r}); "
+            f"sys.argv = ['dicom_sar.py'] + sys.argv[1:]; "
+            f"sys.path.insert(0, {str(TOOL.parent)!r}); "
             "import dicom_sar; sys.exit(dicom_sar.main())")
     proc = subprocess.run([sys.executable, "-c", code, "--sar", "--inplace", "--no-backup",
                            "--tag", "PatientID", *GENHOSP, "--path", str(tree)],
