@@ -54,6 +54,7 @@ EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 14
 LOG_NAME, ERROR_LOG_NAME = "dicom_sar.log", "errors.log"
 TEMP_PREFIX = ".dicom_sar-tmp-"  # every temporary file this tool writes starts with this
 DEFAULT_OUTPUT, DEFAULT_BACKUP = "dicom_sar_output", "dicom_sar_backup"
+DEFAULT_GENERATED = "dicom_sar_generated"
 STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 TEXT_VRS = frozenset("SH LO ST LT UC UT PN".split())  # affected by SpecificCharacterSet
 SINGLE_VALUE_VRS = frozenset("LT ST UT UR".split())  # backslash is text, not a delimiter
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sar.add_argument("--inplace", action="store_true",
                      help="replace files in place (atomic; original kept in --backup-dir)")
     sar.add_argument("--output", "-o", metavar="DIR",
-                     help=f"output tree (sar default: ./{DEFAULT_OUTPUT}; generate: required)")
+                     help=f"output tree (sar: ./{DEFAULT_OUTPUT}; generate: ./{DEFAULT_GENERATED})")
     sar.add_argument("--backup-dir", metavar="DIR",
                      help=f"backup tree for --inplace (default: ./{DEFAULT_BACKUP}/<UTC time>)")
     sar.add_argument("--no-backup", action="store_true", help="no backup with --inplace")
@@ -2274,7 +2275,7 @@ def write_manifest(output: Path, req: GenerateRequest, plans: list[InstancePlan]
 def run_generate(opts: Options, out: Callable[[str], None]) -> int:
     """Plan, then encode and write on the pool in plan order; manifest last."""
     req: GenerateRequest = opts.generate
-    output = opts.output or Path((req.config or {}).get("outputDir") or "dicom_sar_generated")
+    output = opts.output or Path((req.config or {}).get("outputDir") or DEFAULT_GENERATED)
     plans = plan_generation(req)
     if opts.dry_run:
         for p in plans:
