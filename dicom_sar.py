@@ -113,6 +113,7 @@ examples (fish):
   in place:  python dicom_sar.py --sar --inplace --tag "(0010, 0020), (0010,0010)" \\
                  --regex_search '^X' --regex_replace 'Y' --path ~/archive
   generate:  python dicom_sar.py --generate --scenario default --patients 3 --seed 7 --output demo
+  send:      python dicom_sar.py --send --path demo -H 127.0.0.1 -p 11112 -a STORESCP -t 4
 
 exit status: 0 all fine, 1 some files failed or were rejected, 2 usage error, 130 interrupted.
 """
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--dump", action="store_true", help="print header elements like dcmdump")
     modes.add_argument("--sar", action="store_true", help="regex search/replace on tag values")
     modes.add_argument("--generate", action="store_true", help="write a synthetic DICOM tree")
+    modes.add_argument("--send", action="store_true", help="C-STORE the tree, study by study")
+    modes.add_argument("--echo", action="store_true", help="C-ECHO the destination, send nothing")
     modes.add_argument("--list-scenarios", action="store_true", help="list --generate presets")
     modes.add_argument("--version", action="store_true", help="print versions for a bug report")
 
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="10,20 | (0010, 0020) | 00100020 | PatientID | "
                              "Seq[*].Tag | (0029,\"CREATOR\",10); comma lists; repeatable")
     common.add_argument("--glob", metavar="PATTERN", help="only file names matching this pattern")
-    common.add_argument("--workers", "--threads", "-j", type=int, metavar="N",
+    common.add_argument("--workers", "--threads", "-j", "-t", type=int, metavar="N",
                         help="worker threads (default: max(1, usable CPUs - 4))")
     common.add_argument("--follow-symlinks", action="store_true",
                         help="follow symlinked directories and files (loops are detected)")
@@ -193,6 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--layout", choices=("tree", "flat"), default="tree",
                      help="tree: OUTPUT/PatientID/Study/Series/SOP (default); flat: OUTPUT/SOP")
     gen.add_argument("--config", metavar="FILE.json", help="power-customize JSON config")
+
+    send = p.add_argument_group("send")
+    send.add_argument("--host", "-H", metavar="HOST", help="receiver's host name or address")
+    send.add_argument("--port", "-p", type=int, metavar="PORT", help="receiver's port")
+    send.add_argument("--ae-title", "-a", default="ANY-SCP", metavar="AET",
+                      help="called AE title (default ANY-SCP)")
+    send.add_argument("--calling-ae", "-c", default="DICOM_SAR", metavar="AET",
+                      help="our AE title (default DICOM_SAR)")
+    send.add_argument("--retries", type=int, default=3,
+                      help="reopen an association this often after transient faults (default 3)")
+    send.add_argument("--verify", action="store_true",
+                      help="C-FIND each sent study afterwards and compare instance counts")
+    send.add_argument("--acse-timeout", type=float, default=30, metavar="S",
+                      help="association negotiation timeout (default 30 s)")
+    send.add_argument("--dimse-timeout", type=float, default=60, metavar="S",
+                      help="timeout for each C-STORE response (default 60 s)")
+    send.add_argument("--network-timeout", type=float, default=60, metavar="S",
+                      help="timeout for a silent connection (default 60 s)")
+    send.add_argument("--max-pdu", type=int, default=0, metavar="BYTES",
+                      help="largest PDU we receive, 0 = no limit (default)")
     return p
 
 
@@ -225,6 +248,7 @@ class Options:
     copy_unmodified: bool = False
     fsync: bool = True
     generate: Any = None
+    send: Any = None
 
     @property
     def writes(self) -> bool:
@@ -234,9 +258,10 @@ class Options:
 
 def options_from_args(ns: argparse.Namespace) -> Options:
     """Validate the parsed command line into Options; raise UsageError with advice."""
-    mode = next((m for m in ("dump", "sar", "generate") if getattr(ns, m)), None)
+    mode = next((m for m in ("dump", "sar", "generate", "send", "echo") if getattr(ns, m)), None)
     if mode is None:
-        raise UsageError("choose a mode: --dump, --sar or --generate (see --help)")
+        raise UsageError("choose a mode: --dump, --sar, --generate, --send or --echo "
+                         "(see --help)")
     specs = tuple(s for text in (ns.tag or ()) for s in parse_tag_specs(text))
     workers = ns.workers if ns.workers is not None else default_workers()
     if workers < 1:
@@ -259,6 +284,8 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         return Options(**common, fmt=ns.format, with_filename=ns.with_filename, count=ns.count)
     if mode == "sar":
         return Options(**common, **sar_options(ns, specs))
+    if mode in ("send", "echo"):
+        return Options(**common, send=send_options(ns))
     return Options(**common, output=Path(ns.output) if ns.output else None,
                    generate=generate_plan_from_args(ns))
 
@@ -587,6 +614,7 @@ class FileResult:
     values: tuple[tuple[str, str], ...] = ()  # --count: (tag label, value)
     changes: tuple[Change, ...] = ()
     rejections: tuple[str, ...] = ()
+    record: Any = None  # --send: what the index found
 
 
 def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
@@ -629,7 +657,7 @@ def guarded(task: Callable[[Candidate], FileResult], cand: Candidate) -> FileRes
     try:
         result = task(cand)
     except Exception as exc:
-        result = FileResult(cand.path, "error", message=str(exc) or repr(exc),
+        result = FileResult(cand.path, "error", message=one_line(str(exc)) or repr(exc),
                             error_type=type(exc).__name__)
     return dataclasses.replace(result, seconds=time.perf_counter() - t0)
 
@@ -2304,6 +2332,439 @@ def run_generate(opts: Options, out: Callable[[str], None]) -> int:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --send: index headers on the pool, group by study, then one association per study per
+# worker (each with its own AE), files streamed as their encoded bytes; per-file events come
+# back through a queue so the main thread alone drives the progress bar and the logs
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+AE_REPERTOIRE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # no backslash, no controls
+UNCOMPRESSED = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
+MAX_CONTEXTS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class SendTarget:
+    """Where to send and how patiently."""
+
+    host: str
+    port: int
+    called: str
+    calling: str
+    retries: int
+    acse_timeout: float
+    dimse_timeout: float
+    network_timeout: float
+    max_pdu: int
+    verify: bool
+    echo_only: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Indexed:
+    """One file's identity for sending (from its header only)."""
+
+    path: Path
+    study: str
+    sop_class: str
+    sop_instance: str
+    syntax: str
+    size: int
+    part10: bool  # preamble + file meta: can be streamed as it is
+
+
+@dataclasses.dataclass(frozen=True)
+class Sent:
+    """What became of one file: sent, warning (counted as sent) or failed."""
+
+    path: Path
+    study: str
+    outcome: str  # sent | warning | failed
+    status: int | None
+    reason: str
+    size: int
+    seconds: float
+
+
+def valid_ae(title: str, flag: str) -> str:
+    """An AE title of 1-16 characters of the AE repertoire, or a usage error."""
+    if not AE_REPERTOIRE.match(title) or not title.strip():
+        raise UsageError(f"{flag} {title!r}: an AE title is 1-16 printable characters "
+                         "without backslash, e.g. STORESCP")
+    return title.strip()
+
+
+def send_options(ns: argparse.Namespace) -> SendTarget:
+    """Validate the destination and timeouts of --send / --echo."""
+    if not ns.host or not ns.port:
+        raise UsageError("--send needs -H/--host and -p/--port (and -a/--ae-title), "
+                         "e.g. -H 127.0.0.1 -p 11112 -a STORESCP")
+    if not 1 <= ns.port <= 65535:
+        raise UsageError(f"--port {ns.port}: use 1-65535")
+    return SendTarget(ns.host, ns.port, valid_ae(ns.ae_title, "--ae-title"),
+                      valid_ae(ns.calling_ae, "--calling-ae"), max(0, ns.retries),
+                      ns.acse_timeout, ns.dimse_timeout, ns.network_timeout, ns.max_pdu,
+                      ns.verify, ns.echo)
+
+
+def index_task(cand: Candidate, opts: Options) -> FileResult:
+    """Read one header (no pixel data) and return its study, SOP class/instance and syntax."""
+    ds, size, kind = read_dataset(cand.path, header_only=True)
+    if ds is None:
+        return FileResult(cand.path, "not-dicom", nbytes=size)
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID") if k not in ds]
+    if missing:
+        return FileResult(cand.path, "error", nbytes=size, error_type="MissingAttribute",
+                          message=f"cannot send without {', '.join(missing)}")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None:
+        implicit, little = ds.original_encoding
+        syntax = pydicom.uid.ImplicitVRLittleEndian if implicit else (
+            pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+    record = Indexed(cand.path, str(ds.StudyInstanceUID), str(ds.SOPClassUID),
+                     str(ds.SOPInstanceUID), str(syntax), size, kind == "part10")
+    return FileResult(cand.path, "ok", nbytes=size, record=record)
+
+
+def association_batches(files: list[Indexed]) -> list[tuple[list[Indexed], list[tuple]]]:
+    """Split a study's files so no association needs more than 128 presentation contexts.
+
+    Contexts: one per (SOP class, transfer syntax) found, plus uncompressed fallbacks.
+    """
+    batches: list[tuple[list[Indexed], list[tuple]]] = []
+    files_now: list[Indexed] = []
+    contexts: dict[tuple[str, str], None] = {}
+    for f in files:
+        wanted = {(f.sop_class, f.syntax): None} | {(f.sop_class, ts): None for ts in UNCOMPRESSED}
+        new = [c for c in wanted if c not in contexts]
+        if len(contexts) + len(new) > MAX_CONTEXTS and files_now:
+            batches.append((files_now, list(contexts)))
+            files_now, contexts, new = [], {}, list(wanted)
+        contexts.update(dict.fromkeys(new))
+        files_now.append(f)
+    if files_now:
+        batches.append((files_now, list(contexts)))
+    return batches
+
+
+def new_ae(target: SendTarget, contexts: Iterable[tuple[str, str]]) -> Any:
+    """A fresh AE for one association (never shared between threads)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=target.calling)
+    ae.acse_timeout, ae.dimse_timeout = target.acse_timeout, target.dimse_timeout
+    ae.network_timeout = target.network_timeout
+    ae.maximum_pdu_size = target.max_pdu
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    return ae
+
+
+def set_nodelay(event: Any) -> None:
+    """Nagle's algorithm costs ~40 ms per exchange on loopback: turn it off."""
+    import socket
+
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def open_association(target: SendTarget, contexts: list[tuple]) -> tuple[Any, str, bool]:
+    """(association or None, why not, permanent?)."""
+    from pynetdicom import evt
+
+    ae = new_ae(target, contexts)
+    assoc = ae.associate(target.host, target.port, ae_title=target.called,
+                         max_pdu=target.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    if assoc.is_established:
+        return assoc, "", False
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        why = f"association rejected ({rj.result_str}): {rj.reason_str} [{rj.source_str}]"
+        return None, why, rj.result == 0x01
+    if assoc.is_aborted:
+        return None, "association aborted by the peer (no acceptable context?)", False
+    return None, f"no association with {target.host}:{target.port} (refused or timed out)", False
+
+
+def accepted_syntaxes(assoc: Any, sop_class: str) -> set[str]:
+    """Transfer syntaxes the peer accepted for a SOP class."""
+    return {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class}
+
+
+CONVERTIBLE = (*UNCOMPRESSED, pydicom.uid.ExplicitVRBigEndian,
+               pydicom.uid.DeflatedExplicitVRLittleEndian)
+
+
+def store_one(assoc: Any, f: Indexed) -> Sent | None:
+    """C-STORE one file; None when the association broke (the file stays unsent)."""
+    try:
+        return _store_one(assoc, f)
+    except Exception as exc:
+        return Sent(f.path, f.study, "failed", None, f"{type(exc).__name__}: "
+                    f"{one_line(str(exc))}", f.size, 0.0)
+
+
+def _store_one(assoc: Any, f: Indexed) -> Sent | None:
+    t0 = time.perf_counter()
+    accepted = accepted_syntaxes(assoc, f.sop_class)
+    if f.syntax in accepted and f.part10:
+        dataset: Any = f.path  # streamed as its encoded bytes, never decoded
+    elif f.syntax in CONVERTIBLE and accepted & set(UNCOMPRESSED):
+        # uncompressed pixel data: decode, and pynetdicom encodes for the accepted syntax
+        dataset = pydicom.dcmread(f.path, force=True)
+        if not hasattr(dataset, "file_meta"):
+            dataset.file_meta = pydicom.dataset.FileMetaDataset()
+        # the syntax it was decoded from (deflate is undone by reading); pynetdicom converts
+        dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian \
+            if f.syntax == pydicom.uid.DeflatedExplicitVRLittleEndian else f.syntax
+    else:
+        syntax = pydicom.uid.UID(f.syntax)
+        return Sent(f.path, f.study, "failed", None, f"the receiver accepted no presentation "
+                    f"context for {pydicom.uid.UID(f.sop_class).name} in {syntax.name}",
+                    f.size, 0.0)
+    status = assoc.send_c_store(dataset)
+    seconds = time.perf_counter() - t0
+    if not status or "Status" not in status:
+        return None
+    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+    code = int(status.Status)
+    category = code_to_category(code)
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (category, "unknown status"))[1]
+    if category == "Success":
+        return Sent(f.path, f.study, "sent", code, "", f.size, seconds)
+    if category == "Warning":
+        return Sent(f.path, f.study, "warning", code, f"0x{code:04X} {meaning}", f.size, seconds)
+    return Sent(f.path, f.study, "failed", code, f"0x{code:04X} {meaning}", f.size, seconds)
+
+
+def one_line(text: str) -> str:
+    """An exception message on one line: first line, and the last if it differs."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def send_study(study: str, files: list[Indexed], target: SendTarget,
+               events: Any) -> list[Sent]:
+    """Send one study: an association per batch, reopened (with backoff) after faults."""
+    results: list[Sent] = []
+    for batch, contexts in association_batches(files):
+        pending, attempt, why = list(batch), 0, ""
+        while pending and attempt <= target.retries:
+            if attempt:
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))  # back off before a retry
+            try:
+                assoc, why, permanent = open_association(target, contexts)
+            except Exception as exc:
+                assoc, why, permanent = None, f"{type(exc).__name__}: {one_line(str(exc))}", False
+            if assoc is None:
+                if permanent:
+                    break
+                attempt += 1
+                continue
+            try:
+                while pending:
+                    outcome = store_one(assoc, pending[0])
+                    if outcome is None:
+                        why = "association lost during C-STORE (timeout or abort)"
+                        break
+                    results.append(outcome)
+                    events.put(outcome)
+                    pending.pop(0)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+                else:
+                    assoc.abort()
+            if pending:
+                attempt += 1
+        for f in pending:
+            outcome = Sent(f.path, f.study, "failed", None, why or "not sent", f.size, 0.0)
+            results.append(outcome)
+            events.put(outcome)
+    return results
+
+
+def echo(target: SendTarget) -> tuple[bool, str]:
+    """C-ECHO the destination: (ok, message with round-trip time)."""
+    from pynetdicom import evt
+
+    ae = new_ae(target, [("1.2.840.10008.1.1", pydicom.uid.ImplicitVRLittleEndian)])
+    t0 = time.perf_counter()
+    assoc = ae.associate(target.host, target.port, ae_title=target.called,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "no association"
+        return False, f"C-ECHO {target.called}@{target.host}:{target.port}: {why}"
+    status = assoc.send_c_echo()
+    rtt = (time.perf_counter() - t0) * 1000
+    assoc.release()
+    ok = bool(status) and status.Status == 0
+    return ok, (f"C-ECHO {target.called}@{target.host}:{target.port}: "
+                f"{'success' if ok else 'failed'}, {rtt:.1f} ms round trip")
+
+
+def verify_studies(target: SendTarget, acknowledged: collections.Counter[str]) -> list[str]:
+    """C-FIND each study (Study Root, STUDY level); list studies whose counts differ."""
+    from pynetdicom import evt
+
+    find = "1.2.840.10008.5.1.4.1.2.2.1"
+    ae = new_ae(target, [(find, pydicom.uid.ExplicitVRLittleEndian),
+                         (find, pydicom.uid.ImplicitVRLittleEndian)])
+    assoc = ae.associate(target.host, target.port, ae_title=target.called,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    if not assoc.is_established:
+        return ["verify: no association for C-FIND"]
+    problems = []
+    try:
+        for study, count in sorted(acknowledged.items()):
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = study
+            query.NumberOfStudyRelatedInstances = ""
+            found = [ident for status, ident in assoc.send_c_find(query, find)
+                     if status and status.Status in (0xFF00, 0xFF01) and ident is not None]
+            have = int(found[0].NumberOfStudyRelatedInstances or 0) if found else 0
+            if have != count:
+                problems.append(f"verify: study {study}: receiver has {have} instances, "
+                                f"{count} acknowledged")
+    finally:
+        assoc.release()
+    return problems
+
+
+def run_send(opts: Options, out: Callable[[str], None]) -> int:
+    """Index, group by study, send study by study over the pool; log and summarise."""
+    import uuid
+
+    from pynetdicom import _config
+
+    target: SendTarget = opts.send
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream files; set once, before any thread
+    _config.LOG_HANDLER_LEVEL = "standard" if opts.verbose else "none"
+    if target.echo_only:
+        ok, message = echo(target)
+        print(message, file=sys.stderr if not ok else sys.stdout)
+        return EXIT_OK if ok else EXIT_FAILURES
+    session = str(uuid.uuid4())
+    sender_log = session_logger(opts, session)
+    print(f"session {session}", file=sys.stderr)
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    reporter = Reporter(opts, out)
+    studies: dict[str, list[Indexed]] = {}
+    stop = threading.Event()
+    for result in run_ordered(discover(opts, excluded_locations(opts, [])),
+                              lambda c: index_task(c, opts), opts.workers, stop):
+        reporter.handle(dataclasses.replace(result, status="ok") if result.record else result)
+        if result.record is not None:
+            studies.setdefault(result.record.study, []).append(result.record)
+    reporter.bar.close()
+    total_files = sum(len(v) for v in studies.values())
+    print(f"Found {total_files} DICOM files, grouped into {len(studies)} studies", file=sys.stderr)
+    for study, files in list(studies.items())[:5]:
+        print(f"  {study}: {len(files)} files", file=sys.stderr)
+    if opts.dry_run:
+        for study, files in studies.items():
+            for i, (batch, contexts) in enumerate(association_batches(files)):
+                out(f"study {study}  association {i + 1}: {len(batch)} files, "
+                    f"{len(contexts)} presentation contexts")
+        return EXIT_OK if not reporter.stats.errors else EXIT_FAILURES
+    sent = transfer(studies, target, opts, sender_log)
+    acknowledged = collections.Counter(s.study for s in sent if s.outcome != "failed")
+    problems = verify_studies(target, acknowledged) if target.verify and acknowledged else []
+    for problem in problems:
+        print(problem, file=sys.stderr)
+        sender_log.warning(problem)
+    summary = send_summary(session, started, time.perf_counter() - t0, sent, target, opts,
+                           len(studies), reporter.stats.errors)
+    path = opts.log_dir / f"dicom_sender_summary_{session}.json"
+    write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), path, fsync=False)
+    if not opts.quiet:
+        print(render_summary({k: v for k, v in summary.items() if k != "failed_files"}),
+              file=sys.stderr)
+    failed = summary["failed_transfers"] + reporter.stats.errors
+    return EXIT_FAILURES if failed or problems else EXIT_OK
+
+
+def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Options,
+             sender_log: logging.Logger) -> list[Sent]:
+    """Studies over the pool; events drive the progress bar and the detailed log."""
+    import queue
+
+    events: queue.SimpleQueue[Sent] = queue.SimpleQueue()
+    total = sum(f.size for files in studies.values() for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+               disable=not opts.progress, desc="sending")
+    sent: list[Sent] = []
+    with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix=PROG) as pool:
+        futures = [pool.submit(send_study, study, files, target, events)
+                   for study, files in studies.items()]
+        while True:
+            try:
+                outcome = events.get(timeout=0.2)
+            except queue.Empty:
+                if all(f.done() for f in futures) and events.empty():
+                    break
+                continue
+            sent.append(outcome)
+            bar.update(outcome.size)
+            if outcome.outcome == "failed":
+                sender_log.error("failed: %s: %s", outcome.path, outcome.reason)
+                errlog.error("%s: SendFailed: %s", outcome.path, outcome.reason)
+                bar.clear()
+                print(f"error: {outcome.path}: {outcome.reason}", file=sys.stderr)
+            elif outcome.outcome == "warning":
+                sender_log.warning("sent with warning: %s: %s", outcome.path, outcome.reason)
+            else:
+                sender_log.info("sent: %s (%d bytes, %.1f ms)", outcome.path, outcome.size,
+                                outcome.seconds * 1000)
+        for future in futures:
+            future.result()  # re-raise a worker's bug instead of hiding it
+    bar.close()
+    return sent
+
+
+def session_logger(opts: Options, session: str) -> logging.Logger:
+    """The detailed per-session log dicom_sender_<session>.log (mode 0600)."""
+    path = opts.log_dir / f"dicom_sender_{session}.log"
+    os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+    logger = logging.getLogger(f"{PROG}.sender.{session}")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
+    logger.info("session %s: %s -> %s@%s:%d, %d workers; %s", session, opts.send.calling,
+                opts.send.called, opts.send.host, opts.send.port, opts.workers, runtime_line())
+    return logger
+
+
+def send_summary(session: str, started: datetime, seconds: float, sent: list[Sent],
+                 target: SendTarget, opts: Options, studies: int,
+                 index_errors: int) -> dict[str, Any]:
+    """The JSON summary of a send session (the fields of the user's own sender)."""
+    ok = [s for s in sent if s.outcome != "failed"]
+    failed = [s for s in sent if s.outcome == "failed"]
+    total_bytes = sum(s.size for s in ok)
+    return {
+        "session_id": session, "start_time": started.isoformat(),
+        "end_time": datetime.now(UTC).isoformat(), "total_files": len(sent) + index_errors,
+        "successful_transfers": len(ok), "warnings": sum(s.outcome == "warning" for s in sent),
+        "failed_transfers": len(failed), "index_errors": index_errors,
+        "total_bytes": total_bytes, "total_time_ms": round(seconds * 1000, 1),
+        "average_transfer_time_ms": round(1000 * sum(s.seconds for s in ok) / max(1, len(ok)),
+                                          2),
+        "throughput_mbps": round(total_bytes / 1e6 / seconds, 2) if seconds else 0.0,
+        "threads_used": opts.workers, "destination": f"{target.host}:{target.port}",
+        "calling_ae": target.calling, "called_ae": target.called,
+        "studies_processed": studies, "free_threaded": gil_disabled(),
+        "failed_files": [{"path": str(s.path), "reason": s.reason} for s in failed]}
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
 # Report: counters, logs, progress bar, summary and exit status — main thread only
 # ════════════════════════════════════════════════════════════════════════════════════════
 
@@ -2545,6 +3006,8 @@ def run(opts: Options) -> int:
 
     if opts.mode == "generate":
         return run_generate(opts, out)
+    if opts.mode in ("send", "echo"):
+        return run_send(opts, out)
     task = {"dump": dump_task, "sar": sar_task}[opts.mode]
     reporter = Reporter(opts, out)
     stop = threading.Event()
