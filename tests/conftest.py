@@ -50,9 +50,10 @@ class Run:
 
 
 def run_tool(*args: str | Path, cwd: Path, python: str | None = None,
-             timeout: float = 600, env: dict[str, str] | None = None) -> Run:
-    """Run dicom_sar.py in cwd with the test interpreter (or another one)."""
-    cmd = [python or sys.executable, str(TOOL), *map(str, args)]
+             timeout: float = 600, env: dict[str, str] | None = None,
+             prefix: list[str] | None = None) -> Run:
+    """Run dicom_sar.py in cwd with the test interpreter (prefix: e.g. ip netns exec NS)."""
+    cmd = [*(prefix or []), python or sys.executable, str(TOOL), *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     return Run(proc.returncode, proc.stdout.decode("utf-8", "surrogateescape"),

@@ -1,0 +1,401 @@
+"""--send against real receivers (DCMTK storescp, Orthanc) and a scriptable faulty one.
+
+Every server runs in a private network namespace that has only a loopback interface, and so
+does the sender: no test traffic can leave 127.0.0.1, whatever address a server binds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from conftest import FREE_THREADED_BUILD, IN_CI, instances, need, read, run_tool
+
+PORT, HTTP_PORT = 11112, 18042
+
+
+class Namespace:
+    """A network namespace with only lo, and the processes started in it."""
+
+    def __init__(self) -> None:
+        self.name = f"dsar-{uuid.uuid4().hex[:8]}"
+        self.prefix = ["ip", "netns", "exec", self.name]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *cmd: str | Path, env: dict[str, str] | None = None,
+              log: Path | None = None) -> subprocess.Popen[bytes]:
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen([*self.prefix, *map(str, cmd)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+        self.procs.append(proc)
+        return proc
+
+    def python(self, code: str, timeout: float = 30) -> str:
+        return subprocess.run([*self.prefix, sys.executable, "-c", code], capture_output=True,
+                              text=True, timeout=timeout, check=True).stdout
+
+    def wait_for_port(self, port: int, timeout: float = 20) -> None:
+        code = textwrap.dedent(f"""
+            import socket, time, sys
+            end = time.time() + {timeout}
+            while time.time() < end:
+                try:
+                    socket.create_connection(("127.0.0.1", {port}), 0.5).close(); sys.exit(0)
+                except OSError:
+                    time.sleep(0.1)
+            sys.exit(1)""")
+        subprocess.run([*self.prefix, sys.executable, "-c", code], check=True, timeout=60)
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def ns():
+    """A private network namespace (root needed; in CI its absence is a failure)."""
+    need("ip")
+    space = Namespace()
+    made = subprocess.run(["ip", "netns", "add", space.name], capture_output=True)
+    if made.returncode:
+        if IN_CI:
+            pytest.fail(f"cannot create a network namespace: {made.stderr.decode()}")
+        pytest.skip("network namespaces need root")
+    subprocess.run([*space.prefix, "ip", "link", "set", "lo", "up"], check=True)
+    try:
+        yield space
+    finally:
+        for proc in space.procs:
+            space.stop(proc)
+        subprocess.run(["ip", "netns", "del", space.name], check=False)
+
+
+@pytest.fixture
+def storescp(ns: Namespace, tmp_path: Path):
+    """DCMTK storescp (uncompressed syntaxes only, its default) storing into rx/."""
+    rx = tmp_path / "rx"
+    rx.mkdir()
+
+    def start(*extra: str) -> subprocess.Popen[bytes]:
+        proc = ns.start(need("storescp"), "--fork", "-aet", "STORESCP", "-od", rx, *extra,
+                        PORT, env={"TCP_NODELAY": "1"}, log=tmp_path / "storescp.log")
+        ns.wait_for_port(PORT)
+        return proc
+
+    start.rx = rx  # type: ignore[attr-defined]
+    return start
+
+
+def send(ns: Namespace, tree: Path, tmp_path: Path, *extra: str, called: str = "STORESCP",
+         port: int = PORT) -> tuple[int, dict, str]:
+    run = run_tool("--send", "--path", tree, "-H", "127.0.0.1", "-p", port, "-a", called,
+                   "--log-dir", tmp_path / "logs", "--no-progress", *extra, cwd=tmp_path,
+                   prefix=ns.prefix, timeout=300)
+    summaries = sorted((tmp_path / "logs").glob("dicom_sender_summary_*.json"),
+                       key=lambda p: p.stat().st_mtime)
+    summary = json.loads(summaries[-1].read_text()) if summaries else {}
+    return run.code, summary, run.err
+
+
+def tree_of(generated: Path, manifest: dict, tmp_path: Path, *scenarios: str) -> Path:
+    tree = tmp_path / "tree"
+    for scenario in scenarios:
+        for e in instances(manifest, scenario=scenario, expect="accept"):
+            target = tree / e["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(generated / e["path"], target)
+    return tree
+
+
+def received(rx: Path) -> dict[str, pydicom.Dataset]:
+    return {str(ds.SOPInstanceUID): ds for ds in (read(p) for p in rx.iterdir() if p.is_file())}
+
+
+def test_everything_arrives_intact_at_storescp(ns, storescp, generated: Path, manifest: dict,
+                                               tmp_path: Path) -> None:
+    storescp()
+    tree = tree_of(generated, manifest, tmp_path, "multi_patient", "charset_japanese",
+                   "implicit_vr", "big_endian", "deflated", "no_preamble", "ct")
+    code, summary, err = send(ns, tree, tmp_path, "-t", "2")
+    assert code == 0, err
+    files = [p for p in tree.rglob("*") if p.is_file()]
+    assert summary["successful_transfers"] == len(files) == summary["total_files"]
+    assert summary["failed_transfers"] == 0 and summary["threads_used"] == 2
+    assert summary["free_threaded"] is FREE_THREADED_BUILD
+    assert f"Found {len(files)} DICOM files, grouped into" in err
+    got = received(storescp.rx)
+    for path in files:
+        sent = read(path)
+        arrived = got[str(sent.SOPInstanceUID)]
+        for elem in sent:  # the dataset equals; only the file meta is the receiver's own
+            if elem.tag != 0x7FE00010:
+                assert arrived[elem.tag].value == elem.value, (path.name, elem.tag)
+        assert arrived.PixelData == sent.PixelData or sent.file_meta.TransferSyntaxUID == \
+            pydicom.uid.ExplicitVRBigEndian  # big endian words arrive byte-swapped, same values
+    log = next((tmp_path / "logs").glob("dicom_sender_*.log")).read_text()
+    assert log.count("sent: ") == len(files)
+    for entry in instances(manifest, scenario="multi_patient"):
+        assert entry["patient_name"] not in log  # names of files and tags, no patient values
+
+
+def test_compressed_files_fail_with_a_reason_the_rest_arrives(ns, storescp, generated: Path,
+                                                              manifest: dict,
+                                                              tmp_path: Path) -> None:
+    storescp()
+    tree = tree_of(generated, manifest, tmp_path, "compressed", "default")
+    code, summary, _err = send(ns, tree, tmp_path)
+    assert code == 1
+    assert (summary["successful_transfers"], summary["failed_transfers"]) == (4, 4)
+    reasons = {f["reason"] for f in summary["failed_files"]}
+    assert reasons == {"the receiver accepted no presentation context for Digital Mammography "
+                       "X-Ray Image Storage - For Presentation in RLE Lossless"}
+    assert len(received(storescp.rx)) == 4
+
+
+def test_echo_works_and_fails(ns, storescp, tmp_path: Path) -> None:
+    storescp()
+    ok = run_tool("--echo", "-H", "127.0.0.1", "-p", PORT, "-a", "STORESCP", cwd=tmp_path,
+                  prefix=ns.prefix)
+    assert ok.code == 0 and "success" in ok.out and "ms round trip" in ok.out
+    bad = run_tool("--echo", "-H", "127.0.0.1", "-p", PORT + 1, "-a", "STORESCP",
+                   "--acse-timeout", "2", cwd=tmp_path, prefix=ns.prefix)
+    assert bad.code == 1 and "no association" in bad.err
+
+
+def test_dry_run_plans_without_connecting(generated: Path, manifest: dict,
+                                          tmp_path: Path) -> None:
+    tree = tree_of(generated, manifest, tmp_path, "multi_patient")
+    run = run_tool("--send", "--dry-run", "--path", tree, "-H", "127.0.0.1", "-p", "9",
+                   "-a", "NOBODY", cwd=tmp_path)
+    assert run.code == 0
+    assert run.out.count("association 1: 4 files, 2 presentation contexts") == 6
+
+
+@pytest.mark.parametrize("bad", [["-a", "THIS_TITLE_IS_TOO_LONG"], ["-a", "BAD\\AE"],
+                                 ["-c", ""], ["-p", "0"]])
+def test_ae_titles_and_ports_are_usage_errors(bad: list[str], tmp_path: Path) -> None:
+    args = {"-H": "127.0.0.1", "-p": "104", "-a": "STORESCP"} | dict(zip(bad[::2], bad[1::2],
+                                                                         strict=True))
+    run = run_tool("--send", "--path", tmp_path, *[x for kv in args.items() for x in kv],
+                   cwd=tmp_path)
+    assert run.code == 2
+
+
+def test_receiver_stopped_mid_run(ns, storescp, generated: Path, manifest: dict,
+                                  tmp_path: Path) -> None:
+    proc = storescp()
+    tree = tree_of(generated, manifest, tmp_path, "ct", "mr")
+    total = sum(1 for p in tree.rglob("*") if p.is_file())
+    sender = subprocess.Popen([*ns.prefix, sys.executable, str(Path(__file__).parent.parent /
+                                                               "dicom_sar.py"),
+                               "--send", "--path", str(tree), "-H", "127.0.0.1", "-p", str(PORT),
+                               "-a", "STORESCP", "--retries", "1", "--acse-timeout", "2",
+                               "--log-dir", str(tmp_path / "logs"), "--no-progress"],
+                              cwd=tmp_path, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while len(list(storescp.rx.iterdir())) < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    ns.stop(proc)  # the receiver dies in the middle of the transfer
+    sender.wait(timeout=120)
+    assert sender.returncode == 1
+    first = json.loads(next((tmp_path / "logs").glob("dicom_sender_summary_*")).read_text())
+    arrived = len(received(storescp.rx))
+    assert first["successful_transfers"] <= arrived < total
+    assert first["successful_transfers"] + first["failed_transfers"] == total
+    storescp()
+    code, second, err = send(ns, tree, tmp_path)
+    assert code == 0, err
+    assert second["successful_transfers"] == total and second["failed_transfers"] == 0
+
+
+FAKE_SCP = textwrap.dedent("""
+    # A scriptable Storage SCP: fail every Nth store, reject the first K associations as busy,
+    # stall (never answer), and record the largest number of simultaneous associations.
+    import json, sys, threading, time
+    from pynetdicom import AE, evt, AllStoragePresentationContexts, _config
+    _config.LOG_HANDLER_LEVEL = "none"
+    opts = json.loads(sys.argv[1])
+    state = {"stores": 0, "active": 0, "max_active": 0, "assocs": 0, "stored": []}
+    lock = threading.Lock()
+
+    def dump():
+        with open(opts["state"], "w") as f:
+            json.dump(state, f)
+
+    def on_request(event):
+        with lock:
+            state["assocs"] += 1
+            busy = state["assocs"] <= opts.get("reject_busy", 0)
+        if busy:
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient: local limit exceeded
+
+    def on_open(event):
+        with lock:
+            state["active"] += 1
+            state["max_active"] = max(state["max_active"], state["active"])
+            dump()
+
+    def on_close(event):
+        with lock:
+            state["active"] -= 1
+            dump()
+
+    def on_store(event):
+        time.sleep(opts.get("delay", 0))
+        if opts.get("stall"):
+            time.sleep(3600)
+        with lock:
+            state["stores"] += 1
+            n = state["stores"]
+            fail = opts.get("fail_every") and n % opts["fail_every"] == 0
+            if not fail:
+                state["stored"].append(event.request.AffectedSOPInstanceUID)
+            dump()
+        return 0xA700 if fail else 0x0000
+
+    ae = AE(ae_title="FAKESCP")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.maximum_associations = 20
+    handlers = [(evt.EVT_REQUESTED, on_request), (evt.EVT_ESTABLISHED, on_open),
+                (evt.EVT_RELEASED, on_close), (evt.EVT_ABORTED, on_close),
+                (evt.EVT_C_STORE, on_store)]
+    dump()
+    ae.start_server(("127.0.0.1", opts["port"]), block=True, evt_handlers=handlers)
+""")
+
+
+@pytest.fixture
+def fake_scp(ns: Namespace, tmp_path: Path):
+    """Start the scriptable SCP with options; returns a function reading its state."""
+    script = tmp_path / "fake_scp.py"
+    script.write_text(FAKE_SCP)
+    state = tmp_path / "scp_state.json"
+
+    def start(**opts: object):
+        ns.start(sys.executable, script, json.dumps({"port": PORT, "state": str(state), **opts}),
+                 log=tmp_path / "fake_scp.log")
+        ns.wait_for_port(PORT)
+        return lambda: json.loads(state.read_text())
+
+    return start
+
+
+def test_several_associations_run_at_once(ns, fake_scp, generated: Path, manifest: dict,
+                                          tmp_path: Path) -> None:
+    state = fake_scp(delay=0.05)
+    tree = tree_of(generated, manifest, tmp_path, "multi_patient")
+    code, summary, err = send(ns, tree, tmp_path, "-t", "3", called="FAKESCP")
+    assert code == 0, err
+    assert summary["studies_processed"] == 6 and state()["assocs"] == 6
+    assert state()["max_active"] >= 2  # the receiver saw simultaneous associations
+    assert summary["free_threaded"] is FREE_THREADED_BUILD
+
+
+def test_failure_statuses_are_reported_and_never_counted_as_sent(ns, fake_scp, generated: Path,
+                                                                 manifest: dict,
+                                                                 tmp_path: Path) -> None:
+    state = fake_scp(fail_every=3)
+    tree = tree_of(generated, manifest, tmp_path, "multi_patient")
+    code, summary, _ = send(ns, tree, tmp_path, called="FAKESCP")
+    assert code == 1
+    assert summary["successful_transfers"] == len(state()["stored"]) == 16
+    assert summary["failed_transfers"] == 8
+    assert all(f["reason"].startswith("0xA700 Refused: Out of Resources")
+               for f in summary["failed_files"])
+
+
+def test_busy_receiver_is_retried(ns, fake_scp, generated: Path, manifest: dict,
+                                  tmp_path: Path) -> None:
+    state = fake_scp(reject_busy=2)
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    code, summary, err = send(ns, tree, tmp_path, "--retries", "3", called="FAKESCP")
+    assert code == 0, err
+    assert summary["successful_transfers"] == 4 and state()["assocs"] == 3
+
+
+def test_silent_receiver_times_out(ns, fake_scp, generated: Path, manifest: dict,
+                                   tmp_path: Path) -> None:
+    state = fake_scp(stall=True)
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    code, summary, _ = send(ns, tree, tmp_path, "--retries", "1", "--dimse-timeout", "1",
+                            called="FAKESCP")
+    assert code == 1
+    assert summary["successful_transfers"] == 0 == len(state()["stored"])
+    assert summary["failed_transfers"] == 4
+    assert "association lost" in summary["failed_files"][0]["reason"]
+
+
+@pytest.fixture
+def orthanc(ns: Namespace, tmp_path: Path):
+    """Orthanc with its own storage, called AE checked, answering C-FIND."""
+    config = {"Name": "dicom_sar_test", "StorageDirectory": str(tmp_path / "orthanc"),
+              "IndexDirectory": str(tmp_path / "orthanc"), "DicomAet": "ORTHANC",
+              "DicomPort": PORT, "HttpPort": HTTP_PORT, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
+              "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+              "DicomAlwaysAllowEcho": True, "Plugins": []}
+    path = tmp_path / "orthanc.json"
+    path.write_text(json.dumps(config))
+    ns.start(need("Orthanc"), path, log=tmp_path / "orthanc.log")
+    ns.wait_for_port(HTTP_PORT)
+    ns.wait_for_port(PORT)
+
+    def rest(url: str) -> object:
+        return json.loads(ns.python("import urllib.request; print(urllib.request.urlopen("
+                                    f"'http://127.0.0.1:{HTTP_PORT}{url}').read().decode())"))
+
+    return rest
+
+
+def test_orthanc_holds_exactly_what_was_sent(ns, orthanc, generated: Path, manifest: dict,
+                                             tmp_path: Path) -> None:
+    tree = tree_of(generated, manifest, tmp_path, "multi_patient", "external_prior")
+    code, summary, err = send(ns, tree, tmp_path, "-t", "2", "--verify", called="ORTHANC")
+    assert code == 0, err
+    assert "verify:" not in err
+    stats = orthanc("/statistics")
+    entries = [e for s in ("multi_patient", "external_prior")
+               for e in instances(manifest, scenario=s)]
+    assert stats["CountInstances"] == len(entries) == summary["successful_transfers"]
+    assert stats["CountStudies"] == len({e["study_uid"] for e in entries})
+    assert stats["CountPatients"] == len({e["patient_id"] for e in entries})
+    assert len(orthanc("/studies")) == stats["CountStudies"]
+
+
+def test_verify_reports_a_missing_instance(ns, orthanc, generated: Path, manifest: dict,
+                                           tmp_path: Path) -> None:
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    assert send(ns, tree, tmp_path, called="ORTHANC")[0] == 0
+    (study,) = orthanc("/studies")
+    instance = orthanc(f"/studies/{study}/instances")[0]["ID"]
+    ns.python("import urllib.request; urllib.request.urlopen(urllib.request.Request("
+              f"'http://127.0.0.1:{HTTP_PORT}/instances/{instance}', method='DELETE'))")
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(next(p for p in tree.rglob("*") if p.is_file()), one / "x")
+    code, _, err = send(ns, one, tmp_path, "--verify", called="ORTHANC")
+    assert code == 1 and "verify: study" in err and "acknowledged" in err
+
+
+def test_wrong_called_ae_is_a_clear_error(ns, orthanc, generated: Path, manifest: dict,
+                                          tmp_path: Path) -> None:
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    code, summary, _err = send(ns, tree, tmp_path, called="NOT_ORTHANC")
+    assert code == 1
+    assert summary["successful_transfers"] == 0 and summary["failed_transfers"] == 4
+    assert "association rejected (Rejected Permanent)" in summary["failed_files"][0]["reason"]
+    assert "Called AE title not recognised" in summary["failed_files"][0]["reason"]
