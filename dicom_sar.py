@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import hashlib
 import itertools
 import json
 import logging
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print only errors and the mode's own output")
     common.add_argument("--dry-run", action="store_true",
                         help="write nothing; show what would change")
+    common.add_argument("--resume", action="store_true",
+                        help="skip files an interrupted run with the same options completed")
+    common.add_argument("--restart", action="store_true",
+                        help="forget an interrupted run's journal and start over")
 
     dump = p.add_argument_group("dump")
     dump.add_argument("--format", choices=("text", "json"), default="text",
@@ -249,6 +254,9 @@ class Options:
     fsync: bool = True
     generate: Any = None
     send: Any = None
+    resume: bool = False
+    restart: bool = False
+    journal: Any = None  # Journal of a writing run (set by run())
 
     @property
     def writes(self) -> bool:
@@ -275,7 +283,8 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         follow_symlinks=ns.follow_symlinks, log_dir=Path(ns.log_dir),
         summary_json=Path(ns.summary_json) if ns.summary_json else None,
         progress=not ns.no_progress and not ns.quiet and sys.stderr.isatty(),
-        verbose=ns.verbose, quiet=ns.quiet, dry_run=ns.dry_run)
+        verbose=ns.verbose, quiet=ns.quiet, dry_run=ns.dry_run, resume=ns.resume,
+        restart=ns.restart)
     if mode == "dump":
         if ns.count and not specs:
             raise UsageError("--count needs --tag (e.g. --count --tag PatientID)")
@@ -629,7 +638,7 @@ def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], Fil
         try:
             for cand in candidates:
                 if stop.is_set():
-                    break
+                    break  # stop taking new files; the ones in flight finish below
                 inflight.append(_submit(pool, task, cand))
                 while len(inflight) >= limit:
                     yield inflight.popleft().result()
@@ -670,10 +679,37 @@ def read_dataset(path: Path, *, header_only: bool) -> tuple[Dataset | None, int,
         kind = sniff_dicom(head, size)
         if kind is None:
             return None, size, None
+        if kind == "part10" and DEFLATED_UID in head + fp.read(4096):
+            check_inflated_size(fp, size)
         fp.seek(0)
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
         check_complete(ds, fp, size)
     return ds, size, kind
+
+
+DEFLATED_UID = pydicom.uid.DeflatedExplicitVRLittleEndian.encode()
+MAX_INFLATED = 1 << 30  # a deflated dataset may not inflate beyond 1 GiB
+
+
+def check_inflated_size(fp: Any, size: int) -> None:
+    """Refuse a deflate bomb before pydicom inflates it all into memory."""
+    import zlib
+
+    fp.seek(132)
+    (group_length,) = struct.unpack("<I", fp.read(12)[8:12])
+    fp.seek(132 + 12 + group_length)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while chunk := fp.read(1 << 16):
+        data = inflater.decompress(chunk, 1 << 20)
+        while True:
+            total += len(data)
+            if total > MAX_INFLATED or total > 2000 * size:
+                raise InvalidDicomError(f"deflated dataset inflates to over {total >> 20} MiB "
+                                        f"from {size} bytes (deflate bomb?)")
+            if not inflater.unconsumed_tail:
+                break
+            data = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
 
 
 class TruncatedFileError(InvalidDicomError):
@@ -690,11 +726,17 @@ def check_complete(ds: Dataset, fp: Any, size: int) -> None:
         raise TruncatedFileError(f"element {BaseTag(last.tag)} declares {last.length} bytes, "
                                  f"the file ends after {len(last.value)}")
     pos = fp.tell()
-    if pos + 8 > size:
-        return
-    head = fp.read(12)
     little = ds.original_encoding[1] is not False
     order = "<" if little else ">"
+    if getattr(last, "length", 0) == 0xFFFFFFFF and pos >= size:
+        fp.seek(size - 8)  # an undefined-length element that ends the file ends with (FFFE,E0DD)
+        if fp.read(8) != struct.pack(order + "HHI", 0xFFFE, 0xE0DD, 0):
+            raise TruncatedFileError(f"element {BaseTag(last.tag)} has no sequence delimiter "
+                                     "before the end of the file")
+    if pos + 8 > size:
+        return
+    fp.seek(pos)
+    head = fp.read(12)
     if struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
         return
     implicit = ds.original_encoding[0] is True
@@ -1141,6 +1183,9 @@ class Planned:
 
 def sar_task(cand: Candidate, opts: Options) -> FileResult:
     """Search/replace one file: plan, validate (all or nothing), then write or preview."""
+    target = cand.path if opts.inplace else output_path(cand, opts)
+    if opts.journal is not None and opts.journal.completed(cand.path, target):
+        return FileResult(cand.path, "skipped", message="completed by the interrupted run")
     stamp = file_stamp(cand.path)
     ds, size, _ = read_dataset(cand.path, header_only=True)
     if ds is None:
@@ -1157,7 +1202,6 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
     changes = tuple(p.change for p in planned)
     if opts.dry_run:
         return FileResult(cand.path, "modified", nbytes=size, changes=changes)
-    target = cand.path if opts.inplace else output_path(cand, opts)
     patches = splice_patches(cand.path, ds, planned)
     if patches is None:  # e.g. deflated: pydicom rewrites the whole file
         ds, size, _ = read_dataset(cand.path, header_only=False)
@@ -1172,10 +1216,14 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
         else:
             write_dataset(ds, tmp_target, fsync=opts.fsync)
 
+    def journal(tmp: Path) -> None:
+        if opts.journal is not None:
+            opts.journal.record(cand.path, tmp)
+
     if opts.inplace:
-        replace_in_place(cand, opts, write)
+        replace_in_place(cand, opts, write, journal)
     else:
-        write_atomic(target, write, like=cand.path)
+        write_atomic(target, write, like=cand.path, before_replace=journal)
     return FileResult(cand.path, "modified", nbytes=size, changes=changes)
 
 
@@ -1343,7 +1391,8 @@ def _temp_in(directory: Path) -> tuple[int, Path]:
 
 
 def write_atomic(target: Path, produce: Callable[[Path], None], *,
-                 like: Path | None = None) -> None:
+                 like: Path | None = None,
+                 before_replace: Callable[[Path], None] | None = None) -> None:
     """produce() writes a temporary file beside target, which then replaces target."""
     _, tmp = _temp_in(target.parent)
     try:
@@ -1352,6 +1401,8 @@ def write_atomic(target: Path, produce: Callable[[Path], None], *,
             shutil.copystat(like, tmp)  # permissions and timestamps of the original
         else:
             os.chmod(tmp, 0o644)
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -1508,14 +1559,15 @@ def write_spliced(source: Path, target: Path, patches: list[Patch], *, fsync: bo
         finish(out, fsync)
 
 
-def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[Path], None]) -> None:
+def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[Path], None],
+                     before_replace: Callable[[Path], None] | None = None) -> None:
     """Back up the original (unless --no-backup), then atomically replace it."""
     if cand.path.is_symlink():
         raise PermissionError("refusing to replace a symlink in place")
     if opts.backup is not None:
         copy_file_atomic(cand.path, mirrored(cand, opts.backup, opts), fsync=opts.fsync)
     st = cand.path.stat()
-    write_atomic(cand.path, produce, like=cand.path)
+    write_atomic(cand.path, produce, like=cand.path, before_replace=before_replace)
     with contextlib.suppress(OSError):  # keep the owner where we may
         os.chown(cand.path, st.st_uid, st.st_gid)
 
@@ -2765,6 +2817,88 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
+# Journal: what a writing run completed, so --resume never applies a change twice
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+JOURNAL_DONE = "# complete"
+
+
+class Journal:
+    """An append-only list of 'source<TAB>inode' lines, one per file replaced.
+
+    The line is written just before the rename, with the inode of the temporary file, which
+    the rename keeps: on resume a file counts as done only when its inode still matches, so a
+    crash between the line and the rename leaves that file to be processed again.
+    """
+
+    def __init__(self, path: Path, done: dict[str, int]):
+        self.path, self.done = path, done
+        # Workers append single short lines with O_APPEND: each write() lands whole.
+        self.fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+
+    @staticmethod
+    def location(opts: Options) -> Path:
+        """The journal of a run is keyed by everything that decides what it writes."""
+        key = json.dumps([opts.mode, [os.path.realpath(p) for p in opts.paths],
+                          [s.label() for s in opts.specs], opts.glob,
+                          opts.pattern.pattern if opts.pattern else None, opts.replacement,
+                          opts.deep, opts.all_strings, opts.inplace,
+                          os.path.realpath(opts.output) if opts.output else None])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return opts.log_dir / f"dicom_sar-{digest}.journal"
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, int], bool]:
+        """(source -> inode, finished?) of an existing journal."""
+        done: dict[str, int] = {}
+        finished = False
+        if path.exists():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line == JOURNAL_DONE:
+                    finished = True
+                elif line and not line.startswith("#"):
+                    source, _, inode = line.rpartition("\t")
+                    if inode.isdigit():
+                        done[source] = int(inode)
+                        finished = False
+        return done, finished
+
+    def completed(self, source: Path, target: Path) -> bool:
+        """True when the interrupted run replaced target with this file's new version."""
+        inode = self.done.get(str(source))
+        try:
+            return inode is not None and os.stat(target).st_ino == inode
+        except OSError:
+            return False
+
+    def record(self, source: Path, tmp: Path) -> None:
+        """Note, just before the rename, that tmp (by inode) becomes source's new version."""
+        os.write(self.fd, f"{source}\t{os.stat(tmp).st_ino}\n".encode("utf-8", "surrogateescape"))
+
+    def finish(self) -> None:
+        """Mark the run complete."""
+        os.write(self.fd, (JOURNAL_DONE + "\n").encode())
+        os.close(self.fd)
+
+
+def open_journal(opts: Options) -> Journal:
+    """The journal for a writing SAR run; refuse to rerun over an unfinished one silently."""
+    path = Journal.location(opts)
+    done, finished = Journal.read(path)
+    unfinished = path.exists() and not finished
+    if unfinished and not (opts.resume or opts.restart):
+        raise UsageError(f"an earlier run with these options did not finish ({len(done)} files "
+                         f"done, journal {path}); rerun with --resume to skip them, "
+                         "or --restart to start over")
+    if not opts.resume or not unfinished:
+        done = {}
+        path.unlink(missing_ok=True)
+    journal = Journal(path, done)
+    os.write(journal.fd, f"# run {datetime.now(UTC).isoformat()}\n".encode())
+    return journal
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
 # Report: counters, logs, progress bar, summary and exit status — main thread only
 # ════════════════════════════════════════════════════════════════════════════════════════
 
@@ -3009,23 +3143,57 @@ def run(opts: Options) -> int:
     if opts.mode in ("send", "echo"):
         return run_send(opts, out)
     task = {"dump": dump_task, "sar": sar_task}[opts.mode]
+    journal = open_journal(opts) if opts.mode == "sar" and not opts.dry_run else None
+    if journal is not None:
+        opts = dataclasses.replace(opts, journal=journal)
+        log_paths.append(journal.path)
     reporter = Reporter(opts, out)
-    stop = threading.Event()
-    status = EXIT_OK
+    stop = StopSignal()
     try:
         candidates = discover(opts, excluded_locations(opts, log_paths))
-        for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop):
+        for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event):
             reporter.handle(result)
-    except KeyboardInterrupt:
-        stop.set()
-        status = EXIT_SIGINT
-        log.warning("interrupted by the user")
+    finally:
+        stop.restore()
+    if stop.signum:
+        log.warning("stopped by signal %d; files in flight were finished", stop.signum)
+        print(f"stopped by signal {stop.signum}: in-flight files finished; rerun with --resume "
+              "to continue", file=sys.stderr)
+    elif journal is not None:
+        journal.finish()
     data = reporter.finish()
     if opts.dry_run and opts.mode == "sar" and not opts.quiet:
         print(f"dry run: would modify {data['would_modify']} files, "
               f"would reject {data['would_reject']}", file=sys.stderr)
     log.info("run finished: free-threaded: %s", "yes" if gil_disabled() else "no")
-    return status or exit_status(reporter.stats)
+    return stop.exit_status() or exit_status(reporter.stats)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set an event: no new files are taken, in-flight files finish."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.event = threading.Event()
+        self.signum = 0
+        self._old = {sig: signal.signal(sig, self._handle)
+                     for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = self.signum or signum
+        self.event.set()
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def exit_status(self) -> int:
+        """130 after SIGINT, 143 after SIGTERM, 0 otherwise."""
+        return 128 + self.signum if self.signum else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,7 @@ def pydicom_files() -> list[Path]:
     """pydicom's bundled DICOM test files (test data and character set samples)."""
     skip = (".txt", ".json", ".gz", ".icc", ".dump", ".py")
     return sorted(Path(f) for f in get_testdata_files() + get_charset_files()
-                  if not f.endswith(skip))
+                  if not f.endswith(skip) and Path(f).is_file())
 
 
 def dcmdump_reads(path: Path) -> bool:
@@ -137,3 +137,65 @@ def copy_of(tmp_path: Path):
 def read(path: Path) -> pydicom.Dataset:
     """Read a file with pydicom, leniently."""
     return pydicom.dcmread(path, force=True)
+
+
+def _deep_nesting(depth: int) -> bytes:
+    """A bare explicit-VR dataset with sequences nested depth levels deep."""
+    import struct
+    body = b"\x10\x00\x20\x00LO\x04\x00DEEP"
+    for _ in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + body + \
+            struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+        body = struct.pack("<HH", 0x0010, 0x1002) + b"SQ\x00\x00" + \
+            struct.pack("<I", 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + body
+
+
+def _deflate_bomb() -> bytes:
+    """A Part 10 file whose deflated dataset inflates to 2 GiB."""
+    import zlib
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    buf = pydicom.filebase.DicomBytesIO()
+    pydicom.filewriter.write_file_meta_info(buf, meta)
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = b"\x00" * (1 << 24)
+    body = b"".join(comp.compress(chunk) for _ in range(128)) + comp.flush()
+    return b"\x00" * 128 + b"DICM" + buf.getvalue() + body
+
+
+@pytest.fixture(scope="session")
+def fuzz_tree(tmp_path_factory: pytest.TempPathFactory, generated: Path,
+              manifest: dict) -> Path:
+    """1,000+ hostile files mutated (fixed seed) from generated and pydicom test files."""
+    import random
+    import struct
+    rng = random.Random(20261123)
+    sources = [generated / e["path"] for e in manifest["instances"]
+               if e["expect"] == "accept"][::25] + pydicom_files()[::6]
+    datas = [p.read_bytes() for p in sources if p.stat().st_size < 2_000_000]
+    tree = tmp_path_factory.mktemp("fuzz")
+    for i in range(1000):
+        data = bytearray(rng.choice(datas))
+        kind = i % 5
+        if kind == 0:  # bit flips
+            for _ in range(rng.randint(1, 20)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif kind == 1:  # truncation anywhere
+            data = data[: rng.randrange(len(data))]
+        elif kind == 2:  # a length field that claims gigabytes (or 0xFFFFFFFE)
+            at = rng.randrange(132, max(133, min(len(data) - 4, 3000)))
+            data[at:at + 4] = struct.pack("<I", rng.choice([0xFFFFFFFE, 0x7FFFFFF0, 0xFFFFFFFF]))
+        elif kind == 3:  # undefined-length item, no delimiters, then garbage
+            at = rng.randrange(132, max(133, min(len(data), 4000)))
+            data = data[:at] + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + \
+                bytes(rng.randrange(256) for _ in range(64))
+        else:  # garbage spliced in the header
+            at = rng.randrange(0, max(1, min(len(data), 2000)))
+            data[at:at + 16] = bytes(rng.randrange(256) for _ in range(16))
+        (tree / f"f{i:04d}").write_bytes(bytes(data))
+    (tree / "deep").write_bytes(_deep_nesting(10_000))
+    (tree / "bomb").write_bytes(_deflate_bomb())
+    return tree

@@ -125,3 +125,28 @@ def test_count_is_a_histogram_with_absent_files(generated: Path, manifest: dict,
                                                "json"]])
 def test_dump_usage_errors(bad: list[str], tmp_path: Path) -> None:
     assert run_tool("--dump", *bad, "--path", tmp_path, cwd=tmp_path).code == 2
+
+
+def run_with_peak_rss(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str, int]:
+    """Exit code, stderr, and the peak RSS (MiB) of any child so far (an upper bound)."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import TOOL
+    proc = subprocess.run([sys.executable, str(TOOL), *args], cwd=cwd, capture_output=True,
+                          timeout=timeout)  # a hang fails the test here
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    return proc.returncode, proc.stderr.decode("utf-8", "replace"), peak
+
+
+def test_hostile_files_never_crash_or_hang_a_dump(fuzz_tree: Path, tmp_path: Path) -> None:
+    code, err, rss = run_with_peak_rss(["--dump", "-j", "2", "--path", str(fuzz_tree),
+                                   "--summary-json", str(tmp_path / "s.json")], tmp_path)
+    assert code == 1 and "Traceback" not in err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["files_seen"] == 1002 and s["errors"] >= 100
+    errors = (tmp_path / "errors.log").read_text().splitlines()
+    assert len(errors) == s["errors"]  # one line per bad file
+    assert any("deflate bomb" in line for line in errors if "/bomb" in line)
+    assert rss < 1500  # a length that claims gigabytes allocates nothing of the sort

@@ -6,8 +6,10 @@ import collections
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -338,3 +340,133 @@ def test_force_targets_every_string_element(generated: Path, manifest: dict,
     ds = read(next((tmp_path / "dicom_sar_output").iterdir()))
     assert ds.OtherPatientIDsSequence[0].IssuerOfPatientID == "ELSEWHERE"
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+
+
+# ── reliability: hostile input, crashes, resume, signals ──────────────────────────────────
+
+
+@pytest.mark.parametrize("mode", [["--dry-run"], ["--output", "out"]])
+def test_hostile_files_never_crash_or_hang_a_sar(mode: list[str], fuzz_tree: Path,
+                                                 tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(TOOL), "--sar", "--tag", "PatientID", *GENHOSP,
+                           "-j", "2", "--path", str(fuzz_tree), *mode, "--summary-json",
+                           str(tmp_path / "s.json"), "--no-progress"], cwd=tmp_path,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["files_seen"] == 1002 and s["errors"] >= 100
+    lines = (tmp_path / "errors.log").read_text().splitlines()
+    assert len(lines) == s["errors"] + (s.get("rejected") or s.get("would_reject") or 0)
+    if mode[0] == "--output":  # what was written reads again; broken inputs stay as broken
+        written = list((tmp_path / "out").rglob("*"))
+        assert len(written) >= 300
+        for path in written:
+            assert str(read(path).get("PatientID", "GENHOSP")).startswith("GENHOSP")
+
+
+@pytest.fixture
+def five_hundred(tmp_path: Path) -> tuple[Path, Path]:
+    """500 small MG files, and the exact bytes the SAR makes of each."""
+    run = run_tool("--generate", "--scenario", "multi_patient", "--patients", "125",
+                   "--studies", "1", "--size", "16x16", "--layout", "flat", "--seed", "3",
+                   "-j", "2", "--output", tmp_path / "orig", cwd=tmp_path)
+    assert run.code == 0, run.err
+    (tmp_path / "orig" / "manifest.json").unlink()
+    ref = run_tool("--sar", "--tag", "PatientID", *GENHOSP, "--path", tmp_path / "orig",
+                   "--output", tmp_path / "ref", "--log-dir", tmp_path / "reflogs", cwd=tmp_path)
+    assert ref.code == 0, ref.err
+    return tmp_path / "orig", tmp_path / "ref"
+
+
+def sar_inplace(tree: Path, cwd: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, str(TOOL), "--sar", "--inplace", "--tag",
+                             "PatientID", *GENHOSP, "-j", "2", "--no-progress", "--path",
+                             str(tree), *extra], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def test_sigkill_at_ten_random_moments(five_hundred: tuple[Path, Path], tmp_path: Path) -> None:
+    import random
+    orig, ref = five_hundred
+    originals = {p.name: p.read_bytes() for p in orig.iterdir()}
+    modified = {p.name: p.read_bytes() for p in ref.iterdir()}
+    assert len(originals) == 500 and all(originals[k] != modified[k] for k in originals)
+    t0 = time.perf_counter()
+    shutil.copytree(orig, tmp_path / "timing")
+    sar_inplace(tmp_path / "timing", tmp_path, "--no-backup", "--restart").communicate()
+    duration = time.perf_counter() - t0
+    rng = random.Random(5)
+    replaced_total = 0
+    for i in range(10):
+        tree, work = tmp_path / f"t{i}", tmp_path / f"w{i}"
+        work.mkdir()
+        shutil.copytree(orig, tree)
+        proc = sar_inplace(tree, work, "--backup-dir", str(work / "backup"))
+        time.sleep(rng.uniform(0.1, duration))
+        proc.kill()
+        proc.communicate()
+        replaced = 0
+        for path in tree.iterdir():
+            if path.name.startswith(dicom_sar_temp_prefix()):
+                continue  # a temporary file cut short: recognisable, never input
+            data = path.read_bytes()
+            assert data in (originals[path.name], modified[path.name]), (i, path.name)
+            read(path)  # parses
+            if data == modified[path.name]:
+                replaced += 1
+                assert (work / "backup" / path.name).read_bytes() == originals[path.name]
+        replaced_total += replaced
+    assert 0 < replaced_total < 5000  # the kills really landed in the middle of runs
+
+
+def dicom_sar_temp_prefix() -> str:
+    import dicom_sar
+    return dicom_sar.TEMP_PREFIX
+
+
+def test_resume_never_applies_a_change_twice(five_hundred: tuple[Path, Path],
+                                             tmp_path: Path) -> None:
+    orig, ref = five_hundred
+    tree = tmp_path / "tree"
+    shutil.copytree(orig, tree)
+    proc = sar_inplace(tree, tmp_path, "--no-backup")
+    while len((tmp_path / "dicom_sar.log").read_text().split("modified: ")) < 60 \
+            if (tmp_path / "dicom_sar.log").exists() else True:
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate()
+    again = run_tool("--sar", "--inplace", "--no-backup", "--tag", "PatientID", *GENHOSP,
+                     "--path", tree, cwd=tmp_path)
+    assert again.code == 2 and "--resume" in again.err  # refuses to double-apply silently
+    resumed = run_tool("--sar", "--inplace", "--no-backup", "--resume", "--tag", "PatientID",
+                       *GENHOSP, "--path", tree, "--summary-json", tmp_path / "s.json",
+                       cwd=tmp_path)
+    assert resumed.code == 0, resumed.err
+    s = json.loads((tmp_path / "s.json").read_text())
+    leftovers = len(list(tree.glob(dicom_sar_temp_prefix() + "*")))  # reported, not input
+    assert s["skipped_other"] >= 59 and s["modified"] + s["skipped_other"] == 500 + leftovers
+    for path in tree.iterdir():
+        if not path.name.startswith(dicom_sar_temp_prefix()):
+            assert path.read_bytes() == (ref / path.name).read_bytes(), path.name
+    journal = next(tmp_path.glob("dicom_sar-*.journal"))
+    assert oct(journal.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_stop_cleanly_with_a_summary(sig: int, code: int,
+                                             five_hundred: tuple[Path, Path],
+                                             tmp_path: Path) -> None:
+    orig, ref = five_hundred
+    tree = tmp_path / "tree"
+    shutil.copytree(orig, tree)
+    proc = sar_inplace(tree, tmp_path, "--no-backup")
+    while not (tmp_path / "dicom_sar.log").exists() or \
+            "modified: " not in (tmp_path / "dicom_sar.log").read_text():
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert b"summary" in err and b"--resume" in err
+    done = sum(p.read_bytes() == (ref / p.name).read_bytes() for p in tree.iterdir())
+    assert 0 < done < 500
+    assert not list(tree.glob(dicom_sar_temp_prefix() + "*"))  # in-flight files finished

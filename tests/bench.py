@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Benchmark dicom_sar against DCMTK (and pynetdicom, and a naive pydicom loop) side by side.
+
+    venv/bin/python tests/bench.py [--quick] [--json FILE] [--workers N] [--runs N]
+
+Corpora come from `dicom_sar.py --generate --seed ...` (cached); the page cache is warmed;
+each pair runs alternately (A B A B ...) and the medians, ratios and peak RSS are reported.
+Not a test: timings belong here, never in assertions (the machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "dicom_sar.py"
+PY = sys.executable
+NAIVE = """
+import sys, pydicom
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+src, out, workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+def one(p):
+    ds = pydicom.dcmread(p)
+    ds.PatientID = "GENHOSP" + ds.PatientID
+    target = out / p.relative_to(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)
+with ThreadPoolExecutor(workers) as pool:
+    list(pool.map(one, [p for p in src.rglob("*") if p.is_file()]))
+"""
+
+
+def run_measured(cmd: str | list[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB, largest process of the tree) of one command."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, shell=isinstance(cmd, str), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                            cwd=cwd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        raise SystemExit(f"benchmark command failed ({code}): {cmd}")
+    return seconds, usage.ru_maxrss
+
+
+def generate(cache: Path, name: str, *args: str) -> Path:
+    """A cached corpus made by our own generator (manifest removed: only DICOM files)."""
+    target = cache / name
+    if not target.exists():
+        tmp = cache / (name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([PY, TOOL, "--generate", "--output", tmp, "-j", "2", "--no-progress",
+                        "-q", "--log-dir", cache, *args], check=True)
+        (tmp / "manifest.json").unlink()
+        tmp.rename(target)
+    for path in target.rglob("*"):  # warm the page cache
+        if path.is_file():
+            path.read_bytes()
+    return target
+
+
+def files_of(tree: Path) -> int:
+    return sum(1 for p in tree.rglob("*") if p.is_file())
+
+
+def size_of(tree: Path) -> int:
+    return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+
+
+class Bench:
+    """Runs pairs alternately and keeps the results."""
+
+    def __init__(self, runs: int):
+        self.runs = runs
+        self.rows: list[dict] = []
+
+    def pair(self, name: str, sides: dict[str, object], prepare=None, nbytes: int = 0,
+             target: str = "") -> dict:
+        """Run every side `runs` times, interleaved; prepare() before each run (untimed)."""
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        rss: dict[str, int] = dict.fromkeys(sides, 0)
+        for _ in range(self.runs):
+            for side, cmd in sides.items():
+                if prepare:
+                    prepare()
+                seconds, peak = run_measured(cmd() if callable(cmd) else cmd)
+                times[side].append(seconds)
+                rss[side] = max(rss[side], peak)
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        ours = next(iter(sides))
+        row = {"pair": name, "median_s": medians, "peak_rss_mb": {k: round(v / 1024, 1)
+                                                                   for k, v in rss.items()},
+               "ratio_vs_ours": {k: round(medians[k] / medians[ours], 2)
+                                 for k in sides if k != ours}, "target": target}
+        if nbytes:
+            row["mb_per_s"] = {k: round(nbytes / 1e6 / v, 1) for k, v in medians.items()}
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+        return row
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['pair']:<44}"]
+    for side, seconds in row["median_s"].items():
+        mb = f" {row['mb_per_s'][side]:>6} MB/s" if "mb_per_s" in row else ""
+        parts.append(f"{side} {seconds:7.3f}s{mb} ({row['peak_rss_mb'][side]:.0f} MB)")
+    ratios = ", ".join(f"{k}/ours = {v}x" for k, v in row["ratio_vs_ours"].items())
+    return "  ".join(parts) + f"\n{'':<44}  {ratios}   target: {row['target']}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small corpora, under 2 minutes")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    ap.add_argument("--workers", type=int, default=2, help="parallel workers for every side")
+    ap.add_argument("--runs", type=int, default=3, help="runs per side (median)")
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench-cache")
+    ap.add_argument("--gil-python", default=str(ROOT / "venv-gil" / "bin" / "python"),
+                    help="a stock (GIL) python with the requirements, for the scaling pair")
+    args = ap.parse_args()
+    for program in ("dcmdump", "dcmodify", "storescu", "storescp"):
+        if not shutil.which(program):
+            raise SystemExit(f"{program} missing: apt-get install dcmtk")
+    w = str(args.workers)
+    small_n, ct_n = (2000, 200) if args.quick else (10000, 2000)
+    cache = args.cache / ("quick" if args.quick else "full")
+    cache.mkdir(parents=True, exist_ok=True)
+    free = bool(sysconfig.get_config_var("Py_GIL_DISABLED")) and not sys._is_gil_enabled()
+    print(f"interpreter: {PY} (Python {platform.python_version()}), free-threaded: "
+          f"{'yes' if free else 'no'}; workers: {w}; CPUs: {os.cpu_count()}; "
+          f"runs per side: {args.runs}", flush=True)
+    small = generate(cache, f"mg64_{small_n}", "--scenario", "multi_patient", "--patients",
+                     str(small_n // 8), "--studies", "2", "--size", "64x64", "--seed", "101")
+    ct = generate(cache, f"ct512_{ct_n}", "--scenario", "ct", "--patients", str(ct_n // 100),
+                  "--instances", "100", "--seed", "202")
+    print(f"corpora: {files_of(small)} MG 64x64 files; {files_of(ct)} CT 512x512 files "
+          f"({size_of(ct) / 1e6:.0f} MB)", flush=True)
+    bench = Bench(args.runs)
+    work = Path(tempfile.mkdtemp(dir=cache))
+    ours = [PY, str(TOOL), "--no-progress", "-q", "--log-dir", str(work / "logs")]
+    xargs = "find {tree} -type f -print0 | xargs -0 -P " + w + " -n {n} "
+
+    # 1. dump one tag
+    bench.pair("1 dump PatientID", {
+        "ours": [*ours, "--dump", "--tag", "PatientID", "--path", str(small), "-j", w],
+        "dcmdump": xargs.format(tree=small, n=small_n // (4 * args.workers))
+        + "dcmdump -q +P PatientID"}, target="ours <= 1.0x dcmdump")
+
+    # 2./3. SAR in place, and to a new tree, on fresh copies (copy time excluded)
+    fresh = work / "fresh"
+
+    def copy_ct() -> None:
+        shutil.rmtree(fresh, ignore_errors=True)
+        shutil.rmtree(work / "out", ignore_errors=True)
+        shutil.copytree(ct, fresh)
+    sar = [*ours, "--sar", "--tag", "PatientID", "--regex_search", "^(.*)$",
+           "--regex_replace", r"GENHOSP\1", "-j", w]
+    dcmodify = xargs.format(tree="{tree}", n=max(1, ct_n // (4 * args.workers))) + \
+        "dcmodify -nb -m '(0010,0020)=GENHOSPX'"
+    bench.pair("2 SAR in place (CT 512x512)", {
+        "ours": [*sar, "--inplace", "--no-backup", "--no-fsync", "--path", str(fresh)],
+        "dcmodify": dcmodify.format(tree=fresh)}, prepare=copy_ct, target="ours <= 1.0x")
+    bench.pair("3 SAR to a new tree (CT 512x512)", {
+        "ours": [*sar, "--no-fsync", "--path", str(fresh), "--output", str(work / "out")],
+        "cp+dcmodify": f"cp -r {fresh} {work / 'out'} && "
+        + dcmodify.format(tree=work / "out")}, prepare=copy_ct, target="ours <= 1.0x")
+
+    # 4. send to storescp --ignore on loopback
+    send_pair(bench, ours, ct, w, size_of(ct), work)
+
+    # 5. naive dcmread/save_as loop vs ours, same tree out
+    naive = work / "naive.py"
+    naive.write_text(NAIVE)
+    bench.pair("5 naive pydicom loop vs ours (to new tree)", {
+        "ours": [*sar, "--no-fsync", "--path", str(fresh), "--output", str(work / "out")],
+        "naive": [PY, str(naive), str(fresh), str(work / "out"), w]},
+        prepare=copy_ct, target="naive >= 5x ours")
+
+    # 6. scaling: workers 1 vs 2 (3.13t), and the GIL build at the same workers
+    bench.pair("6a dump, workers 2 vs 1", {
+        "ours -j2": [*ours, "--dump", "--tag", "PatientID", "--path", str(small), "-j", "2"],
+        "ours -j1": [*ours, "--dump", "--tag", "PatientID", "--path", str(small), "-j", "1"]},
+        target="-j1 >= 1.7x -j2")
+    bench.pair("6b SAR in place, workers 2 vs 1", {
+        "ours -j2": [*sar[:-2], "-j", "2", "--inplace", "--no-backup", "--no-fsync", "--path",
+                     str(fresh)],
+        "ours -j1": [*sar[:-2], "-j", "1", "--inplace", "--no-backup", "--no-fsync", "--path",
+                     str(fresh)]}, prepare=copy_ct, target="-j1 > -j2")
+    if Path(args.gil_python).exists():
+        gil = [args.gil_python, *ours[1:]]
+        bench.pair("6c dump, 3.13t vs stock python3 (GIL), -j2", {
+            "3.13t": [*ours, "--dump", "--tag", "PatientID", "--path", str(small), "-j", "2"],
+            "GIL": [*gil, "--dump", "--tag", "PatientID", "--path", str(small), "-j", "2"]},
+            target="GIL slower")
+    else:
+        print(f"6c skipped: no GIL python at {args.gil_python} (.ci/run makes venv-gil)")
+    shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps({"interpreter": PY, "free_threaded": free,
+                                         "workers": args.workers, "cpus": os.cpu_count(),
+                                         "quick": args.quick, "pairs": bench.rows}, indent=2))
+
+
+def send_pair(bench: Bench, ours: list[str], tree: Path, w: str, nbytes: int,
+              work: Path) -> None:
+    """storescp --ignore --fork -pdu 131072 on loopback; ours vs storescu vs pynetdicom."""
+    port = "11199"
+    prefix: list[str] = []
+    ns = f"dsar-bench-{os.getpid()}"
+    if os.geteuid() == 0 and subprocess.run(["ip", "netns", "add", ns]).returncode == 0:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        prefix = ["ip", "netns", "exec", ns]  # loopback only, nothing else can reach it
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    scp = subprocess.Popen([*prefix, "storescp", "--ignore", "--fork", "-pdu", "131072",
+                            "-aet", "STORESCP", port], env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        pre = " ".join(prefix)
+        bench.pair("4 send CT tree to storescp (MB/s)", {
+            "ours": [*prefix, *ours, "--send", "--path", str(tree), "-H", "127.0.0.1", "-p",
+                     port, "-a", "STORESCP", "-t", w, "--max-pdu", "131072"],
+            "storescu": f"cd {tree} && find . -type f -print0 | TCP_NODELAY=1 xargs -0 -P {w} "
+                        f"-n 100 {pre} storescu -aec STORESCP -pdu 131072 127.0.0.1 {port}",
+            "pynetdicom": [*prefix, PY, "-m", "pynetdicom", "storescu", "127.0.0.1", port,
+                           "-aec", "STORESCP", str(tree), "-r"]},
+            nbytes=nbytes, target="ours >= 0.5x storescu MB/s and >= 5x pynetdicom")
+    finally:
+        os.killpg(scp.pid, 9)
+        scp.wait()
+        if prefix:
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+if __name__ == "__main__":
+    main()
