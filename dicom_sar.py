@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--echo", action="store_true", help="C-ECHO the destination, send nothing")
     modes.add_argument("--list-scenarios", action="store_true", help="list --generate presets")
     modes.add_argument("--version", action="store_true", help="print versions for a bug report")
+    modes.add_argument("--completions", choices=("fish", "bash", "zsh"),
+                       help="print a shell completion script (see README)")
 
     common = p.add_argument_group("common")
     common.add_argument("--path", action="append", metavar="P",
@@ -627,37 +629,49 @@ class FileResult:
 
 
 def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
-                workers: int, stop: threading.Event) -> Iterator[FileResult]:
+                workers: int, stop: threading.Event, batch: int = 16) -> Iterator[FileResult]:
     """Run task over candidates on a thread pool, yielding results in submission order.
 
-    At most a few tasks per worker are in flight (backpressure on the walk).
+    Files go to the pool in small batches (fewer futures and wake-ups for the main thread),
+    and at most a few batches per worker are in flight (backpressure on the walk).
     """
-    limit = max(4, workers * 4)
-    inflight: collections.deque[Future[FileResult]] = collections.deque()
+    limit = max(2, workers * 3)
+    inflight: collections.deque[Future[list[FileResult]]] = collections.deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG) as pool:
         try:
+            chunk: list[Candidate] = []
             for cand in candidates:
                 if stop.is_set():
+                    chunk = []
                     break  # stop taking new files; the ones in flight finish below
-                inflight.append(_submit(pool, task, cand))
+                chunk.append(cand)
+                if len(chunk) < batch:
+                    continue
+                inflight.append(pool.submit(run_batch, task, chunk))
+                chunk = []
                 while len(inflight) >= limit:
-                    yield inflight.popleft().result()
+                    yield from inflight.popleft().result()
+            if chunk:
+                inflight.append(pool.submit(run_batch, task, chunk))
             while inflight:
-                yield inflight.popleft().result()
+                yield from inflight.popleft().result()
         finally:
             for fut in inflight:
                 fut.cancel()
 
 
-def _submit(pool: ThreadPoolExecutor, task: Callable[[Candidate], FileResult],
-            cand: Candidate) -> Future[FileResult]:
-    if cand.problem is None:
-        return pool.submit(guarded, task, cand)
-    done: Future[FileResult] = Future()
-    kind, _, message = cand.problem.partition(": ")
-    done.set_result(FileResult(cand.path, "error" if kind == "error" else "skipped",
-                               message=message, error_type="OSError" if kind == "error" else ""))
-    return done
+def run_batch(task: Callable[[Candidate], FileResult],
+              chunk: list[Candidate]) -> list[FileResult]:
+    """One pool task: a few files, each guarded on its own."""
+    return [guarded(task, cand) if cand.problem is None else problem_result(cand)
+            for cand in chunk]
+
+
+def problem_result(cand: Candidate) -> FileResult:
+    """The result for a path the walk could not use (an error or a skip)."""
+    kind, _, message = (cand.problem or "").partition(": ")
+    return FileResult(cand.path, "error" if kind == "error" else "skipped", message=message,
+                      error_type="OSError" if kind == "error" else "")
 
 
 def guarded(task: Callable[[Candidate], FileResult], cand: Candidate) -> FileResult:
@@ -2767,7 +2781,8 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
                 sender_log.error("failed: %s: %s", outcome.path, outcome.reason)
                 errlog.error("%s: SendFailed: %s", outcome.path, outcome.reason)
                 bar.clear()
-                print(f"error: {outcome.path}: {outcome.reason}", file=sys.stderr)
+                print(f"{paint('error:', RED)} {outcome.path}: {outcome.reason}",
+                      file=sys.stderr)
             elif outcome.outcome == "warning":
                 sender_log.warning("sent with warning: %s: %s", outcome.path, outcome.reason)
             else:
@@ -2970,6 +2985,17 @@ class Stats:
         return data
 
 
+RED, BOLD = "31", "1"
+
+
+def paint(text: str, code: str, *, first_line_only: bool = False) -> str:
+    """ANSI colour only when stderr is a terminal and NO_COLOR is unset (no-color.org)."""
+    if not sys.stderr.isatty() or os.environ.get("NO_COLOR"):
+        return text
+    head, sep, rest = text.partition("\n") if first_line_only else (text, "", "")
+    return f"\033[{code}m{head}\033[0m{sep}{rest}"
+
+
 def render_summary(data: dict[str, Any]) -> str:
     """A compact, aligned table of the summary."""
     width = max(len(k) for k in data)
@@ -3064,7 +3090,7 @@ class Reporter:
         errlog.error(line)
         log.warning("error: %s: %s", path, kind)
         self.bar.clear()
-        print(f"error: {line}", file=sys.stderr)
+        print(f"{paint('error:', RED)} {line}", file=sys.stderr)
 
     def finish(self) -> dict[str, Any]:
         """Close the bar, print --count output and the summary; return the summary."""
@@ -3074,7 +3100,7 @@ class Reporter:
         data = self.stats.summary(self.opts)
         log.info("summary: %s", json.dumps(data))
         if not self.opts.quiet:
-            print(render_summary(data), file=sys.stderr)
+            print(paint(render_summary(data), BOLD, first_line_only=True), file=sys.stderr)
         if self.opts.summary_json:
             self.opts.summary_json.write_text(json.dumps(data, indent=2) + "\n")
         return data
@@ -3083,6 +3109,95 @@ class Reporter:
 def exit_status(stats: Stats) -> int:
     """0 when every DICOM file was handled, 1 when any failed or was rejected."""
     return EXIT_FAILURES if stats.errors or stats.rejected else EXIT_OK
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Shell completions: generated from the parser itself, so they cannot drift from --help
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+MODE_FLAGS = ("--dump", "--sar", "--generate", "--send", "--echo", "--list-scenarios",
+              "--version", "--completions")
+DIRECTORY_OPTIONS = ("--path", "--output", "--log-dir", "--backup-dir")
+
+
+def completion_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The options worth completing (everything but -h)."""
+    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def fish_completions(parser: argparse.ArgumentParser) -> str:
+    """A fish script: ./dicom_sar.py, python dicom_sar.py and venv/bin/python dicom_sar.py."""
+    def quote(text: str) -> str:
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    lines = [
+        "# fish completions for dicom_sar.py (dicom_sar.py --completions fish)",
+        "function __dicom_sar_cmd",
+        "    set -l tokens (commandline -opc)",
+        "    string match -q -r 'dicom_sar\\.py$' -- $tokens[1]; and return 0",
+        "    string match -q -r 'python' -- $tokens[1]",
+        "    and string match -q -r 'dicom_sar\\.py$' -- $tokens[2]",
+        "end",
+        "function __dicom_sar_no_mode",
+        "    __dicom_sar_cmd; or return 1",
+        "    set -l tokens (commandline -opc)",
+        f"    for mode in {' '.join(MODE_FLAGS)}",
+        "        contains -- $mode $tokens; and return 1",
+        "    end",
+        "    return 0",
+        "end",
+        "function __dicom_sar_mode",
+        "    __dicom_sar_cmd; and not __dicom_sar_no_mode",
+        "end",
+        "function __dicom_sar_keywords",
+        "    printf '%s\\n' " + " ".join(sorted(pydicom.datadict.keyword_dict)),
+        "end",
+        "for cmd in dicom_sar.py python python3 python3.11 python3.13 python3.13t",
+    ]
+    for action in completion_options(parser):
+        longs = [o[2:] for o in action.option_strings if o.startswith("--")]
+        shorts = [o[1:] for o in action.option_strings if len(o) == 2]
+        flag = longs[0] if longs else None
+        opts = " ".join([*(f"-l {name}" for name in longs), *(f"-s {c}" for c in shorts)])
+        condition = "__dicom_sar_no_mode" if f"--{flag}" in MODE_FLAGS else "__dicom_sar_mode"
+        args = ""
+        if f"--{flag}" in DIRECTORY_OPTIONS:
+            args = " -x -a '(__fish_complete_directories)'"
+        elif flag == "tag":
+            args = " -x -a '(__dicom_sar_keywords)'"
+        elif flag == "scenario":
+            args = " -x -a " + quote(" ".join(scenario_catalogue()))
+        elif action.choices:
+            args = " -x -a " + quote(" ".join(map(str, action.choices)))
+        elif action.nargs != 0:
+            args = " -r"
+        help_text = (action.help or "").replace("%%", "%")
+        lines.append(f"    complete -c $cmd -n {condition} {opts}{args} -d {quote(help_text)}")
+    lines.append("end")
+    return "\n".join(lines) + "\n"
+
+
+def bash_completions(parser: argparse.ArgumentParser) -> str:
+    """A small bash script: option names, and directories after path options."""
+    words = " ".join(o for a in completion_options(parser) for o in a.option_strings)
+    return (f"_dicom_sar() {{\n  local cur=${{COMP_WORDS[COMP_CWORD]}} "
+            f"prev=${{COMP_WORDS[COMP_CWORD-1]}}\n"
+            f"  case $prev in {'|'.join(DIRECTORY_OPTIONS)}) COMPREPLY=($(compgen -d -- \"$cur\"));"
+            f" return;; esac\n"
+            f"  COMPREPLY=($(compgen -W \"{words}\" -- \"$cur\"))\n}}\n"
+            "complete -o default -F _dicom_sar dicom_sar.py\n")
+
+
+def zsh_completions(parser: argparse.ArgumentParser) -> str:
+    """A small zsh script built on _arguments."""
+    specs = []
+    for action in completion_options(parser):
+        help_text = (action.help or "").replace("[", "(").replace("]", ")").replace("'", "")
+        value = ":dir:_files -/" if action.option_strings[0] in DIRECTORY_OPTIONS else (
+            ":value:" if action.nargs != 0 else "")
+        for option in action.option_strings:
+            specs.append(f"  '{option}[{help_text}]{value}'")
+    return "#compdef dicom_sar.py\n_arguments \\\n" + " \\\n".join(specs) + "\n"
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -3203,6 +3318,10 @@ def main(argv: list[str] | None = None) -> int:
     if ns.version:
         print_versions()
         return EXIT_OK
+    if ns.completions:
+        make = {"fish": fish_completions, "bash": bash_completions, "zsh": zsh_completions}
+        sys.stdout.write(make[ns.completions](parser))
+        return EXIT_OK
     if ns.list_scenarios:
         for name, what in scenario_catalogue().items():
             print(f"{name:<32} {what}")
@@ -3210,14 +3329,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = options_from_args(ns)
     except UsageError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: {paint('error:', RED)} {exc}", file=sys.stderr)
         return EXIT_USAGE
     if not opts.quiet:
         warn_if_gil()
     try:
         return run(opts)
     except UsageError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: {paint('error:', RED)} {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_SIGINT

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pydicom
 import pytest
 
 import dicom_sar
-from conftest import FREE_THREADED_BUILD, instances, run_tool
+from conftest import FREE_THREADED_BUILD, instances, need, run_tool
 from dicom_sar import Step, UsageError, parse_tag_specs
 
 PID, PNAME = 0x00100020, 0x00100010
@@ -220,3 +221,68 @@ def test_version_names_every_component(tmp_path: Path) -> None:
     out = run_tool("--version", cwd=tmp_path).out
     for word in ("dicom_sar", "Python", "free-threaded", "pydicom", "pynetdicom", "tqdm"):
         assert word in out
+
+
+# ── the shell: completions and colour ───────────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def fish_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("fish")
+    script = base / "dicom_sar.fish"
+    script.write_text(run_tool("--completions", "fish", cwd=base).out)
+    (base / "subdir_a").mkdir()
+    return script
+
+
+def complete(script: Path, line: str) -> list[str]:
+    fish = need("fish")
+    proc = subprocess.run([fish, "-c", f"source {script}; complete --do-complete {line!r}"],
+                          capture_output=True, text=True, cwd=script.parent, check=True)
+    return [row.split("\t")[0] for row in proc.stdout.splitlines()]
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("./dicom_sar.py --", {"--dump", "--sar", "--generate", "--send", "--echo"}),
+    ("python dicom_sar.py --d", {"--dump"}),
+    ("venv/bin/python dicom_sar.py --sar --inpl", {"--inplace"}),
+    ("./dicom_sar.py --dump --tag PatientNa", {"PatientName"}),
+    ("./dicom_sar.py --generate --scenario cu_bits", {"cu_bits_mismatch"}),
+    ("./dicom_sar.py --dump --path sub", {"subdir_a/"}),
+    ("./dicom_sar.py --send -", {"-H", "-p", "-a", "-c", "-t"}),
+])
+def test_fish_completions(fish_script: Path, line: str, expected: set[str]) -> None:
+    assert expected <= set(complete(fish_script, line))
+
+
+def test_fish_offers_mode_flags_first_and_nothing_for_other_scripts(fish_script: Path) -> None:
+    first = set(complete(fish_script, "./dicom_sar.py --"))
+    assert "--inplace" not in first and "--tag" not in first
+    assert not {"--dump", "--sar"} & set(complete(fish_script, "python other.py --"))
+
+
+def test_bash_and_zsh_scripts(tmp_path: Path) -> None:
+    bash = run_tool("--completions", "bash", cwd=tmp_path).out
+    (tmp_path / "c.bash").write_text(bash)
+    subprocess.run(["bash", "-n", str(tmp_path / "c.bash")], check=True)
+    assert "--regex_search" in bash
+    assert run_tool("--completions", "zsh", cwd=tmp_path).out.startswith("#compdef")
+
+
+@pytest.mark.parametrize(("no_color", "coloured"), [("", True), ("1", False)])
+def test_colour_only_on_a_terminal_without_no_color(no_color: str, coloured: bool,
+                                                    tmp_path: Path) -> None:
+    import pty
+    master, slave = pty.openpty()
+    env = {**os.environ, "NO_COLOR": no_color} if no_color else \
+        {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    proc = subprocess.run([sys.executable, str(dicom_sar.__file__), "--dump", "--tag",
+                           "Nonsense"], stderr=slave, stdout=subprocess.DEVNULL, env=env,
+                          cwd=tmp_path)
+    os.close(slave)
+    err = os.read(master, 65536).decode()
+    os.close(master)
+    assert proc.returncode == 2
+    assert ("\x1b[31m" in err) is coloured
+    piped = run_tool("--dump", "--tag", "Nonsense", cwd=tmp_path)
+    assert "\x1b[" not in piped.err  # never when stderr is not a terminal
