@@ -41,18 +41,16 @@ def test_valid_files_pass_dcmdump_dciodvfy_and_read_back(generated: Path, manife
     checked_by_validator = set()
     for entry in valid:
         path = generated / entry["path"]
-        proc = dcmdump("-q", path)
+        proc = dcmdump(path)  # not -q, which hides warnings
         assert proc.returncode == 0 and not proc.stderr.strip(), (entry["scenario"], proc.stderr)
         ds = read(path)
         assert ds.SOPInstanceUID == entry["sop_uid"]
         assert ds.StudyInstanceUID == entry["study_uid"]
         assert ds.SeriesInstanceUID == entry["series_uid"]
         assert ds.PatientID.startswith(entry["patient_id"])  # long_values pads it out
-        key = (entry["scenario"], entry["modality"], entry["study_role"])
-        if key not in checked_by_validator:  # one file per kind keeps the test quick
-            checked_by_validator.add(key)
-            assert dciodvfy_errors(path, tmp_path) == [], entry["scenario"]
-    assert len(checked_by_validator) >= 40
+        assert dciodvfy_errors(path, tmp_path) == [], entry["scenario"]
+        checked_by_validator.add(entry["scenario"])
+    assert len(checked_by_validator) >= 15
 
 
 def test_default_study_is_four_view_mammography(generated: Path, manifest: dict) -> None:

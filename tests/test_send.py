@@ -399,3 +399,18 @@ def test_wrong_called_ae_is_a_clear_error(ns, orthanc, generated: Path, manifest
     assert summary["successful_transfers"] == 0 and summary["failed_transfers"] == 4
     assert "association rejected (Rejected Permanent)" in summary["failed_files"][0]["reason"]
     assert "Called AE title not recognised" in summary["failed_files"][0]["reason"]
+
+
+def test_files_without_identity_are_errors_for_that_file(generated: Path, manifest: dict,
+                                                        tmp_path: Path) -> None:
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    victim = next(p for p in tree.rglob("*") if p.is_file())
+    ds = read(victim)
+    del ds.StudyInstanceUID
+    ds.save_as(victim)
+    run = run_tool("--send", "--dry-run", "--path", tree, "-H", "127.0.0.1", "-p", "9",
+                   "-a", "NOBODY", cwd=tmp_path)
+    assert run.code == 1
+    assert "Found 3 DICOM files, grouped into 1 studies" in run.err
+    (line,) = (tmp_path / "errors.log").read_text().splitlines()
+    assert "cannot send without StudyInstanceUID" in line and victim.name in line
