@@ -150,3 +150,32 @@ def test_hostile_files_never_crash_or_hang_a_dump(fuzz_tree: Path, tmp_path: Pat
     assert len(errors) == s["errors"]  # one line per bad file
     assert any("deflate bomb" in line for line in errors if "/bomb" in line)
     assert rss < 1500  # a length that claims gigabytes allocates nothing of the sort
+
+
+def test_raw_scanner_agrees_with_pydicom(readable_pydicom_files: list[Path], generated: Path,
+                                         fuzz_tree: Path) -> None:
+    """The fast path of a tag dump answers exactly as the pydicom path, or defers to it."""
+    import dicom_sar
+    dicom_sar.configure_pydicom()
+    specs = tuple(s for t in [*ORACLE_TAGS[:6], "InstitutionName", "Rows", "TransferSyntaxUID"]
+                  for s in dicom_sar.parse_tag_specs(t))
+    assert dicom_sar.fast_specs_ok(specs)
+    files = [*readable_pydicom_files, *(p for p in generated.rglob("*") if p.is_file()),
+             *sorted(fuzz_tree.iterdir())]
+    answered, diverged = 0, []
+    for path in files:
+        try:
+            fast, _ = dicom_sar.fast_tagged_lines(path, specs)
+        except (dicom_sar.RawScanError, ValueError, LookupError, RecursionError):
+            continue  # deferred to pydicom
+        try:
+            ds, _, _ = dicom_sar.read_dataset(path, header_only=True)
+        except Exception:
+            diverged.append(path)
+            continue
+        slow = dicom_sar.tagged_lines(ds, specs) if ds is not None else None
+        if path.parent != fuzz_tree:  # on well-formed files the two paths agree exactly
+            assert fast == slow, path
+        answered += 1
+    assert answered > 500
+    assert diverged == []  # never answers where pydicom would report the file as broken
