@@ -527,18 +527,23 @@ class Candidate:
 
 def discover(opts: Options, excluded: Iterable[Path]) -> Iterator[Candidate]:
     """Yield candidates in deterministic order (sorted names per directory), lazily."""
-    skip = {os.path.realpath(p) for p in excluded}
+    skip = set()
+    for place in excluded:  # compared by (device, inode): no realpath() per entry
+        with contextlib.suppress(OSError):
+            st = os.stat(place)
+            skip.add((st.st_dev, st.st_ino))
     for root in opts.paths:
         if root.is_dir() and (opts.follow_symlinks or not root.is_symlink()
                               or root in opts.paths):
             yield from _walk(root, root, opts, skip)
         else:
-            yield from _file_candidate(root, root, opts, skip, explicit=True)
+            yield from _file_candidate(root, root, opts, explicit=True)
 
 
-def _walk(root: Path, top: Path, opts: Options, skip: set[str]) -> Iterator[Candidate]:
+def _walk(root: Path, top: Path, opts: Options,
+          skip: set[tuple[int, int]]) -> Iterator[Candidate]:
     seen_dirs: set[tuple[int, int]] = set()
-    stack: list[Iterator[os.DirEntry[str]]] = []
+    stack: list[tuple[Iterator[os.DirEntry[str]], int]] = []  # entries, device
 
     def enter(directory: Path) -> Iterator[Candidate]:
         try:
@@ -549,34 +554,41 @@ def _walk(root: Path, top: Path, opts: Options, skip: set[str]) -> Iterator[Cand
             seen_dirs.add((st.st_dev, st.st_ino))
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
-            stack.append(iter(entries))
+            stack.append((iter(entries), st.st_dev))
         except OSError as exc:
             yield Candidate(directory, root, f"error: {type(exc).__name__}: {exc.strerror}")
 
     yield from enter(top)
     while stack:
-        entry = next(stack[-1], None)
+        entries, device = stack[-1]
+        entry = next(entries, None)
         if entry is None:
             stack.pop()
             continue
         path = Path(entry.path)
-        if os.path.realpath(path) in skip or entry.name.startswith(TEMP_PREFIX):
-            if entry.name.startswith(TEMP_PREFIX):
-                yield Candidate(path, root, "skip: leftover temporary file of an earlier run")
+        if entry.name.startswith(TEMP_PREFIX):
+            yield Candidate(path, root, "skip: leftover temporary file of an earlier run")
             continue
         try:
             is_link = entry.is_symlink()
             is_dir = entry.is_dir(follow_symlinks=opts.follow_symlinks)
+            if is_link and opts.follow_symlinks:
+                st = os.stat(path)
+                identity = (st.st_dev, st.st_ino)
+            else:
+                identity = (device, entry.inode())
         except OSError as exc:
             yield Candidate(path, root, f"error: {type(exc).__name__}: {exc.strerror}")
+            continue
+        if identity in skip:
             continue
         if is_dir:
             yield from enter(path)
         else:
-            yield from _file_candidate(path, root, opts, skip, explicit=False, is_link=is_link)
+            yield from _file_candidate(path, root, opts, explicit=False, is_link=is_link)
 
 
-def _file_candidate(path: Path, root: Path, opts: Options, skip: set[str], *, explicit: bool,
+def _file_candidate(path: Path, root: Path, opts: Options, *, explicit: bool,
                     is_link: bool | None = None) -> Iterator[Candidate]:
     if is_link is None:
         is_link = path.is_symlink()
@@ -584,8 +596,6 @@ def _file_candidate(path: Path, root: Path, opts: Options, skip: set[str], *, ex
         yield Candidate(path, root, "skip: symlink (use --follow-symlinks)")
         return
     if opts.glob and not fnmatch.fnmatch(path.name, opts.glob):
-        return
-    if not explicit and os.path.realpath(path) in skip:
         return
     yield Candidate(path, root)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import textwrap
+import uuid
 from pathlib import Path
 
 import pydicom
@@ -199,3 +203,61 @@ def fuzz_tree(tmp_path_factory: pytest.TempPathFactory, generated: Path,
     (tree / "deep").write_bytes(_deep_nesting(10_000))
     (tree / "bomb").write_bytes(_deflate_bomb())
     return tree
+
+
+class Namespace:
+    """A network namespace with only lo, and the processes started in it."""
+
+    def __init__(self) -> None:
+        self.name = f"dsar-{uuid.uuid4().hex[:8]}"
+        self.prefix = ["ip", "netns", "exec", self.name]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *cmd: str | Path, env: dict[str, str] | None = None,
+              log: Path | None = None) -> subprocess.Popen[bytes]:
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen([*self.prefix, *map(str, cmd)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+        self.procs.append(proc)
+        return proc
+
+    def python(self, code: str, timeout: float = 30) -> str:
+        return subprocess.run([*self.prefix, sys.executable, "-c", code], capture_output=True,
+                              text=True, timeout=timeout, check=True).stdout
+
+    def wait_for_port(self, port: int, timeout: float = 20) -> None:
+        code = textwrap.dedent(f"""
+            import socket, time, sys
+            end = time.time() + {timeout}
+            while time.time() < end:
+                try:
+                    socket.create_connection(("127.0.0.1", {port}), 0.5).close(); sys.exit(0)
+                except OSError:
+                    time.sleep(0.1)
+            sys.exit(1)""")
+        subprocess.run([*self.prefix, sys.executable, "-c", code], check=True, timeout=60)
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def ns():
+    """A private network namespace (root needed; in CI its absence is a failure)."""
+    need("ip")
+    space = Namespace()
+    made = subprocess.run(["ip", "netns", "add", space.name], capture_output=True)
+    if made.returncode:
+        if IN_CI:
+            pytest.fail(f"cannot create a network namespace: {made.stderr.decode()}")
+        pytest.skip("network namespaces need root")
+    subprocess.run([*space.prefix, "ip", "link", "set", "lo", "up"], check=True)
+    try:
+        yield space
+    finally:
+        for proc in space.procs:
+            space.stop(proc)
+        subprocess.run(["ip", "netns", "del", space.name], check=False)

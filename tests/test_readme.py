@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, TOOL, need
+from conftest import ROOT, TOOL, Namespace, need
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.M | re.S)
@@ -32,11 +32,11 @@ def tour_pairs(text: str) -> list[tuple[re.Match[str], re.Match[str]]]:
             and "<!-- ci:" not in text[max(0, a.start() - 30):a.start()]]
 
 
-def in_fish(commands: str, cwd: Path) -> str:
+def in_fish(commands: str, cwd: Path, prefix: list[str] | None = None) -> str:
     """Run README commands in fish with this interpreter standing in for venv/bin/python."""
     script = commands.replace("venv/bin/python dicom_sar.py", f"{sys.executable} {TOOL}")
-    proc = subprocess.run([need("fish"), "-c", script], cwd=cwd, capture_output=True,
-                          env={**os.environ, "COLUMNS": "100"}, timeout=300)
+    proc = subprocess.run([*(prefix or []), need("fish"), "-c", script], cwd=cwd,
+                          capture_output=True, env={**os.environ, "COLUMNS": "100"}, timeout=300)
     assert proc.returncode in (0, 1), proc.stderr.decode()
     return proc.stdout.decode()
 
@@ -58,13 +58,35 @@ def help_block(text: str) -> re.Match[str]:
     return next(b for b in blocks(text) if b.start() > text.index("## `--help`"))
 
 
+def with_storescp(cwd: Path):
+    """A private loopback-only namespace with DCMTK storescp on 11112, for the send tour."""
+    space = Namespace()
+    subprocess.run(["ip", "netns", "add", space.name], check=True)
+    subprocess.run([*space.prefix, "ip", "link", "set", "lo", "up"], check=True)
+    (cwd / "rx").mkdir(exist_ok=True)
+    space.start(need("storescp"), "--fork", "-aet", "STORESCP", "-od", cwd / "rx", "11112",
+                env={"TCP_NODELAY": "1"})
+    space.wait_for_port(11112)
+    return space
+
+
 def render(text: str, cwd: Path) -> str:
     """The README with every pasted output (and --help) replaced by a fresh run's."""
     in_fish(main_job(text), cwd)
-    out, pos = [], 0
-    for commands, shown in tour_pairs(text):
-        out += [text[pos:shown.start()], "```\n", in_fish(commands[2], cwd), "```\n"]
-        pos = shown.end()
+    out, pos, space = [], 0, None
+    try:
+        for commands, shown in tour_pairs(text):
+            prefix = None
+            if "--send" in commands[2]:
+                space = space or with_storescp(cwd)
+                prefix = space.prefix
+            out += [text[pos:shown.start()], "```\n", in_fish(commands[2], cwd, prefix), "```\n"]
+            pos = shown.end()
+    finally:
+        if space is not None:
+            for proc in space.procs:
+                space.stop(proc)
+            subprocess.run(["ip", "netns", "del", space.name], check=False)
     out.append(text[pos:])
     text = "".join(out)
     block = help_block(text)
@@ -72,8 +94,9 @@ def render(text: str, cwd: Path) -> str:
 
 
 VOLATILE = re.compile(r"^(  (?:avg ms per file|total seconds|files per second|mb per second|"
-                      r"workers|free threaded)\s+).*$|^warning: this Python has the GIL.*\n",
-                      re.M)
+                      r"workers|free threaded|session id|start time|end time|total time ms|"
+                      r"average transfer time ms|throughput mbps)\s+|session ).*$"
+                      r"|^warning: this Python has the GIL.*\n", re.M)
 
 
 ALIAS_METAVAR = re.compile(r"(-[\w-]+) [A-Z]+, ")  # 3.11 argparse: '--workers N, --threads N'

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -470,3 +472,40 @@ def test_signals_stop_cleanly_with_a_summary(sig: int, code: int,
     done = sum(p.read_bytes() == (ref / p.name).read_bytes() for p in tree.iterdir())
     assert 0 < done < 500
     assert not list(tree.glob(dicom_sar_temp_prefix() + "*"))  # in-flight files finished
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """Make path read-only even for root (immutable attribute), or by mode bits otherwise."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        mode = path.stat().st_mode
+        path.chmod(mode & 0o555)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+
+
+def test_read_only_file_and_directory_are_errors_for_that_file(
+        generated: Path, manifest: dict, tmp_path: Path) -> None:
+    entries = instances(manifest, scenario="multi_patient")[:3]
+    tree = tmp_path / "in"
+    for sub, e in zip(("ok", "rodir", "rofile"), entries, strict=True):
+        (tree / sub).mkdir(parents=True)
+        shutil.copy(generated / e["path"], tree / sub / "f")
+    before = tree_digest(tree)
+    with read_only(tree / "rodir"), read_only(tree / "rofile" / "f"):
+        run = run_tool("--sar", "--inplace", "--tag", "PatientID", *GENHOSP, "--path", tree,
+                       "--backup-dir", tmp_path / "backup", cwd=tmp_path)
+    assert run.code == 1
+    after = tree_digest(tree)
+    assert after["rodir/f"] == before["rodir/f"] and after["rofile/f"] == before["rofile/f"]
+    assert after["ok/f"] != before["ok/f"]
+    errors = (tmp_path / "errors.log").read_text().splitlines()
+    assert len(errors) == 2 and {"rodir" in e for e in errors} == {True, False}

@@ -6,82 +6,20 @@ does the sender: no test traffic can leave 127.0.0.1, whatever address a server 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from conftest import FREE_THREADED_BUILD, IN_CI, instances, need, read, run_tool
+from conftest import FREE_THREADED_BUILD, Namespace, instances, need, read, run_tool
 
 PORT, HTTP_PORT = 11112, 18042
-
-
-class Namespace:
-    """A network namespace with only lo, and the processes started in it."""
-
-    def __init__(self) -> None:
-        self.name = f"dsar-{uuid.uuid4().hex[:8]}"
-        self.prefix = ["ip", "netns", "exec", self.name]
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *cmd: str | Path, env: dict[str, str] | None = None,
-              log: Path | None = None) -> subprocess.Popen[bytes]:
-        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-        proc = subprocess.Popen([*self.prefix, *map(str, cmd)], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-        self.procs.append(proc)
-        return proc
-
-    def python(self, code: str, timeout: float = 30) -> str:
-        return subprocess.run([*self.prefix, sys.executable, "-c", code], capture_output=True,
-                              text=True, timeout=timeout, check=True).stdout
-
-    def wait_for_port(self, port: int, timeout: float = 20) -> None:
-        code = textwrap.dedent(f"""
-            import socket, time, sys
-            end = time.time() + {timeout}
-            while time.time() < end:
-                try:
-                    socket.create_connection(("127.0.0.1", {port}), 0.5).close(); sys.exit(0)
-                except OSError:
-                    time.sleep(0.1)
-            sys.exit(1)""")
-        subprocess.run([*self.prefix, sys.executable, "-c", code], check=True, timeout=60)
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-@pytest.fixture
-def ns():
-    """A private network namespace (root needed; in CI its absence is a failure)."""
-    need("ip")
-    space = Namespace()
-    made = subprocess.run(["ip", "netns", "add", space.name], capture_output=True)
-    if made.returncode:
-        if IN_CI:
-            pytest.fail(f"cannot create a network namespace: {made.stderr.decode()}")
-        pytest.skip("network namespaces need root")
-    subprocess.run([*space.prefix, "ip", "link", "set", "lo", "up"], check=True)
-    try:
-        yield space
-    finally:
-        for proc in space.procs:
-            space.stop(proc)
-        subprocess.run(["ip", "netns", "del", space.name], check=False)
 
 
 @pytest.fixture
@@ -414,3 +352,17 @@ def test_files_without_identity_are_errors_for_that_file(generated: Path, manife
     assert "Found 3 DICOM files, grouped into 1 studies" in run.err
     (line,) = (tmp_path / "errors.log").read_text().splitlines()
     assert "cannot send without StudyInstanceUID" in line and victim.name in line
+
+
+def test_a_study_needing_more_than_128_contexts_is_split() -> None:
+    import dicom_sar
+    files = [dicom_sar.Indexed(Path(f"f{i}"), "1.2.3", f"1.2.840.10008.5.1.4.1.1.{i}",
+                               f"1.2.3.{i}", pydicom.uid.JPEGBaseline8Bit, 10, True)
+             for i in range(100)]
+    batches = dicom_sar.association_batches(files)
+    assert [len(b) for b, _ in batches] == [42, 42, 16]  # 3 contexts per SOP class
+    assert all(len(contexts) <= 128 for _, contexts in batches)
+    assert [f for b, _ in batches for f in b] == files  # in order, each file once
+    first_contexts = set(batches[0][1])
+    assert (files[0].sop_class, pydicom.uid.JPEGBaseline8Bit) in first_contexts
+    assert (files[0].sop_class, pydicom.uid.ExplicitVRLittleEndian) in first_contexts
