@@ -1602,20 +1602,20 @@ def mirrored(cand: Candidate, base: Path, opts: Options) -> Path:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
-def _temp_in(directory: Path) -> tuple[int, Path]:
+def _temp_in(directory: Path) -> Path:
     # A temporary file in the target directory: os.replace within one filesystem is atomic,
     # so a crash leaves either the old file or the new one, never a partial file.
     directory.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
-    os.close(fd)
-    return fd, Path(name)
+    os.close(fd)  # reopened by whoever produces the content
+    return Path(name)
 
 
 def write_atomic(target: Path, produce: Callable[[Path], None], *,
                  like: Path | None = None,
                  before_replace: Callable[[Path], None] | None = None) -> None:
     """produce() writes a temporary file beside target, which then replaces target."""
-    _, tmp = _temp_in(target.parent)
+    tmp = _temp_in(target.parent)
     try:
         produce(tmp)
         if like is not None:
