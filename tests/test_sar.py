@@ -275,6 +275,7 @@ def test_inplace_keeps_a_complete_backup(generated: Path, manifest: dict,
     after = tree_digest(tree)
     assert set(after) == set(before) and all(after[k] != before[k] for k in before)
     assert (tree / "00_multi_patient").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "backup" / "00_multi_patient").stat().st_mode & 0o777 == 0o640
     assert not list(tree.glob(".dicom_sar-tmp-*"))
 
 
@@ -509,3 +510,42 @@ def test_read_only_file_and_directory_are_errors_for_that_file(
     assert after["ok/f"] != before["ok/f"]
     errors = (tmp_path / "errors.log").read_text().splitlines()
     assert len(errors) == 2 and {"rodir" in e for e in errors} == {True, False}
+
+
+def test_a_file_replaced_during_processing_is_left_alone(generated: Path, manifest: dict,
+                                                         tmp_path: Path, monkeypatch) -> None:
+    import dicom_sar
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="default")[:2])
+    victim, other = sorted(tree.iterdir())
+    newcomer = other.read_bytes()
+    real = dicom_sar.splice_patches
+
+    def replace_then_plan(path, ds, planned):  # someone swaps the file in mid-flight
+        patches = real(path, ds, planned)
+        if path == victim:
+            (tmp_path / "swap").write_bytes(newcomer)
+            os.replace(tmp_path / "swap", victim)
+        return patches
+
+    monkeypatch.setattr(dicom_sar, "splice_patches", replace_then_plan)
+    opts = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
+        ["--sar", "--inplace", "--no-backup", "--tag", "PatientID", *GENHOSP, "--path",
+         str(tree)]))
+    result = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, opts),
+                               dicom_sar.Candidate(victim, tree))
+    assert result.status == "error" and "changed while it was being processed" in result.message
+    assert victim.read_bytes() == newcomer  # the newcomer is left exactly as it arrived
+
+
+def test_values_appear_in_logs_only_with_verbose(generated: Path, manifest: dict,
+                                                 tmp_path: Path) -> None:
+    entry = instances(manifest, scenario="default")[0]
+    tree = tmp_path / "in"
+    tree.mkdir()
+    shutil.copy(generated / entry["path"], tree / "x")
+    for flag, visible in (([], False), (["--verbose"], True)):
+        logs = tmp_path / ("v" if visible else "q")
+        run = run_tool("--sar", *flag, "--tag", "PatientID", *GENHOSP, "--path", tree,
+                       "--output", tmp_path / f"out{visible}", "--log-dir", logs, cwd=tmp_path)
+        assert run.code == 0, run.err
+        assert (entry["patient_id"] in (logs / "dicom_sar.log").read_text()) is visible
