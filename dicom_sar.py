@@ -334,11 +334,9 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         backup = Path(ns.backup_dir) if ns.backup_dir else Path(DEFAULT_BACKUP) / stamp
     for root in (Path(p) for p in (ns.path or ["."])):
-        for where, what in ((output, "--output"), (backup, "--backup-dir")):
-            if where is not None and root.is_dir() and is_within(where, root) and not ns.dry_run \
-                    and what == "--backup-dir":
-                raise UsageError(f"{what} {where} is inside the scanned tree {root}; "
-                                 "put backups outside it")
+        if backup is not None and not ns.dry_run and root.is_dir() and is_within(backup, root):
+            raise UsageError(f"--backup-dir {backup} is inside the scanned tree {root}; "
+                             "put backups outside it")
     return dict(pattern=pattern, replacement=ns.regex_replace, deep=ns.deep,
                 all_strings=not specs, inplace=ns.inplace, output=output, backup=backup,
                 copy_unmodified=ns.copy_unmodified, fsync=not ns.no_fsync)
@@ -1268,9 +1266,7 @@ def dump_task(cand: Candidate, opts: Options) -> FileResult:
         else:
             if lines is None:
                 return FileResult(cand.path, "not-dicom", nbytes=size)
-            if opts.with_filename:
-                lines = [f"{cand.path}: {line}" for line in lines]
-            return FileResult(cand.path, "ok", nbytes=size, lines=tuple(lines))
+            return dumped(cand, size, lines, opts)
     ds, size, kind = read_dataset(cand.path, header_only=not wants_pixels)
     if ds is None:
         return FileResult(cand.path, "not-dicom", nbytes=size)
@@ -1278,7 +1274,12 @@ def dump_task(cand: Candidate, opts: Options) -> FileResult:
         return FileResult(cand.path, "ok", nbytes=size, values=tuple(count_values(ds, opts)))
     if opts.fmt == "json":
         return FileResult(cand.path, "ok", nbytes=size, lines=(json_line(cand.path, ds, opts),))
-    lines = tagged_lines(ds, opts.specs) if opts.specs else full_dump_lines(ds, kind)
+    return dumped(cand, size, tagged_lines(ds, opts.specs) if opts.specs
+                  else full_dump_lines(ds, kind), opts)
+
+
+def dumped(cand: Candidate, size: int, lines: list[str], opts: Options) -> FileResult:
+    """A dump result, each line prefixed with its path under --with-filename."""
     if opts.with_filename:
         lines = [f"{cand.path}: {line}" for line in lines]
     return FileResult(cand.path, "ok", nbytes=size, lines=tuple(lines))
@@ -2585,22 +2586,20 @@ def run_generate(opts: Options, out: Callable[[str], None]) -> int:
               f"to {output}", file=sys.stderr)
         return EXIT_OK
     reporter = Reporter(opts, out)
-    stop = threading.Event()
+    stop = StopSignal()
     cands = (Candidate(Path(p.relpath), output) for p in plans)
     by_path = {p.relpath: p for p in plans}
-    status = EXIT_OK
     try:
         for result in run_ordered(
                 cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
-                opts.workers, stop):
+                opts.workers, stop.event):
             reporter.handle(result)
-    except KeyboardInterrupt:
-        stop.set()
-        status = EXIT_SIGINT
+    finally:
+        stop.restore()
     path = write_manifest(output, req, plans)
     log.info("generated %d planned instances into %s; manifest %s", len(plans), output, path)
     reporter.finish()
-    return status or exit_status(reporter.stats)
+    return stop.exit_status() or exit_status(reporter.stats)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -2930,7 +2929,7 @@ def run_send(opts: Options, out: Callable[[str], None]) -> int:
     stop = threading.Event()
     for result in run_ordered(discover(opts, excluded_locations(opts, [])),
                               lambda c: index_task(c, opts), opts.workers, stop):
-        reporter.handle(dataclasses.replace(result, status="ok") if result.record else result)
+        reporter.handle(result)
         if result.record is not None:
             studies.setdefault(result.record.study, []).append(result.record)
     reporter.bar.close()
@@ -3144,12 +3143,11 @@ class Stats:
 
     def add(self, r: FileResult) -> None:
         """Count one result."""
-        self.seen += 1
         self.busy_seconds += r.seconds
-        if r.status == "skipped":
+        if r.status == "skipped":  # leftover temporary files, symlinks: not files of the tree
             self.skipped += 1
-            self.seen -= 1
             return
+        self.seen += 1
         if r.status == "not-dicom":
             self.not_dicom += 1
             return
