@@ -39,13 +39,15 @@ import pydicom.charset
 import pydicom.config
 import pydicom.datadict
 import pydicom.encaps
+import pydicom.filewriter
 import pydicom.uid
 import pydicom.valuerep
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import correct_ambiguous_vr_element
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.tag import BaseTag
 from tqdm import tqdm
 
@@ -56,6 +58,7 @@ LOG_NAME, ERROR_LOG_NAME = "dicom_sar.log", "errors.log"
 TEMP_PREFIX = ".dicom_sar-tmp-"  # every temporary file this tool writes starts with this
 DEFAULT_OUTPUT, DEFAULT_BACKUP = "dicom_sar_output", "dicom_sar_backup"
 DEFAULT_GENERATED = "dicom_sar_generated"
+DEFAULT_TIME_LIMIT = 600.0  # seconds per file; generous: a multi-GB file on slow storage
 STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 TEXT_VRS = frozenset("SH LO ST LT UC UT PN".split())  # affected by SpecificCharacterSet
 SINGLE_VALUE_VRS = frozenset("LT ST UT UR".split())  # backslash is text, not a delimiter
@@ -146,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--glob", metavar="PATTERN", help="only file names matching this pattern")
     common.add_argument("--workers", "--threads", "-j", "-t", type=int, metavar="N",
                         help="worker threads (default: max(1, usable CPUs - 4))")
+    common.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT, metavar="S",
+                        help="per-file time limit; a file past it becomes an error, the run "
+                             f"goes on (default {DEFAULT_TIME_LIMIT:g} s, 0 = none)")
     common.add_argument("--follow-symlinks", action="store_true",
                         help="follow symlinked directories and files (loops are detected)")
     common.add_argument("--log-dir", metavar="DIR", default=".",
@@ -236,6 +242,7 @@ class Options:
     specs: tuple[TagSpec, ...]
     glob: str | None
     workers: int
+    time_limit: float
     follow_symlinks: bool
     log_dir: Path
     summary_json: Path | None
@@ -278,12 +285,16 @@ def options_from_args(ns: argparse.Namespace) -> Options:
     workers = ns.workers if ns.workers is not None else default_workers()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, not {workers}")
+    if not 0 <= ns.time_limit < 1e9:
+        raise UsageError(f"--time-limit must be 0 (none) or a number of seconds, "
+                         f"not {ns.time_limit:g}")
     paths = tuple(Path(p) for p in (ns.path or ["."]))
     for path in paths:
         if not path.exists() and not path.is_symlink() and mode != "generate":
             raise UsageError(f"--path {path}: no such file or directory")
     common = dict(
         mode=mode, paths=paths, specs=specs, glob=ns.glob, workers=workers,
+        time_limit=ns.time_limit,
         follow_symlinks=ns.follow_symlinks, log_dir=Path(ns.log_dir),
         summary_json=Path(ns.summary_json) if ns.summary_json else None,
         progress=not ns.no_progress and not ns.quiet and sys.stderr.isatty(),
@@ -639,43 +650,185 @@ class FileResult:
     record: Any = None  # --send: what the index found
 
 
+class TimeLimitError(Exception):
+    """A worker found its file abandoned at the time limit; the file is left as it was."""
+
+
+@dataclasses.dataclass(eq=False)
+class Batch:
+    """A few files for one pool task.
+
+    This is the one state a worker shares with the main thread, and only for the per-file
+    time limit: the worker appends results and stamps each file's start; the main thread may
+    mark the batch abandoned. Both happen under the lock, as does every commit (rename), so a
+    file reported as timed out was never replaced.
+    """
+
+    files: list[Candidate]
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    done: list[FileResult] = dataclasses.field(default_factory=list)
+    started: float = 0.0  # monotonic start of the file in progress; 0 between files
+    abandoned: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """A place in the output order: results settled so far, then the batch still running."""
+
+    settled: list[FileResult]
+    batch: Batch
+    future: Future[list[FileResult]] | None
+
+
+_current_batch = threading.local()  # the Batch a worker thread is running, for commit()
+STUCK_WORKERS = threading.Event()  # set once a worker had to be abandoned (see main)
+
+
 def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
-                workers: int, stop: threading.Event, batch: int = 16) -> Iterator[FileResult]:
+                workers: int, stop: threading.Event, time_limit: float = 0,
+                batch: int = 16) -> Iterator[FileResult]:
     """Run task over candidates on a thread pool, yielding results in submission order.
 
     Files go to the pool in small batches (fewer futures and wake-ups for the main thread),
-    and at most a few batches per worker are in flight (backpressure on the walk).
+    and at most a few batches per worker are in flight (backpressure on the walk). A file
+    that runs past time_limit seconds becomes an error (see Pool).
     """
-    limit = max(2, workers * 3)
-    inflight: collections.deque[Future[list[FileResult]]] = collections.deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG) as pool:
-        try:
-            chunk: list[Candidate] = []
-            for cand in candidates:
-                if stop.is_set():
-                    chunk = []
-                    break  # stop taking new files; the ones in flight finish below
-                chunk.append(cand)
-                if len(chunk) < batch:
-                    continue
-                inflight.append(pool.submit(run_batch, task, chunk))
+    pool = Pool(workers, task, time_limit)
+    try:
+        chunk: list[Candidate] = []
+        for cand in candidates:
+            if stop.is_set():
                 chunk = []
-                while len(inflight) >= limit:
-                    yield from inflight.popleft().result()
-            if chunk:
-                inflight.append(pool.submit(run_batch, task, chunk))
-            while inflight:
-                yield from inflight.popleft().result()
-        finally:
-            for fut in inflight:
-                fut.cancel()
+                break  # stop taking new files; the ones in flight finish below
+            chunk.append(cand)
+            if len(chunk) < batch:
+                continue
+            pool.submit(chunk)
+            chunk = []
+            while pool.full():
+                yield from pool.next_results()
+        if chunk:
+            pool.submit(chunk)
+        while pool.slots:
+            yield from pool.next_results()
+    finally:
+        pool.close()
 
 
-def run_batch(task: Callable[[Candidate], FileResult],
-              chunk: list[Candidate]) -> list[FileResult]:
-    """One pool task: a few files, each guarded on its own."""
-    return [guarded(task, cand) if cand.problem is None else problem_result(cand)
-            for cand in chunk]
+class Pool:
+    """The ThreadPoolExecutor behind run_ordered, plus the per-file time limit.
+
+    Python cannot stop a thread, so a file past the limit is given up on: its batch is
+    abandoned (that worker commits nothing more), the rest of the batch and the queued
+    batches go to a fresh executor, and the process exits without waiting for the stuck
+    thread (exit_now_if_stuck).
+    """
+
+    def __init__(self, workers: int, task: Callable[[Candidate], FileResult],
+                 time_limit: float):
+        self.workers, self.task, self.time_limit = workers, task, time_limit
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG)
+        self.retired: list[ThreadPoolExecutor] = []
+        self.slots: collections.deque[Slot] = collections.deque()
+
+    def start(self, files: list[Candidate]) -> tuple[Batch, Future[list[FileResult]] | None]:
+        """A batch of files on the current executor (nothing for no files)."""
+        b = Batch(files)
+        return b, self.executor.submit(run_batch, self.task, b) if files else None
+
+    def submit(self, files: list[Candidate]) -> None:
+        """Queue a batch behind the others."""
+        self.slots.append(Slot([], *self.start(files)))
+
+    def full(self) -> bool:
+        """Backpressure: a few batches per worker in flight at most."""
+        return len(self.slots) >= max(2, self.workers * 3)
+
+    def next_results(self) -> list[FileResult]:
+        """The oldest slot's results, in order, once its batch is finished or given up on."""
+        slot = self.slots[0]
+        tick = min(1.0, self.time_limit / 4) if self.time_limit else None
+        while slot.future is not None:
+            try:
+                results = slot.future.result(timeout=tick)
+                break
+            except TimeoutError:
+                self.enforce_time_limit()
+        else:
+            results = []
+        self.slots.popleft()
+        return slot.settled + results
+
+    def enforce_time_limit(self) -> None:
+        """Abandon every batch whose current file has run past the limit."""
+        now = time.monotonic()
+        for slot in self.slots:
+            b = slot.batch
+            with b.lock:
+                if b.abandoned or not b.started or now - b.started < self.time_limit:
+                    continue
+                b.abandoned = True
+                finished = list(b.done)
+            stuck = b.files[len(finished)]
+            log.warning("%s: abandoned after %g s (time limit); the run goes on",
+                        stuck.path, self.time_limit)
+            slot.settled += [*finished, FileResult(
+                stuck.path, "error", seconds=now - b.started, error_type="TimeLimit",
+                message=f"still running after the {self.time_limit:g} s per-file time limit "
+                        "(--time-limit); left as it was")]
+            self.replace_executor()
+            slot.batch, slot.future = self.start(b.files[len(finished) + 1:])
+
+    def replace_executor(self) -> None:
+        """A fresh executor takes the queued batches; the old one keeps its stuck thread."""
+        STUCK_WORKERS.set()
+        old, self.executor = self.executor, ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix=PROG)
+        self.retired.append(old)
+        for slot in self.slots:
+            if slot.future is not None and slot.future.cancel():  # not started: move it
+                slot.batch, slot.future = self.start(slot.batch.files)
+        old.shutdown(wait=False)
+
+    def close(self) -> None:
+        """Cancel what has not started; wait for the rest unless a worker is stuck."""
+        for slot in self.slots:
+            if slot.future is not None:
+                slot.future.cancel()
+        for executor in [*self.retired, self.executor]:
+            executor.shutdown(wait=not STUCK_WORKERS.is_set())
+
+
+def run_batch(task: Callable[[Candidate], FileResult], b: Batch) -> list[FileResult]:
+    """One pool task: a few files, each guarded on its own, stamped for the time limit."""
+    _current_batch.value = b
+    try:
+        for cand in b.files:
+            with b.lock:
+                if b.abandoned:
+                    break
+                b.started = time.monotonic()
+            result = guarded(task, cand) if cand.problem is None else problem_result(cand)
+            with b.lock:
+                if b.abandoned:
+                    break
+                b.done.append(result)
+                b.started = 0.0
+    finally:
+        _current_batch.value = None
+    return b.done
+
+
+def commit(replace: Callable[[], None]) -> None:
+    """Run the step that makes a write visible, unless this file was abandoned meanwhile."""
+    b: Batch | None = getattr(_current_batch, "value", None)
+    if b is None:
+        replace()
+        return
+    with b.lock:
+        if b.abandoned:
+            raise TimeLimitError("abandoned at the per-file time limit")
+        replace()
 
 
 def problem_result(cand: Candidate) -> FileResult:
@@ -922,9 +1075,6 @@ def printed_length(raw: RawDataElement, vr: str, encodings: list[str]) -> int:
 
 def raw_of(elem: DataElement, ds: Dataset) -> RawDataElement:
     """Encode a converted element back to raw bytes (for printing after a change)."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element
-
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, True
     write_data_element(fp, elem, charset_of(ds))
@@ -996,14 +1146,11 @@ def pixel_sequence_lines(raw: RawDataElement, vr: str, level: int) -> list[str]:
 
 def item_length(item: Dataset) -> int:
     """Encoded length of an explicit-length item (pydicom keeps no item lengths)."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-
     fp = DicomBytesIO()
     fp.is_little_endian = item.is_little_endian if item.is_little_endian is not None else True
     fp.is_implicit_VR = item.is_implicit_VR if item.is_implicit_VR is not None else False
     try:
-        write_dataset(fp, item)
+        pydicom.filewriter.write_dataset(fp, item)
     except Exception:
         return 0
     return len(fp.getvalue())
@@ -1623,9 +1770,12 @@ def write_atomic(target: Path, produce: Callable[[Path], None], *,
             shutil.copystat(like, tmp)  # permissions and timestamps of the original
         else:
             os.chmod(tmp, 0o644)
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, target)
+
+        def replace() -> None:
+            if before_replace is not None:
+                before_replace(tmp)
+            os.replace(tmp, target)
+        commit(replace)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -1638,11 +1788,11 @@ def write_dataset(ds: Dataset, path: Path, *, fsync: bool) -> None:
         finish(fp, fsync)
 
 
-def write_bytes_atomic(data: bytes, target: Path, *, fsync: bool) -> None:
-    """Write bytes to target atomically."""
+def write_bytes_atomic(data: bytes | list[bytes], target: Path, *, fsync: bool) -> None:
+    """Write bytes (or a list of chunks) to target atomically."""
     def produce(tmp: Path) -> None:
         with open(tmp, "wb") as fp:
-            fp.write(data)
+            fp.writelines([data] if isinstance(data, bytes) else data)
             finish(fp, fsync)
     write_atomic(target, produce)
 
@@ -2224,9 +2374,9 @@ def plan_config(planner: Planner, config: dict[str, Any]) -> list[InstancePlan]:
 
 def pixel_bytes(rows: int, cols: int, seed: int, order: str = "<") -> bytes:
     """A cheap deterministic 16-bit ramp pattern (no numpy): rows are rotated ramps."""
-    base = struct.pack(f"{order}{cols * 2}H", *(((i * 16 + seed * 97) & 0x0FFF)
-                                                 for i in range(cols * 2)))
+    period = struct.pack(f"{order}256H", *(((i * 16 + seed * 97) & 0x0FFF) for i in range(256)))
     width = cols * 2
+    base = (period * (width // 256 + 1))[: 2 * width]  # the ramp repeats every 256 samples
     return b"".join(base[(r * 2) % width: (r * 2) % width + width] for r in range(rows))
 
 
@@ -2259,14 +2409,34 @@ def build_instance(plan: InstancePlan, seed: int) -> Dataset:
     if plan.fault == "unsupported_sop":
         ds = base_dataset(plan, "GrayscaleSoftcopyPresentationStateStorage")
         add_presentation_state(ds, plan)
-        return ds
-    if plan.fault == "encapsulated_pdf":
+    elif plan.fault == "encapsulated_pdf":
         ds = base_dataset(plan, "EncapsulatedPDFStorage")
         add_encapsulated_pdf(ds)
+    else:
+        ds = base_dataset(plan, SOP_CLASSES[plan.modality])
+        add_image(ds, plan)
+        {"MG": add_mammography, "CT": add_ct, "MR": add_mr}[plan.modality](ds, plan)
+    for elem in instance_elements(plan, seed):
+        ds[elem.tag] = elem
+    return ds
+
+
+VOLUME_THICKNESS = {"CT": 1.0, "MR": 3.0}
+
+
+def instance_elements(plan: InstancePlan, seed: int) -> Dataset:
+    """The elements that differ between the images of one series (see series_template)."""
+    ds = Dataset()
+    ds.SOPInstanceUID = plan.sop_uid
+    ds.InstanceNumber = plan.number
+    if plan.fault in ("unsupported_sop", "encapsulated_pdf"):
         return ds
-    ds = base_dataset(plan, SOP_CLASSES[plan.modality])
-    add_image(ds, plan, seed)
-    {"MG": add_mammography, "CT": add_ct, "MR": add_mr}[plan.modality](ds, plan)
+    if plan.modality in VOLUME_THICKNESS:
+        z = round(-VOLUME_THICKNESS[plan.modality] * plan.number, 2)
+        ds.ImagePositionPatient, ds.SliceLocation = [-180, -180, z], z
+    rows, cols = plan.size
+    ds.PixelData = pixel_bytes(rows, cols, seed + plan.number)
+    ds["PixelData"].VR = "OW"
     return ds
 
 
@@ -2281,7 +2451,7 @@ def base_dataset(plan: InstancePlan, sop_keyword: str) -> Dataset:
     ds = Dataset()
     ds.file_meta, ds.preamble = meta, b"\x00" * 128
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, plan.sop_uid
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = plan.study.date
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = plan.study.time
     ds.AccessionNumber = plan.study.accession
@@ -2305,19 +2475,16 @@ def base_dataset(plan: InstancePlan, sop_keyword: str) -> Dataset:
     ds.SeriesInstanceUID = plan.series_uid
     ds.StudyID = plan.study.study_id
     ds.SeriesNumber = plan.series_number
-    ds.InstanceNumber = plan.number
     return ds
 
 
-def add_image(ds: Dataset, plan: InstancePlan, seed: int) -> None:
-    """Image pixel module: 16-bit MONOCHROME2 with a deterministic pattern."""
+def add_image(ds: Dataset, plan: InstancePlan) -> None:
+    """Image pixel module: 16-bit MONOCHROME2 (the pixels come with instance_elements)."""
     rows, cols = plan.size
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = rows, cols
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixel_bytes(rows, cols, seed + plan.number)
-    ds["PixelData"].VR = "OW"
 
 
 def add_mammography(ds: Dataset, plan: InstancePlan) -> None:
@@ -2355,7 +2522,7 @@ def add_mammography(ds: Dataset, plan: InstancePlan) -> None:
 
 def add_ct(ds: Dataset, plan: InstancePlan) -> None:
     """CT image, image plane and frame of reference modules for one axial slice."""
-    add_plane(ds, plan, thickness=1.0)
+    add_plane(ds, plan)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
     ds.KVP = 120
@@ -2366,7 +2533,7 @@ def add_ct(ds: Dataset, plan: InstancePlan) -> None:
 
 def add_mr(ds: Dataset, plan: InstancePlan) -> None:
     """MR image, image plane and frame of reference modules for one slice."""
-    add_plane(ds, plan, thickness=3.0)
+    add_plane(ds, plan)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
     ds.ScanningSequence, ds.SequenceVariant = "SE", "NONE"
     ds.ScanOptions, ds.MRAcquisitionType = "", "2D"
@@ -2377,16 +2544,14 @@ def add_mr(ds: Dataset, plan: InstancePlan) -> None:
     ds.BodyPartExamined = "HEAD"
 
 
-def add_plane(ds: Dataset, plan: InstancePlan, thickness: float) -> None:
-    """Image plane and frame of reference for slice plan.number of an axial stack."""
+def add_plane(ds: Dataset, plan: InstancePlan) -> None:
+    """Image plane and frame of reference of an axial stack (positions are per instance)."""
     ds.FrameOfReferenceUID = pydicom.uid.generate_uid(entropy_srcs=[plan.series_uid, "for"])
     ds.PositionReferenceIndicator = ""
     ds.PatientPosition = "HFS"
     ds.PixelSpacing = [0.7, 0.7]
-    ds.SliceThickness = thickness
+    ds.SliceThickness = VOLUME_THICKNESS[plan.modality]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [-180, -180, round(-thickness * plan.number, 2)]
-    ds.SliceLocation = round(-thickness * plan.number, 2)
 
 
 def add_presentation_state(ds: Dataset, plan: InstancePlan) -> None:
@@ -2511,20 +2676,106 @@ def encode_instance(plan: InstancePlan, seed: int) -> bytes:
         apply_fault(ds, plan)
     if plan.encoding:
         apply_encoding(ds, plan)
-    from pydicom.filebase import DicomBytesIO
-
-    fp = DicomBytesIO()
-    bare = plan.encoding == "no_preamble"
-    if bare:
-        ds.file_meta = pydicom.dataset.FileMetaDataset()
-    if bare:
-        pydicom.dcmwrite(fp, ds, implicit_vr=False, little_endian=True)
-    else:
-        pydicom.dcmwrite(fp, ds, enforce_file_format=True)
-    data = fp.getvalue()
+    data = encode_dataset(ds, plan)
     if plan.fault == "truncated":
         return data[: len(data) - max(2, (ds.Rows * ds.Columns) // 3) - 1]
     return data
+
+
+def encode_dataset(ds: Dataset, plan: InstancePlan) -> bytes:
+    """pydicom's encoding of a built dataset (no file meta for the no_preamble preset)."""
+    fp = DicomBytesIO()
+    if plan.encoding == "no_preamble":
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        pydicom.dcmwrite(fp, ds, implicit_vr=False, little_endian=True)
+    else:
+        pydicom.dcmwrite(fp, ds, enforce_file_format=True)
+    return fp.getvalue()
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesTemplate:
+    """A series' encoded bytes, cut around the elements that differ per instance.
+
+    pieces holds bytes (shared by every instance) and tags (encoded per instance); the file
+    meta group length is the one value that is recomputed.
+    """
+
+    head: bytes  # preamble and DICM
+    meta_static: tuple[bytes, bytes]  # meta elements before and after (0002,0003)
+    pieces: tuple[bytes | BaseTag, ...]
+    pixel_length: int  # PixelData's header is in pieces; only its value is per instance
+
+
+PIXEL_TAG = BaseTag(0x7FE00010)
+_thread_templates = threading.local()  # each worker keeps its own few templates
+
+
+def encode_element(elem: DataElement) -> bytes:
+    """One element in explicit VR little endian, encoded by pydicom."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, elem)
+    return fp.getvalue()
+
+
+def templated(plan: InstancePlan) -> bool:
+    """Plain volume images, the bulk of large runs, are encoded from a series template."""
+    return (plan.modality in VOLUME_THICKNESS and plan.fault is None and plan.encoding is None
+            and not plan.tags)
+
+
+def series_template(plan: InstancePlan, seed: int) -> SeriesTemplate | None:
+    """Cut plan's full encoding into a template; None if reassembly would not be identical."""
+    ds = build_instance(plan, seed)
+    full = encode_dataset(ds, plan)
+    varying = set(instance_elements(plan, seed).keys())
+    pydicom.dataset.validate_file_meta(ds.file_meta)  # adds what dcmwrite adds
+    tags = [e.tag for e in ds.file_meta if e.tag != 0x00020000]
+    meta = [encode_element(ds.file_meta[t]) for t in tags]
+    at = tags.index(0x00020003)
+    pieces: list[bytes | BaseTag] = []
+    run: list[bytes] = []
+    for elem in ds:
+        encoded = encode_element(elem)
+        if elem.tag == PIXEL_TAG:  # a fixed length per series: keep the header
+            run.append(encoded[: len(encoded) - len(elem.value)])
+        if elem.tag in varying:
+            pieces += [b"".join(run), elem.tag]
+            run = []
+        else:
+            run.append(encoded)
+    pieces.append(b"".join(run))
+    template = SeriesTemplate(full[:132], (b"".join(meta[:at]), b"".join(meta[at + 1:])),
+                              tuple(pieces), len(ds.PixelData))
+    return template if b"".join(from_template(template, plan, seed) or ()) == full else None
+
+
+def from_template(template: SeriesTemplate, plan: InstancePlan, seed: int) -> list[bytes] | None:
+    """The chunks of one instance's file from its series template (None if it cannot be)."""
+    inst = instance_elements(plan, seed)
+    if len(inst.PixelData) != template.pixel_length:
+        return None
+    sop = encode_element(DataElement(0x00020003, "UI", plan.sop_uid))
+    before, after = template.meta_static
+    length = encode_element(DataElement(0x00020000, "UL", len(before) + len(sop) + len(after)))
+    return [template.head, length, before, sop, after, *(
+        p if isinstance(p, bytes) else inst.PixelData if p == PIXEL_TAG else
+        encode_element(inst[p]) for p in template.pieces)]
+
+
+def instance_chunks(plan: InstancePlan, seed: int) -> list[bytes]:
+    """The bytes of one planned file, from a per-thread series template where possible."""
+    if not templated(plan):
+        return [encode_instance(plan, seed)]
+    key = dataclasses.replace(plan, sop_uid="", number=0, relpath="")
+    cache = _thread_templates.__dict__.setdefault("cache", {})
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = series_template(plan, seed)
+    chunks = cache[key] and from_template(cache[key], plan, seed)
+    return chunks or [encode_instance(plan, seed)]
 
 
 def generate_task(plan: InstancePlan, output: Path, seed: int) -> FileResult:
@@ -2532,9 +2783,9 @@ def generate_task(plan: InstancePlan, output: Path, seed: int) -> FileResult:
     target = output / plan.relpath
     if plan.expect == "absent":
         return FileResult(target, "skipped", message="missing_dicom: deliberately not written")
-    data = encode_instance(plan, seed)
-    write_bytes_atomic(data, target, fsync=False)
-    return FileResult(target, "modified", nbytes=len(data))
+    chunks = instance_chunks(plan, seed)
+    write_bytes_atomic(chunks, target, fsync=False)
+    return FileResult(target, "modified", nbytes=sum(map(len, chunks)))
 
 
 def manifest_entry(plan: InstancePlan) -> dict[str, Any]:
@@ -2592,7 +2843,7 @@ def run_generate(opts: Options, out: Callable[[str], None]) -> int:
     try:
         for result in run_ordered(
                 cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
-                opts.workers, stop.event):
+                opts.workers, stop.event, opts.time_limit):
             reporter.handle(result)
     finally:
         stop.restore()
@@ -2928,7 +3179,8 @@ def run_send(opts: Options, out: Callable[[str], None]) -> int:
     studies: dict[str, list[Indexed]] = {}
     stop = threading.Event()
     for result in run_ordered(discover(opts, excluded_locations(opts, [])),
-                              lambda c: index_task(c, opts), opts.workers, stop):
+                              lambda c: index_task(c, opts), opts.workers, stop,
+                              opts.time_limit):
         reporter.handle(result)
         if result.record is not None:
             studies.setdefault(result.record.study, []).append(result.record)
@@ -3470,7 +3722,8 @@ def run(opts: Options) -> int:
     stop = StopSignal()
     try:
         candidates = discover(opts, excluded_locations(opts, log_paths))
-        for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event):
+        for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event,
+                                  opts.time_limit):
             reporter.handle(result)
     finally:
         stop.restore()
@@ -3546,5 +3799,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SIGINT
 
 
+def exit_now_if_stuck(code: int) -> None:
+    """A worker abandoned at the time limit cannot be joined: flush and leave without it."""
+    if STUCK_WORKERS.is_set():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    exit_now_if_stuck(status)
+    sys.exit(status)

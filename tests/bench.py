@@ -208,6 +208,15 @@ def main() -> None:
             target="GIL slower")
     else:
         print(f"6c skipped: no GIL python at {args.gil_python} (.ci/run makes venv-gil)")
+    # 7. generating the CT corpus vs copying it (the same bytes and files: the disk's floor)
+    def clear_gen() -> None:
+        shutil.rmtree(work / "gen", ignore_errors=True)
+    bench.pair("7 generate CT 512x512 vs cp -r of it", {
+        "ours": [*ours, "--generate", "--output", str(work / "gen"), "--scenario", "ct",
+                 "--patients", str(ct_n // 100), "--instances", "100", "--seed", "202",
+                 "-j", w],
+        "cp -r": f"cp -r {ct} {work / 'gen'}"}, prepare=clear_gen,
+        target="disk-bound: close to cp -r")
     shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps({"interpreter": PY, "free_threaded": free,

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -286,3 +287,30 @@ def test_colour_only_on_a_terminal_without_no_color(no_color: str, coloured: boo
     assert ("\x1b[31m" in err) is coloured
     piped = run_tool("--dump", "--tag", "Nonsense", cwd=tmp_path)
     assert "\x1b[" not in piped.err  # never when stderr is not a terminal
+
+
+def test_time_limit_gives_up_on_a_stuck_file_and_commits_nothing_for_it(tmp_path: Path) -> None:
+    """The engine: a file past the limit is an error in its place; later files still run."""
+    release = dicom_sar.threading.Event()
+    names = [f"f{i:02d}" for i in range(40)]
+
+    def task(cand: dicom_sar.Candidate) -> dicom_sar.FileResult:
+        if cand.path.name == "f05":
+            release.wait(60)  # stuck (sleeping releases the GIL, so both builds can test this)
+            dicom_sar.write_bytes_atomic(b"late", tmp_path / "f05.out", fsync=False)
+        return dicom_sar.FileResult(cand.path, "ok")
+
+    try:
+        cands = (dicom_sar.Candidate(tmp_path / n, tmp_path) for n in names)
+        results = list(dicom_sar.run_ordered(cands, task, 2, dicom_sar.threading.Event(),
+                                             time_limit=0.5, batch=4))
+    finally:
+        release.set()  # the abandoned worker wakes up and must not commit its write
+    assert [r.path.name for r in results] == names
+    assert [r.path.name for r in results if r.status == "error"] == ["f05"]
+    assert results[5].error_type == "TimeLimit" and "left as it was" in results[5].message
+    assert dicom_sar.STUCK_WORKERS.is_set()
+    dicom_sar.STUCK_WORKERS.clear()
+    time.sleep(0.3)
+    assert not (tmp_path / "f05.out").exists()
+    assert not list(tmp_path.glob(".dicom_sar-tmp-*"))

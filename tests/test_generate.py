@@ -191,6 +191,19 @@ def test_same_seed_same_bytes_other_seed_other_uids(tmp_path: Path) -> None:
     assert not uids[0] & uids[1]
 
 
+@pytest.mark.parametrize(("modality", "size"), [("CT", "512x512"), ("MR", "37x3"),
+                                               ("CT", "1x1")])
+def test_series_template_writes_the_same_bytes_as_pydicom(modality: str, size: str) -> None:
+    ns = dicom_sar.build_parser().parse_args([
+        "--generate", "--scenario", modality.lower(), "--patients", "2", "--instances", "6",
+        "--modality", modality, "--size", size, "--seed", "3"])
+    plans = dicom_sar.plan_generation(dicom_sar.generate_plan_from_args(ns))
+    assert len(plans) == 12 and all(dicom_sar.templated(p) for p in plans)
+    assert dicom_sar.series_template(plans[0], 3) is not None  # the fast path is taken
+    for plan in plans:
+        assert b"".join(dicom_sar.instance_chunks(plan, 3)) == dicom_sar.encode_instance(plan, 3)
+
+
 def test_flat_layout_and_counts(tmp_path: Path) -> None:
     run = run_tool("--generate", "--scenario", "ct", "--instances", "3", "--size", "32x32",
                    "--layout", "flat", "--output", tmp_path / "o", cwd=tmp_path)

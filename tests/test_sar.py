@@ -17,7 +17,16 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import TOOL, dcmdump, instances, read, run_tool, squeeze, tree_digest
+from conftest import (
+    FREE_THREADED_BUILD,
+    TOOL,
+    dcmdump,
+    instances,
+    read,
+    run_tool,
+    squeeze,
+    tree_digest,
+)
 
 GENHOSP = ["--regex_search", "^(.*)$", "--regex_replace", r"GENHOSP\1"]
 
@@ -549,3 +558,33 @@ def test_values_appear_in_logs_only_with_verbose(generated: Path, manifest: dict
                        "--output", tmp_path / f"out{visible}", "--log-dir", logs, cwd=tmp_path)
         assert run.code == 0, run.err
         assert (entry["patient_id"] in (logs / "dicom_sar.log").read_text()) is visible
+
+
+@pytest.mark.skipif(not FREE_THREADED_BUILD,
+                    reason="with the GIL, a regex stuck in C holds the interpreter; "
+                           "the time limit needs python3.13t")
+def test_a_catastrophic_regex_is_cut_off_by_the_time_limit(tmp_path: Path) -> None:
+    run = run_tool("--generate", "--scenario", "multi_patient", "--patients", "10",
+                   "--studies", "1", "--size", "8x8", "--layout", "flat", "--seed", "4",
+                   "--output", tmp_path / "in", cwd=tmp_path)
+    assert run.code == 0, run.err
+    (tmp_path / "in" / "manifest.json").unlink()
+    victim = sorted((tmp_path / "in").iterdir())[7]
+    ds = read(victim)
+    ds.PatientID = "a" * 40 + "!"  # (a+)+$ backtracks 2**40 times on this
+    ds.save_as(victim)
+    before = victim.read_bytes()
+    t0 = time.monotonic()
+    run = run_tool("--sar", "--tag", "PatientID", "--regex_search", r"^(?:(a+)+$|PAT(.*))$",
+                   "--regex_replace", r"GENHOSP\2", "--inplace", "--path", tmp_path / "in",
+                   "-j", "2", "--time-limit", "2", "--summary-json", tmp_path / "s.json",
+                   cwd=tmp_path, timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert run.code == 1, run.err
+    (line,) = (tmp_path / "errors.log").read_text().splitlines()
+    assert victim.name in line and "TimeLimit" in line
+    assert victim.read_bytes() == before
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["modified"] == 39 and s["errors"] == 1
+    assert all(str(read(p).PatientID).startswith("GENHOSP")
+               for p in (tmp_path / "in").iterdir() if p != victim)
