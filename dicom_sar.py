@@ -2896,11 +2896,11 @@ class Indexed:
 
 @dataclasses.dataclass(frozen=True)
 class Sent:
-    """What became of one file: sent, warning (counted as sent) or failed."""
+    """What became of one file: sent, warning (counted as sent), failed or not sent (stopped)."""
 
     path: Path
     study: str
-    outcome: str  # sent | warning | failed
+    outcome: str  # sent | warning | failed | not-sent
     status: int | None
     reason: str
     size: int
@@ -3068,13 +3068,16 @@ def one_line(text: str) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
-def send_study(study: str, files: list[Indexed], target: SendTarget,
-               events: Any) -> list[Sent]:
-    """Send one study: an association per batch, reopened (with backoff) after faults."""
+def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any,
+               stop: threading.Event) -> list[Sent]:
+    """Send one study: an association per batch, reopened (with backoff) after faults.
+
+    After a stop (Ctrl-C, SIGTERM) the file on the wire finishes and the rest is not sent.
+    """
     results: list[Sent] = []
     for batch, contexts in association_batches(files):
         pending, attempt, why = list(batch), 0, ""
-        while pending and attempt <= target.retries:
+        while pending and attempt <= target.retries and not stop.is_set():
             if attempt:
                 time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))  # back off before a retry
             try:
@@ -3087,7 +3090,7 @@ def send_study(study: str, files: list[Indexed], target: SendTarget,
                 attempt += 1
                 continue
             try:
-                while pending:
+                while pending and not stop.is_set():
                     outcome = store_one(assoc, pending[0])
                     if outcome is None:
                         why = "association lost during C-STORE (timeout or abort)"
@@ -3103,7 +3106,9 @@ def send_study(study: str, files: list[Indexed], target: SendTarget,
             if pending:
                 attempt += 1
         for f in pending:
-            outcome = Sent(f.path, f.study, "failed", None, why or "not sent", f.size, 0.0)
+            outcome = (Sent(f.path, f.study, "not-sent", None, "stopped before sending", f.size,
+                            0.0) if stop.is_set() else
+                       Sent(f.path, f.study, "failed", None, why or "not sent", f.size, 0.0))
             results.append(outcome)
             events.put(outcome)
     return results
@@ -3157,6 +3162,16 @@ def verify_studies(target: SendTarget, acknowledged: collections.Counter[str]) -
     return problems
 
 
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """One send session: its id, its clock and its detailed log."""
+
+    id: str
+    started: datetime
+    t0: float
+    log: logging.Logger
+
+
 def run_send(opts: Options, out: Callable[[str], None]) -> int:
     """Index, group by study, send study by study over the pool; log and summarise."""
     import uuid
@@ -3170,21 +3185,29 @@ def run_send(opts: Options, out: Callable[[str], None]) -> int:
         ok, message = echo(target)
         print(message, file=sys.stderr if not ok else sys.stdout)
         return EXIT_OK if ok else EXIT_FAILURES
-    session = str(uuid.uuid4())
-    sender_log = session_logger(opts, session)
-    print(f"session {session}", file=sys.stderr)
-    started = datetime.now(UTC)
-    t0 = time.perf_counter()
+    sid = str(uuid.uuid4())
+    session = Session(sid, datetime.now(UTC), time.perf_counter(), session_logger(opts, sid))
+    print(f"session {sid}", file=sys.stderr)
     reporter = Reporter(opts, out)
     studies: dict[str, list[Indexed]] = {}
-    stop = threading.Event()
-    for result in run_ordered(discover(opts, excluded_locations(opts, [])),
-                              lambda c: index_task(c, opts), opts.workers, stop,
-                              opts.time_limit):
-        reporter.handle(result)
-        if result.record is not None:
-            studies.setdefault(result.record.study, []).append(result.record)
-    reporter.bar.close()
+    stop = StopSignal()
+    try:
+        for result in run_ordered(discover(opts, excluded_locations(opts, [])),
+                                  lambda c: index_task(c, opts), opts.workers, stop.event,
+                                  opts.time_limit):
+            reporter.handle(result)
+            if result.record is not None:
+                studies.setdefault(result.record.study, []).append(result.record)
+        reporter.bar.close()
+        return send_studies(studies, opts, out, reporter, stop, session)
+    finally:
+        stop.restore()
+
+
+def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable[[str], None],
+                 reporter: Reporter, stop: StopSignal, session: Session) -> int:
+    """Announce, send (or list, for a dry run), verify, and write the session summary."""
+    target: SendTarget = opts.send
     total_files = sum(len(v) for v in studies.values())
     print(f"Found {total_files} DICOM files, grouped into {len(studies)} studies", file=sys.stderr)
     for study, files in list(studies.items())[:5]:
@@ -3195,25 +3218,27 @@ def run_send(opts: Options, out: Callable[[str], None]) -> int:
                 out(f"study {study}  association {i + 1}: {len(batch)} files, "
                     f"{len(contexts)} presentation contexts")
         return EXIT_OK if not reporter.stats.errors else EXIT_FAILURES
-    sent = transfer(studies, target, opts, sender_log)
-    acknowledged = collections.Counter(s.study for s in sent if s.outcome != "failed")
+    sent = transfer(studies, target, opts, session.log, stop.event)
+    acknowledged = collections.Counter(s.study for s in sent if s.outcome in ("sent", "warning"))
     problems = verify_studies(target, acknowledged) if target.verify and acknowledged else []
     for problem in problems:
         print(problem, file=sys.stderr)
-        sender_log.warning(problem)
-    summary = send_summary(session, started, time.perf_counter() - t0, sent, target, opts,
-                           len(studies), reporter.stats.errors)
-    path = opts.log_dir / f"dicom_sender_summary_{session}.json"
+        session.log.warning(problem)
+    summary = send_summary(session.id, session.started, time.perf_counter() - session.t0, sent,
+                           target, opts, len(studies), reporter.stats.errors)
+    path = opts.log_dir / f"dicom_sender_summary_{session.id}.json"
     write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), path, fsync=False)
     if not opts.quiet:
         print(render_summary({k: v for k, v in summary.items() if k != "failed_files"}),
               file=sys.stderr)
+    if summary["not_sent_stopped"]:
+        print(f"stopped: {summary['not_sent_stopped']} files not sent", file=sys.stderr)
     failed = summary["failed_transfers"] + reporter.stats.errors
-    return EXIT_FAILURES if failed or problems else EXIT_OK
+    return stop.exit_status() or (EXIT_FAILURES if failed or problems else EXIT_OK)
 
 
 def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Options,
-             sender_log: logging.Logger) -> list[Sent]:
+             sender_log: logging.Logger, stop: threading.Event) -> list[Sent]:
     """Studies over the pool; events drive the progress bar and the detailed log."""
     import queue
 
@@ -3223,7 +3248,7 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
                disable=not opts.progress, desc="sending")
     sent: list[Sent] = []
     with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix=PROG) as pool:
-        futures = [pool.submit(send_study, study, files, target, events)
+        futures = [pool.submit(send_study, study, files, target, events, stop)
                    for study, files in studies.items()]
         while True:
             try:
@@ -3242,6 +3267,8 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
                       file=sys.stderr)
             elif outcome.outcome == "warning":
                 sender_log.warning("sent with warning: %s: %s", outcome.path, outcome.reason)
+            elif outcome.outcome == "not-sent":
+                sender_log.info("not sent (stopped): %s", outcome.path)
             else:
                 sender_log.info("sent: %s (%d bytes, %.1f ms)", outcome.path, outcome.size,
                                 outcome.seconds * 1000)
@@ -3270,7 +3297,7 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
                  target: SendTarget, opts: Options, studies: int,
                  index_errors: int) -> dict[str, Any]:
     """The JSON summary of a send session (the fields of the user's own sender)."""
-    ok = [s for s in sent if s.outcome != "failed"]
+    ok = [s for s in sent if s.outcome in ("sent", "warning")]
     failed = [s for s in sent if s.outcome == "failed"]
     total_bytes = sum(s.size for s in ok)
     return {
@@ -3278,6 +3305,7 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
         "end_time": datetime.now(UTC).isoformat(), "total_files": len(sent) + index_errors,
         "successful_transfers": len(ok), "warnings": sum(s.outcome == "warning" for s in sent),
         "failed_transfers": len(failed), "index_errors": index_errors,
+        "not_sent_stopped": sum(s.outcome == "not-sent" for s in sent),
         "total_bytes": total_bytes, "total_time_ms": round(seconds * 1000, 1),
         "average_transfer_time_ms": round(1000 * sum(s.seconds for s in ok) / max(1, len(ok)),
                                           2),

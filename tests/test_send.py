@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import FREE_THREADED_BUILD, Namespace, instances, need, read, run_tool
+from conftest import FREE_THREADED_BUILD, TOOL, Namespace, instances, need, read, run_tool
 
 PORT, HTTP_PORT = 11112, 18042
 
@@ -163,16 +164,17 @@ def test_receiver_stopped_mid_run(ns, storescp, generated: Path, manifest: dict,
 FAKE_SCP = textwrap.dedent("""
     # A scriptable Storage SCP: fail every Nth store, reject the first K associations as busy,
     # stall (never answer), and record the largest number of simultaneous associations.
-    import json, sys, threading, time
+    import json, os, sys, threading, time
     from pynetdicom import AE, evt, AllStoragePresentationContexts, _config
     _config.LOG_HANDLER_LEVEL = "none"
     opts = json.loads(sys.argv[1])
     state = {"stores": 0, "active": 0, "max_active": 0, "assocs": 0, "stored": []}
     lock = threading.Lock()
 
-    def dump():
-        with open(opts["state"], "w") as f:
+    def dump():  # atomically: the test polls this file
+        with open(opts["state"] + ".tmp", "w") as f:
             json.dump(state, f)
+        os.replace(opts["state"] + ".tmp", opts["state"])
 
     def on_request(event):
         with lock:
@@ -275,6 +277,31 @@ def test_silent_receiver_times_out(ns, fake_scp, generated: Path, manifest: dict
     assert summary["successful_transfers"] == 0 == len(state()["stored"])
     assert summary["failed_transfers"] == 4
     assert "association lost" in summary["failed_files"][0]["reason"]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_send_finishes_the_file_on_the_wire_and_summarises(
+        sig: int, code: int, ns, fake_scp, generated: Path, manifest: dict,
+        tmp_path: Path) -> None:
+    state = fake_scp(delay=0.2)
+    tree = tree_of(generated, manifest, tmp_path, "multi_patient")
+    proc = subprocess.Popen([*ns.prefix, sys.executable, str(TOOL), "--send", "--path", tree,
+                             "-H", "127.0.0.1", "-p", str(PORT), "-a", "FAKESCP", "-t", "1",
+                             "--log-dir", tmp_path / "logs", "--no-progress"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while state()["stores"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    (path,) = (tmp_path / "logs").glob("dicom_sender_summary_*.json")
+    summary = json.loads(path.read_text())
+    stored = len(state()["stored"])
+    assert summary["successful_transfers"] == stored and 2 <= stored < 24
+    assert summary["failed_transfers"] == 0
+    assert summary["not_sent_stopped"] == 24 - stored
+    assert b"summary" in err and b"files not sent" in err
 
 
 @pytest.fixture
