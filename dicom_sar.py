@@ -1935,6 +1935,11 @@ def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[Path], N
     """Back up the original (unless --no-backup), then atomically replace it."""
     if cand.path.is_symlink():
         raise PermissionError("refusing to replace a symlink in place")
+    tree = cand.path.parent if cand.root == cand.path else cand.root
+    if opts.follow_symlinks and not Path(os.path.realpath(cand.path.parent)).is_relative_to(
+            os.path.realpath(tree)):  # reached through a symlinked directory
+        raise PermissionError("refusing to replace in place a file outside the tree "
+                              "(reached through a symlinked directory)")
     if opts.backup is not None:
         copy_file_atomic(cand.path, mirrored(cand, opts.backup, opts), fsync=opts.fsync)
     st = cand.path.stat()

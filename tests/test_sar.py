@@ -546,6 +546,57 @@ def test_a_file_replaced_during_processing_is_left_alone(generated: Path, manife
     assert victim.read_bytes() == newcomer  # the newcomer is left exactly as it arrived
 
 
+def test_a_file_deleted_after_discovery_is_one_error(generated: Path, manifest: dict,
+                                                     tmp_path: Path) -> None:
+    import dicom_sar
+    tree = make_tree(tmp_path, generated, instances(manifest, scenario="default")[:3])
+    opts = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
+        ["--sar", "--inplace", "--no-backup", "--tag", "PatientID", *GENHOSP, "--path",
+         str(tree)]))
+    found = list(dicom_sar.discover(opts, []))
+    found[1].path.unlink()  # gone between the walk and its turn on the pool
+    results = list(dicom_sar.run_ordered(iter(found), lambda c: dicom_sar.sar_task(c, opts),
+                                         2, dicom_sar.threading.Event()))
+    assert [r.status for r in results] == ["modified", "error", "modified"]
+    assert results[1].error_type == "FileNotFoundError"
+    assert not list(tree.glob(dicom_sar_temp_prefix() + "*"))
+
+
+def test_writes_never_follow_a_symlink_out_of_the_tree(generated: Path, manifest: dict,
+                                                       tmp_path: Path) -> None:
+    entries = instances(manifest, scenario="default")[:2]
+    tree = make_tree(tmp_path, generated, entries[:1])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(generated / entries[1]["path"], outside / "target")
+    (tree / "link").symlink_to(outside / "target")
+    (tree / "dirlink").symlink_to(outside, target_is_directory=True)
+    before = (outside / "target").read_bytes()
+    run = run_tool("--sar", "--inplace", "--tag", "PatientID", *GENHOSP, "--path", tree,
+                   "--backup-dir", tmp_path / "backup", cwd=tmp_path)
+    assert run.code == 0, run.err  # the link is reported as skipped, not followed
+    assert "symlink" in run.log() and (outside / "target").read_bytes() == before
+    run = run_tool("--sar", "--inplace", "--follow-symlinks", "--tag", "PatientID", *GENHOSP,
+                   "--path", tree, "--backup-dir", tmp_path / "backup2", "--log-dir",
+                   tmp_path / "l2", cwd=tmp_path)
+    assert run.code == 1  # even when followed, nothing outside the tree is replaced in place
+    errors = (tmp_path / "l2" / "errors.log").read_text().splitlines()
+    assert len(errors) == 2
+    assert "refusing to replace a symlink" in "".join(e for e in errors if "/link:" in e)
+    assert "outside the tree" in "".join(e for e in errors if "dirlink/target" in e)
+    assert (outside / "target").read_bytes() == before and (tree / "link").is_symlink()
+    run = run_tool("--sar", "--follow-symlinks", "--tag", "PatientID", *GENHOSP, "--path",
+                   tree, "--output", tmp_path / "out", "--log-dir", tmp_path / "l3",
+                   cwd=tmp_path)
+    assert run.code == 0, run.err  # to an output tree, linked content lands inside it
+    written = {p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")
+               if p.is_file()}
+    assert {Path("link"), Path("dirlink/target")} <= written
+    assert not any(p.is_symlink() for p in (tmp_path / "out").rglob("*"))
+    assert (outside / "target").read_bytes() == before
+    assert sorted(p.name for p in outside.iterdir()) == ["target"]
+
+
 def test_values_appear_in_logs_only_with_verbose(generated: Path, manifest: dict,
                                                  tmp_path: Path) -> None:
     entry = instances(manifest, scenario="default")[0]
