@@ -59,11 +59,19 @@ TEMP_PREFIX = ".dicom_sar-tmp-"  # every temporary file this tool writes starts 
 DEFAULT_OUTPUT, DEFAULT_BACKUP = "dicom_sar_output", "dicom_sar_backup"
 DEFAULT_GENERATED = "dicom_sar_generated"
 DEFAULT_TIME_LIMIT = 600.0  # seconds per file; generous: a multi-GB file on slow storage
-STRING_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
-TEXT_VRS = frozenset("SH LO ST LT UC UT PN".split())  # affected by SpecificCharacterSet
-SINGLE_VALUE_VRS = frozenset("LT ST UT UR".split())  # backslash is text, not a delimiter
-BULK_VRS = frozenset("OB OD OF OL OV OW UN".split())
-LONG_LENGTH_VRS = frozenset("OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # 4-byte lengths
+
+
+def table(items: Iterable[Any]) -> dict[Any, None]:
+    """A shared read-only membership table. Not a frozenset: on 3.13t `in` locks a set, so
+    workers sharing one wait for each other on every lookup; reading a dict takes no lock."""
+    return dict.fromkeys(items)
+
+
+STRING_VRS = table("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+TEXT_VRS = table("SH LO ST LT UC UT PN".split())  # affected by SpecificCharacterSet
+SINGLE_VALUE_VRS = table("LT ST UT UR".split())  # backslash is text, not a delimiter
+BULK_VRS = table("OB OD OF OL OV OW UN".split())
+LONG_LENGTH_VRS = table("OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # 4-byte lengths
 
 log = logging.getLogger(PROG)
 errlog = logging.getLogger(PROG + ".errors")
@@ -849,20 +857,42 @@ def guarded(task: Callable[[Candidate], FileResult], cand: Candidate) -> FileRes
     return dataclasses.replace(result, seconds=time.perf_counter() - t0)
 
 
+HEADER_CHUNK = 1 << 16  # one read holds almost every header; parsing it costs no syscalls
+
+
 def read_dataset(path: Path, *, header_only: bool) -> tuple[Dataset | None, int, str | None]:
     """Read a file if its content says DICOM: (dataset or None, size, kind)."""
     with open(path, "rb") as fp:
         size = os.fstat(fp.fileno()).st_size
-        head = fp.read(132)
-        kind = sniff_dicom(head, size)
+        head = fp.read(HEADER_CHUNK if header_only else 4096 + 132)
+        kind = sniff_dicom(head[:132], size)
         if kind is None:
             return None, size, None
-        if kind == "part10" and DEFLATED_UID in head + fp.read(4096):
+        if kind == "part10" and DEFLATED_UID in head[:4096 + 132]:
             check_inflated_size(fp, size)
+        elif header_only:
+            ds = header_in_memory(head, size)
+            if ds is not None:
+                return ds, size, kind
         fp.seek(0)
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
         check_complete(ds, fp, size)
     return ds, size, kind
+
+
+def header_in_memory(head: bytes, size: int) -> Dataset | None:
+    """Parse the header from the first chunk; None if it may go on past the chunk."""
+    mem = DicomBytesIO(head)
+    try:
+        ds = pydicom.dcmread(mem, force=True, stop_before_pixels=True)
+    except Exception:
+        if len(head) < size:
+            return None  # perhaps only the chunk ends here: the file decides
+        raise
+    if len(head) < size and mem.tell() + 12 > len(head):
+        return None  # the header (or the pixel data's element header) is not all here
+    check_complete(ds, mem, size)
+    return ds
 
 
 DEFLATED_UID = pydicom.uid.DeflatedExplicitVRLittleEndian.encode()
@@ -1225,9 +1255,10 @@ class RawScanError(Exception):
 
 IMPLICIT_LE, EXPLICIT_BE = pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRBigEndian
 _VR_CACHE: dict[int, str] = {}
-PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))  # where stop_before_pixels stops
-VALID_VRS = frozenset(vr.encode() for vr in pydicom.valuerep.VR.__members__)
-LONG_VRS = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)
+PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # where stop_before_pixels stops
+VALID_VRS = table(pydicom.valuerep.VR.__members__)  # str keys: lock-free lookups on 3.13t
+EXPLICIT_LE_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
+DELIMITERS = (0xFFFEE00D, 0xFFFEE0DD)  # item and sequence delimitation items
 
 
 def fast_specs_ok(specs: Iterable[TagSpec]) -> bool:
@@ -1254,7 +1285,7 @@ def implicit_vr(tag: int, length: int) -> str:
 class RawScan:
     """Scan one file's encoded elements, collecting the wanted ones at every depth."""
 
-    def __init__(self, data: bytes, size: int, wanted: frozenset[int]):
+    def __init__(self, data: bytes, size: int, wanted: dict[int, None]):
         self.data, self.size, self.wanted = data, size, wanted
         self.hits: list[tuple[int, RawDataElement, str, list[str]]] = []
         self.top_level = 0  # dataset elements seen at the top: none means a broken file
@@ -1285,22 +1316,22 @@ class RawScan:
             value = self.value(vpos, length)
             if (0x0002 << 16 | elem) == 0x00020010:
                 syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
-            self.collect(0x0002 << 16 | elem, vr.decode(), length, value, True, ["iso8859"])
+            self.collect(0x0002 << 16 | elem, vr, length, value, True, ["iso8859"])
             pos = vpos + length
         return pos, syntax
 
-    def header(self, pos: int, implicit: bool, little: bool) -> tuple[int, int, int, bytes]:
-        """(tag, value position, length, VR as bytes) of the element at pos."""
+    def header(self, pos: int, implicit: bool, little: bool) -> tuple[int, int, int, str]:
+        """(tag, value position, length, VR) of the element at pos."""
         data = self.data
         if pos + 8 > len(data):
             raise RawScanError("element header past the data read")
         group, elem, length = struct.unpack_from("<HHI" if little else ">HHI", data, pos)
         tag = group << 16 | elem
         if implicit or group == 0xFFFE:
-            vr = implicit_vr(tag, length).encode() if group != 0xFFFE else b"na"
+            vr = implicit_vr(tag, length) if group != 0xFFFE else "na"
             return tag, pos + 8, length, vr
-        vr = data[pos + 4:pos + 6]
-        if vr in LONG_VRS:
+        vr = data[pos + 4:pos + 6].decode("latin-1")
+        if vr in LONG_LENGTH_VRS:
             if pos + 12 > len(data):
                 raise RawScanError("element header past the data read")
             (length,) = struct.unpack_from("<I" if little else ">I", data, pos + 8)
@@ -1323,28 +1354,41 @@ class RawScan:
     def scan(self, pos: int, end: int, implicit: bool, little: bool, level: int,
              encodings: list[str]) -> int:
         """Scan elements from pos to end (or to an item delimiter); return where it stopped."""
+        data, size, wanted = self.data, len(self.data), self.wanted
+        explicit_le = not implicit and little
+        # Globals bound to locals: on 3.13t every global load touches a shared refcount,
+        # which two workers scanning at once would fight over on every element.
+        unpack, long_vrs, valid_vrs = EXPLICIT_LE_HEADER.unpack_from, LONG_LENGTH_VRS, VALID_VRS
+        delimiters, pixel_tags = DELIMITERS, PIXEL_TAGS
         while pos < end:
-            tag, vpos, length, vr = self.header(pos, implicit, little)
-            if tag in (0xFFFEE00D, 0xFFFEE0DD):
+            if explicit_le and pos + 8 <= size:  # header() inlined for the common syntax
+                group, elem, vr_bytes, length = unpack(data, pos)
+                vr = vr_bytes.decode("latin-1")
+                if group == 0xFFFE or vr in long_vrs or vr not in valid_vrs:
+                    tag, vpos, length, vr = self.header(pos, implicit, little)
+                else:
+                    tag, vpos = group << 16 | elem, pos + 8
+            else:
+                tag, vpos, length, vr = self.header(pos, implicit, little)
+            if tag in delimiters:
                 return vpos
             self.top_level += level == 0
-            if level == 0 and tag in PIXEL_TAGS:
+            if level == 0 and tag in pixel_tags:
                 if length != 0xFFFFFFFF and vpos + length > self.size:
                     raise RawScanError("pixel data past the end of the file")
                 return pos  # a tag dump stops before the pixel data
-            if vr == b"SQ" or length == 0xFFFFFFFF:
+            if vr == "SQ" or length == 0xFFFFFFFF:
                 pos = self.sequence(vpos, length, implicit, little, level, encodings)
                 continue
             pos = vpos + length
-            if pos > len(self.data):
+            if pos > size:
                 raise RawScanError("value past the data read")
             if tag == 0x00080005:
                 encodings = pydicom.charset.convert_encodings(
                     [v.strip() for v in self.value(vpos, length).decode(
                         "ascii", "replace").split("\\")])
-            if tag in self.wanted:
-                self.collect(tag, vr.decode(), length, self.value(vpos, length), little,
-                             encodings)
+            if tag in wanted:
+                self.collect(tag, vr, length, self.value(vpos, length), little, encodings)
         return pos
 
     def sequence(self, pos: int, length: int, implicit: bool, little: bool, level: int,
@@ -1366,18 +1410,28 @@ class RawScan:
         return pos
 
 
+def read_rest(fd: int, count: int) -> bytes:
+    """Up to count more bytes from fd (os.read may return less than asked)."""
+    chunks = []
+    while count > 0 and (chunk := os.read(fd, min(count, 1 << 24))):
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
+
+
 def fast_tagged_lines(path: Path, specs: tuple[TagSpec, ...]) -> tuple[list[str] | None, int]:
     """dcmdump +P lines by raw scan: (lines, size); lines None for not-DICOM files.
 
     Raises RawScanError when the file should go the pydicom way.
     """
-    with open(path, "rb") as fp:
-        size = os.fstat(fp.fileno()).st_size
-        data = fp.read(1 << 16)
+    fd = os.open(path, os.O_RDONLY)  # os.open: a third of the cost of open() per file
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, HEADER_CHUNK)
         kind = sniff_dicom(data[:132], size)
         if kind is None:
             return None, size
-        wanted = frozenset(s.leaf.tag for s in specs)
+        wanted = table(s.leaf.tag for s in specs)
         for attempt in (0, 1):
             scan = RawScan(data, size, wanted)
             try:
@@ -1386,7 +1440,9 @@ def fast_tagged_lines(path: Path, specs: tuple[TagSpec, ...]) -> tuple[list[str]
             except RawScanError:
                 if attempt or len(data) >= size:
                     raise
-                data += fp.read()  # the header is longer than the first read: read it all
+                data += read_rest(fd, size - len(data))  # a long header: read it all
+    finally:
+        os.close(fd)
     lines = []
     for spec in specs:
         for tag, raw, vr, encodings in scan.hits:
@@ -1940,12 +1996,36 @@ def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[Path], N
             os.path.realpath(tree)):  # reached through a symlinked directory
         raise PermissionError("refusing to replace in place a file outside the tree "
                               "(reached through a symlinked directory)")
+    linked = None
     if opts.backup is not None:
-        copy_file_atomic(cand.path, mirrored(cand, opts.backup, opts), fsync=opts.fsync)
+        backup = mirrored(cand, opts.backup, opts)
+        linked = backup if backup_original(cand.path, backup, fsync=opts.fsync) else None
     st = cand.path.stat()
-    write_atomic(cand.path, produce, like=cand.path, before_replace=before_replace)
-    with contextlib.suppress(OSError):  # keep the owner where we may
-        os.chown(cand.path, st.st_uid, st.st_gid)
+    try:
+        write_atomic(cand.path, produce, like=cand.path, before_replace=before_replace)
+    except BaseException:
+        if linked is not None:  # a link left behind would share the live file's inode
+            linked.unlink(missing_ok=True)
+        raise
+    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        with contextlib.suppress(OSError):  # keep the owner where we may
+            os.chown(cand.path, st.st_uid, st.st_gid)
+
+
+def backup_original(source: Path, target: Path, *, fsync: bool) -> bool:
+    """Keep the original in the backup tree; True if as a hard link, False if copied.
+
+    A link costs no copy, and is safe because the original inode is never written to, only
+    replaced by rename: once replaced, the link alone holds the original bytes (and mode,
+    owner and times). Across filesystems, or over an existing backup, the file is copied.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        copy_file_atomic(source, target, fsync=fsync)
+        return False
+    return True
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════

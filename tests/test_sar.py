@@ -276,6 +276,7 @@ def test_inplace_keeps_a_complete_backup(generated: Path, manifest: dict,
                                          tmp_path: Path) -> None:
     tree = make_tree(tmp_path, generated, instances(manifest, scenario="multi_patient"))
     before = tree_digest(tree)
+    inodes = {p.name: p.stat().st_ino for p in tree.iterdir()}
     (tree / "00_multi_patient").chmod(0o640)
     run = run_tool("--sar", "--inplace", "--tag", "PatientID", *GENHOSP, "--path", tree,
                    "--backup-dir", tmp_path / "backup", cwd=tmp_path)
@@ -286,6 +287,11 @@ def test_inplace_keeps_a_complete_backup(generated: Path, manifest: dict,
     assert (tree / "00_multi_patient").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "backup" / "00_multi_patient").stat().st_mode & 0o777 == 0o640
     assert not list(tree.glob(".dicom_sar-tmp-*"))
+    # same filesystem: each backup is the original inode itself (a link, no copy), and the
+    # replaced file no longer shares it
+    for name in before:
+        kept = (tmp_path / "backup" / name).stat()
+        assert kept.st_ino == inodes[name] and kept.st_nlink == 1
 
 
 def test_backup_inside_the_tree_is_refused(tmp_path: Path) -> None:
