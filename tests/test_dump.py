@@ -141,8 +141,9 @@ def run_with_peak_rss(args: list[str], cwd: Path, timeout: float = 600) -> tuple
 
 
 def test_hostile_files_never_crash_or_hang_a_dump(fuzz_tree: Path, tmp_path: Path) -> None:
-    code, err, rss = run_with_peak_rss(["--dump", "-j", "2", "--path", str(fuzz_tree),
-                                   "--summary-json", str(tmp_path / "s.json")], tmp_path)
+    code, err, rss = run_with_peak_rss(["--dump", "-j", "2", "--time-limit", "60", "--path",
+                                        str(fuzz_tree), "--summary-json",
+                                        str(tmp_path / "s.json")], tmp_path)
     assert code == 1 and "Traceback" not in err
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["files_seen"] == 1002 and s["errors"] >= 100
