@@ -24,7 +24,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -32,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 import pydicom.charset
@@ -1633,13 +1632,13 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
         planned, _ = plan_changes(ds, opts)
         apply_changes(ds, planned)
 
-    def write(tmp_target: Path) -> None:
+    def write(out: BinaryIO) -> None:
         if file_stamp(cand.path) != stamp:
             raise RuntimeError("the file changed while it was being processed; left as it is")
         if patches is not None:
-            write_spliced(cand.path, tmp_target, patches, fsync=opts.fsync)
+            write_spliced(cand.path, out, patches, fsync=opts.fsync)
         else:
-            write_dataset(ds, tmp_target, fsync=opts.fsync)
+            write_dataset(ds, out, fsync=opts.fsync)
 
     def journal(tmp: Path) -> None:
         if opts.journal is not None:
@@ -1806,22 +1805,29 @@ def mirrored(cand: Candidate, base: Path, opts: Options) -> Path:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
-def _temp_in(directory: Path) -> Path:
-    # A temporary file in the target directory: os.replace within one filesystem is atomic,
-    # so a crash leaves either the old file or the new one, never a partial file.
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
-    os.close(fd)  # reopened by whoever produces the content
-    return Path(name)
+def open_temp(directory: Path) -> tuple[int, Path]:
+    """A new, exclusively created temporary file in directory (made if missing): (fd, path)."""
+    # In the target's own directory because os.replace within one filesystem is atomic: a
+    # crash leaves either the old file or the new one, never a partial file.
+    for _ in range(100):
+        tmp = directory / f"{TEMP_PREFIX}{os.urandom(8).hex()}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            directory.mkdir(parents=True, exist_ok=True)
+    raise FileExistsError(f"no free temporary file name in {directory}")
 
 
-def write_atomic(target: Path, produce: Callable[[Path], None], *,
+def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *,
                  like: Path | None = None,
                  before_replace: Callable[[Path], None] | None = None) -> None:
     """produce() writes a temporary file beside target, which then replaces target."""
-    tmp = _temp_in(target.parent)
+    fd, tmp = open_temp(target.parent)
     try:
-        produce(tmp)
+        with open(fd, "wb") as out:
+            produce(out)
         if like is not None:
             shutil.copystat(like, tmp)  # permissions and timestamps of the original
         else:
@@ -1837,28 +1843,26 @@ def write_atomic(target: Path, produce: Callable[[Path], None], *,
         raise
 
 
-def write_dataset(ds: Dataset, path: Path, *, fsync: bool) -> None:
+def write_dataset(ds: Dataset, out: BinaryIO, *, fsync: bool) -> None:
     """Full rewrite by pydicom, keeping the file's own encoding (the fallback path)."""
-    with open(path, "wb") as fp:
-        ds.save_as(fp, enforce_file_format=False)
-        finish(fp, fsync)
+    ds.save_as(out, enforce_file_format=False)
+    finish(out, fsync)
 
 
 def write_bytes_atomic(data: bytes | list[bytes], target: Path, *, fsync: bool) -> None:
     """Write bytes (or a list of chunks) to target atomically."""
-    def produce(tmp: Path) -> None:
-        with open(tmp, "wb") as fp:
-            fp.writelines([data] if isinstance(data, bytes) else data)
-            finish(fp, fsync)
+    def produce(out: BinaryIO) -> None:
+        out.writelines([data] if isinstance(data, bytes) else data)
+        finish(out, fsync)
     write_atomic(target, produce)
 
 
 def copy_file_atomic(source: Path, target: Path, *, fsync: bool) -> None:
     """Copy source to target (data, mode, times) atomically, with a kernel copy."""
-    def produce(tmp: Path) -> None:
-        with open(source, "rb") as src, open(tmp, "wb") as out:
+    def produce(out: BinaryIO) -> None:
+        with open(source, "rb") as src:
             copy_range(src.fileno(), out.fileno(), 0, os.fstat(src.fileno()).st_size)
-            finish(out, fsync)
+        finish(out, fsync)
     write_atomic(target, produce, like=source)
 
 
@@ -1968,9 +1972,9 @@ def value_offset_of(ds: Dataset, tag: int) -> int | None:
     return getattr(elem, "file_tell", None)
 
 
-def write_spliced(source: Path, target: Path, patches: list[Patch], *, fsync: bool) -> None:
+def write_spliced(source: Path, out: BinaryIO, patches: list[Patch], *, fsync: bool) -> None:
     """Write source with patches applied: patched head from memory, tail by kernel copy."""
-    with open(source, "rb") as src, open(target, "wb") as out:
+    with open(source, "rb") as src:
         size = os.fstat(src.fileno()).st_size
         last = patches[-1].offset + patches[-1].size
         head = src.read(last)
@@ -1986,7 +1990,7 @@ def write_spliced(source: Path, target: Path, patches: list[Patch], *, fsync: bo
         finish(out, fsync)
 
 
-def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[Path], None],
+def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[BinaryIO], None],
                      before_replace: Callable[[Path], None] | None = None) -> None:
     """Back up the original (unless --no-backup), then atomically replace it."""
     if cand.path.is_symlink():
