@@ -2462,11 +2462,31 @@ def plan_config(planner: Planner, config: dict[str, Any]) -> list[InstancePlan]:
 
 
 def pixel_bytes(rows: int, cols: int, seed: int, order: str = "<") -> bytes:
-    """A cheap deterministic 16-bit ramp pattern (no numpy): rows are rotated ramps."""
-    period = struct.pack(f"{order}256H", *(((i * 16 + seed * 97) & 0x0FFF) for i in range(256)))
+    """A cheap deterministic 16-bit pattern (no numpy): diagonal ramps, phase set by seed.
+
+    Every image is a window onto one taller ramp image kept per thread, so the slices of a
+    volume differ (systems that spot duplicate pixel data see no duplicates) at the cost of
+    one copy each.
+    """
     width = cols * 2
-    base = (period * (width // 256 + 1))[: 2 * width]  # the ramp repeats every 256 samples
-    return b"".join(base[(r * 2) % width: (r * 2) % width + width] for r in range(rows))
+    tall = ramp_image(rows + 255, cols, order)
+    start = (seed % 256) * width
+    return tall[start:start + rows * width]
+
+
+_thread_ramps = threading.local()  # each worker keeps its own last ramp image
+
+
+def ramp_image(rows: int, cols: int, order: str) -> bytes:
+    """rows x cols samples of ((row + column) * 16) mod 4096, for this thread."""
+    key = (rows, cols, order)
+    if getattr(_thread_ramps, "key", None) != key:
+        period = struct.pack(f"{order}256H", *((i * 16) & 0x0FFF for i in range(256)))
+        line = (period * (cols // 256 + 2))[: 2 * (cols + 256)]  # the ramp repeats every 256
+        _thread_ramps.key = key
+        _thread_ramps.image = b"".join(line[(r % 256) * 2:(r % 256) * 2 + cols * 2]
+                                       for r in range(rows))
+    return _thread_ramps.image
 
 
 def rle_encode_16bit(pixels: bytes, order: str = "<") -> bytes:
@@ -2515,17 +2535,17 @@ VOLUME_THICKNESS = {"CT": 1.0, "MR": 3.0}
 
 def instance_elements(plan: InstancePlan, seed: int) -> Dataset:
     """The elements that differ between the images of one series (see series_template)."""
-    ds = Dataset()
-    ds.SOPInstanceUID = plan.sop_uid
-    ds.InstanceNumber = plan.number
+    ds = Dataset()  # add_new with the VR: cheaper than attribute access, called per image
+    ds.add_new("SOPInstanceUID", "UI", plan.sop_uid)
+    ds.add_new("InstanceNumber", "IS", plan.number)
     if plan.fault in ("unsupported_sop", "encapsulated_pdf"):
         return ds
     if plan.modality in VOLUME_THICKNESS:
         z = round(-VOLUME_THICKNESS[plan.modality] * plan.number, 2)
-        ds.ImagePositionPatient, ds.SliceLocation = [-180, -180, z], z
+        ds.add_new("ImagePositionPatient", "DS", [-180, -180, z])
+        ds.add_new("SliceLocation", "DS", z)
     rows, cols = plan.size
-    ds.PixelData = pixel_bytes(rows, cols, seed + plan.number)
-    ds["PixelData"].VR = "OW"
+    ds.add_new("PixelData", "OW", pixel_bytes(rows, cols, seed + plan.number))
     return ds
 
 
@@ -2802,10 +2822,19 @@ _thread_templates = threading.local()  # each worker keeps its own few templates
 
 def encode_element(elem: DataElement) -> bytes:
     """One element in explicit VR little endian, encoded by pydicom."""
+    return encode_elements([elem])[0]
+
+
+def encode_elements(elems: list[DataElement]) -> list[bytes]:
+    """Each element in explicit VR little endian, encoded by pydicom into one buffer."""
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_data_element(fp, elem)
-    return fp.getvalue()
+    marks = [0]
+    for elem in elems:
+        write_data_element(fp, elem)
+        marks.append(fp.tell())
+    data = fp.getvalue()
+    return [data[a:b] for a, b in itertools.pairwise(marks)]
 
 
 def templated(plan: InstancePlan) -> bool:
@@ -2845,12 +2874,15 @@ def from_template(template: SeriesTemplate, plan: InstancePlan, seed: int) -> li
     inst = instance_elements(plan, seed)
     if len(inst.PixelData) != template.pixel_length:
         return None
-    sop = encode_element(DataElement(0x00020003, "UI", plan.sop_uid))
+    tags = [p for p in template.pieces if isinstance(p, BaseTag) and p != PIXEL_TAG]
+    sop, *encoded = encode_elements([DataElement(0x00020003, "UI", plan.sop_uid),
+                                     *(inst[t] for t in tags)])
     before, after = template.meta_static
     length = encode_element(DataElement(0x00020000, "UL", len(before) + len(sop) + len(after)))
+    values = iter(encoded)
     return [template.head, length, before, sop, after, *(
-        p if isinstance(p, bytes) else inst.PixelData if p == PIXEL_TAG else
-        encode_element(inst[p]) for p in template.pieces)]
+        p if isinstance(p, bytes) else inst.PixelData if p == PIXEL_TAG else next(values)
+        for p in template.pieces)]
 
 
 def instance_chunks(plan: InstancePlan, seed: int) -> list[bytes]:
