@@ -274,7 +274,7 @@ class Options:
     resume: bool = False
     restart: bool = False
     journal: Any = None  # Journal of a writing run (set by run())
-    fast: bool = False  # --dump --tag: the raw scanner may answer
+    fast: bool = False  # plain public --tag: the raw scanner may read the header
 
     @property
     def writes(self) -> bool:
@@ -357,7 +357,8 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
                              "put backups outside it")
     return dict(pattern=pattern, replacement=ns.regex_replace, deep=ns.deep,
                 all_strings=not specs, inplace=ns.inplace, output=output, backup=backup,
-                copy_unmodified=ns.copy_unmodified, fsync=not ns.no_fsync)
+                copy_unmodified=ns.copy_unmodified, fsync=not ns.no_fsync,
+                fast=bool(specs) and not ns.deep and fast_specs_ok(specs))
 
 
 def is_within(path: Path, root: Path) -> bool:
@@ -1284,10 +1285,15 @@ def implicit_vr(tag: int, length: int) -> str:
 class RawScan:
     """Scan one file's encoded elements, collecting the wanted ones at every depth."""
 
-    def __init__(self, data: bytes, size: int, wanted: dict[int, None]):
+    def __init__(self, data: bytes, size: int, wanted: dict[int, None],
+                 keep_top: dict[int, None] | None = None):
         self.data, self.size, self.wanted = data, size, wanted
         self.hits: list[tuple[int, RawDataElement, str, list[str]]] = []
         self.top_level = 0  # dataset elements seen at the top: none means a broken file
+        self.keep_top = keep_top or {}  # top-level tags kept with their file offsets
+        self.top: dict[int, RawDataElement] = {}
+        self.meta: list[RawDataElement] = []  # every file meta element, with its offset
+        self.implicit, self.little = False, True
 
     def run(self, kind: str) -> None:
         """Scan the file meta (Part 10) and the dataset up to the pixel data."""
@@ -1299,6 +1305,7 @@ class RawScan:
             implicit, little = syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
         else:
             implicit = self.data[4:6].decode("latin-1") not in pydicom.valuerep.VR.__members__
+        self.implicit, self.little = implicit, little
         end = self.scan(pos, len(self.data), implicit, little, 0, ["iso8859"])
         if end >= len(self.data) < self.size:
             raise RawScanError("the header goes on past the data read")
@@ -1313,6 +1320,8 @@ class RawScan:
                 break
             _, vpos, length, vr = self.header(pos, False, True)
             value = self.value(vpos, length)
+            self.meta.append(RawDataElement(BaseTag(0x0002 << 16 | elem), vr, length, value,
+                                            vpos, False, True))
             if (0x0002 << 16 | elem) == 0x00020010:
                 syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
             self.collect(0x0002 << 16 | elem, vr, length, value, True, ["iso8859"])
@@ -1388,6 +1397,9 @@ class RawScan:
                         "ascii", "replace").split("\\")])
             if tag in wanted:
                 self.collect(tag, vr, length, self.value(vpos, length), little, encodings)
+            if level == 0 and tag in self.keep_top:
+                self.top[tag] = RawDataElement(BaseTag(tag), vr, length,
+                                               self.value(vpos, length), vpos, implicit, little)
         return pos
 
     def sequence(self, pos: int, length: int, implicit: bool, little: bool, level: int,
@@ -1449,6 +1461,38 @@ def fast_tagged_lines(path: Path, specs: tuple[TagSpec, ...]) -> tuple[list[str]
                 info, vm = render_value(raw, vr, encodings)
                 lines.append(dump_line(tag, vr, info, printed_length(raw, vr, encodings), vm, 0))
     return lines, size
+
+
+def raw_header(path: Path, specs: tuple[TagSpec, ...]) -> tuple[Dataset | None, int, str | None]:
+    """What a top-level SAR needs of a header, by raw scan: (dataset, size, kind) like
+    read_dataset, the dataset holding only the wanted elements, their group lengths,
+    SpecificCharacterSet and the file meta, each raw with its file offset.
+
+    Raises RawScanError when the file should go the pydicom way.
+    """
+    wanted = table(s.leaf.tag for s in specs)
+    keep = table([*wanted, *(tag & 0xFFFF0000 for tag in wanted), 0x00080005])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, HEADER_CHUNK)
+    finally:
+        os.close(fd)
+    kind = sniff_dicom(data[:132], size)
+    if kind is None:
+        return None, size, None
+    if kind != "part10":
+        raise RawScanError("no file meta: pydicom decides the encoding")
+    scan = RawScan(data, size, {}, keep)
+    scan.run(kind)
+    ds = Dataset()
+    for tag, raw in scan.top.items():
+        ds[tag] = raw
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    for raw in scan.meta:
+        ds.file_meta[raw.tag] = raw
+    ds.set_original_encoding(scan.implicit, scan.little, None)
+    return ds, size, kind
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1611,7 +1655,7 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
     if opts.journal is not None and opts.journal.completed(cand.path, target):
         return FileResult(cand.path, "skipped", message="completed by the interrupted run")
     stamp = file_stamp(cand.path)
-    ds, size, _ = read_dataset(cand.path, header_only=True)
+    ds, size, _ = sar_header(cand.path, opts)
     if ds is None:
         return FileResult(cand.path, "not-dicom", nbytes=size)
     planned, rejections = plan_changes(ds, opts)
@@ -1649,6 +1693,16 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
     else:
         write_atomic(target, write, like=cand.path, before_replace=journal)
     return FileResult(cand.path, "modified", nbytes=size, changes=changes)
+
+
+def sar_header(path: Path, opts: Options) -> tuple[Dataset | None, int, str | None]:
+    """The header for planning: by raw scan for plain top-level tags, else by pydicom."""
+    if opts.fast:
+        try:
+            return raw_header(path, opts.specs)
+        except (RawScanError, struct.error, UnicodeError, LookupError, RecursionError):
+            pass  # pydicom decides, and reports what is wrong with the file
+    return read_dataset(path, header_only=True)
 
 
 def file_stamp(path: Path) -> tuple[int, int, int]:

@@ -646,3 +646,38 @@ def test_a_catastrophic_regex_is_cut_off_by_the_time_limit(tmp_path: Path) -> No
     assert s["modified"] == 39 and s["errors"] == 1
     assert all(str(read(p).PatientID).startswith("GENHOSP")
                for p in (tmp_path / "in").iterdir() if p != victim)
+
+
+@pytest.mark.parametrize("tags", ["PatientID", "PatientName,StudyDescription",
+                                  "SOPInstanceUID", "AccessionNumber,InstitutionName"])
+def test_raw_header_path_writes_exactly_what_the_pydicom_path_writes(
+        tags: str, generated: Path, fuzz_tree: Path, tmp_path: Path) -> None:
+    """Plain top-level tags are planned from a raw scan; every outcome must be the same."""
+    import dataclasses
+
+    import dicom_sar
+    from conftest import pydicom_files
+    dicom_sar.configure_pydicom()
+    files = [*pydicom_files(), *(p for p in generated.rglob("*") if p.is_file()),
+             *sorted(fuzz_tree.iterdir())]
+    fast = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
+        ["--sar", "--tag", tags, "--regex_search", r"^(.*?)(\s*)$", "--regex_replace",
+         r"X\1", "--no-fsync", "--output", str(tmp_path / "fast"), "--path", "/"]))
+    assert fast.fast
+    slow = dataclasses.replace(fast, fast=False, output=tmp_path / "slow")
+    used = 0
+    for path in files:
+        cand = dicom_sar.Candidate(path, path)
+        a = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, fast), cand)
+        b = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, slow), cand)
+        assert (a.status, a.message, a.changes, a.rejections) == \
+               (b.status, b.message, b.changes, b.rejections), path
+        if a.status == "modified":
+            written = (tmp_path / "fast" / path.name).read_bytes()
+            assert written == (tmp_path / "slow" / path.name).read_bytes(), path
+        try:
+            dicom_sar.raw_header(path, fast.specs)
+            used += 1
+        except (dicom_sar.RawScanError, ValueError, LookupError, RecursionError):
+            pass
+    assert used > len(files) // 2  # the raw path really answers for most files
