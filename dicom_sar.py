@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -689,6 +690,7 @@ class Slot:
 
 
 _current_batch = threading.local()  # the Batch a worker thread is running, for commit()
+STOP_GRACE = 10.0  # seconds a file in flight may still take after Ctrl-C or SIGTERM
 STUCK_WORKERS = threading.Event()  # set once a worker had to be abandoned (see main)
 
 
@@ -701,7 +703,7 @@ def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], Fil
     and at most a few batches per worker are in flight (backpressure on the walk). A file
     that runs past time_limit seconds becomes an error (see Pool).
     """
-    pool = Pool(workers, task, time_limit)
+    pool = Pool(workers, task, time_limit, stop)
     try:
         chunk: list[Candidate] = []
         for cand in candidates:
@@ -733,8 +735,8 @@ class Pool:
     """
 
     def __init__(self, workers: int, task: Callable[[Candidate], FileResult],
-                 time_limit: float):
-        self.workers, self.task, self.time_limit = workers, task, time_limit
+                 time_limit: float, stop: threading.Event):
+        self.workers, self.task, self.time_limit, self.stop = workers, task, time_limit, stop
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG)
         self.retired: list[ThreadPoolExecutor] = []
         self.slots: collections.deque[Slot] = collections.deque()
@@ -755,7 +757,7 @@ class Pool:
     def next_results(self) -> list[FileResult]:
         """The oldest slot's results, in order, once its batch is finished or given up on."""
         slot = self.slots[0]
-        tick = min(1.0, self.time_limit / 4) if self.time_limit else None
+        tick = min(1.0, self.time_limit / 4) if self.time_limit else 1.0
         while slot.future is not None:
             try:
                 results = slot.future.result(timeout=tick)
@@ -767,23 +769,28 @@ class Pool:
         self.slots.popleft()
         return slot.settled + results
 
+    def limit(self) -> float:
+        """How long a file may run: the time limit, cut to STOP_GRACE once stopped."""
+        limit = self.time_limit or math.inf
+        return min(limit, STOP_GRACE) if self.stop.is_set() else limit
+
     def enforce_time_limit(self) -> None:
         """Abandon every batch whose current file has run past the limit."""
-        now = time.monotonic()
+        now, limit = time.monotonic(), self.limit()
         for slot in self.slots:
             b = slot.batch
             with b.lock:
-                if b.abandoned or not b.started or now - b.started < self.time_limit:
+                if b.abandoned or not b.started or now - b.started < limit:
                     continue
                 b.abandoned = True
                 finished = list(b.done)
             stuck = b.files[len(finished)]
-            log.warning("%s: abandoned after %g s (time limit); the run goes on",
-                        stuck.path, self.time_limit)
+            why = (f"after the {self.time_limit:g} s per-file time limit (--time-limit)"
+                   if limit == self.time_limit else f"{limit:g} s after the stop signal")
+            log.warning("%s: abandoned, still running %s", stuck.path, why)
             slot.settled += [*finished, FileResult(
                 stuck.path, "error", seconds=now - b.started, error_type="TimeLimit",
-                message=f"still running after the {self.time_limit:g} s per-file time limit "
-                        "(--time-limit); left as it was")]
+                message=f"still running {why}; left as it was")]
             self.replace_executor()
             slot.batch, slot.future = self.start(b.files[len(finished) + 1:])
 

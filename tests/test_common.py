@@ -314,3 +314,31 @@ def test_time_limit_gives_up_on_a_stuck_file_and_commits_nothing_for_it(tmp_path
     time.sleep(0.3)
     assert not (tmp_path / "f05.out").exists()
     assert not list(tmp_path.glob(".dicom_sar-tmp-*"))
+
+
+def test_after_a_stop_a_stuck_file_is_given_up_on_within_the_grace(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """Ctrl-C must not wait out a 600 s limit: in-flight files get STOP_GRACE, then roll back."""
+    monkeypatch.setattr(dicom_sar, "STOP_GRACE", 0.5)
+    release, stop = dicom_sar.threading.Event(), dicom_sar.threading.Event()
+
+    def task(cand: dicom_sar.Candidate) -> dicom_sar.FileResult:
+        if cand.path.name == "f02":
+            stop.set()  # the signal arrives while this file is stuck
+            release.wait(60)
+            dicom_sar.write_bytes_atomic(b"late", tmp_path / "f02.out", fsync=False)
+        return dicom_sar.FileResult(cand.path, "ok")
+
+    t0 = time.monotonic()
+    try:
+        cands = (dicom_sar.Candidate(tmp_path / f"f{i:02d}", tmp_path) for i in range(100))
+        results = list(dicom_sar.run_ordered(cands, task, 1, stop, time_limit=600, batch=4))
+    finally:
+        release.set()
+    assert time.monotonic() - t0 < 10
+    assert [r.status for r in results[:4]] == ["ok", "ok", "error", "ok"]
+    assert "after the stop signal" in results[2].message
+    assert len(results) < 100  # no new files were taken after the stop
+    dicom_sar.STUCK_WORKERS.clear()
+    time.sleep(0.3)
+    assert not (tmp_path / "f02.out").exists()
