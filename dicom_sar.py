@@ -1299,11 +1299,12 @@ class RawScan:
         self.top_level = 0  # dataset elements seen at the top: none means a broken file
         self.keep_top = keep_top or {}  # top-level tags kept with their file offsets
         self.top: dict[int, RawDataElement] = {}
-        self.meta: list[RawDataElement] = []  # every file meta element, with its offset
-        self.implicit, self.little = False, True
+        self.meta: list[RawDataElement] = []  # with keep_top: the file meta, with offsets
+        self.kind, self.implicit, self.little = "", False, True
 
     def run(self, kind: str) -> None:
         """Scan the file meta (Part 10) and the dataset up to the pixel data."""
+        self.kind = kind
         pos, implicit, little = 0, False, True
         if kind == "part10":
             pos, syntax = self.scan_meta(132)
@@ -1327,8 +1328,9 @@ class RawScan:
                 break
             _, vpos, length, vr = self.header(pos, False, True)
             value = self.value(vpos, length)
-            self.meta.append(RawDataElement(BaseTag(0x0002 << 16 | elem), vr, length, value,
-                                            vpos, False, True))
+            if self.keep_top:
+                self.meta.append(RawDataElement(BaseTag(0x0002 << 16 | elem), vr, length,
+                                                value, vpos, False, True))
             if (0x0002 << 16 | elem) == 0x00020010:
                 syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
             self.collect(0x0002 << 16 | elem, vr, length, value, True, ["iso8859"])
@@ -1369,7 +1371,7 @@ class RawScan:
     def scan(self, pos: int, end: int, implicit: bool, little: bool, level: int,
              encodings: list[str]) -> int:
         """Scan elements from pos to end (or to an item delimiter); return where it stopped."""
-        data, size, wanted = self.data, len(self.data), self.wanted
+        data, size, wanted, keep_top = self.data, len(self.data), self.wanted, self.keep_top
         explicit_le = not implicit and little
         # Globals bound to locals: on 3.13t every global load touches a shared refcount,
         # which two workers scanning at once would fight over on every element.
@@ -1404,7 +1406,7 @@ class RawScan:
                         "ascii", "replace").split("\\")])
             if tag in wanted:
                 self.collect(tag, vr, length, self.value(vpos, length), little, encodings)
-            if level == 0 and tag in self.keep_top:
+            if level == 0 and tag in keep_top:
                 self.top[tag] = RawDataElement(BaseTag(tag), vr, length,
                                                self.value(vpos, length), vpos, implicit, little)
         return pos
@@ -1437,8 +1439,9 @@ def read_rest(fd: int, count: int) -> bytes:
     return b"".join(chunks)
 
 
-def fast_tagged_lines(path: Path, specs: tuple[TagSpec, ...]) -> tuple[list[str] | None, int]:
-    """dcmdump +P lines by raw scan: (lines, size); lines None for not-DICOM files.
+def raw_scan(path: Path, wanted: dict[int, None], keep_top: dict[int, None] | None = None
+             ) -> tuple[RawScan | None, int]:
+    """Scan a file's header raw: (scan, size), scan None for a file that is not DICOM.
 
     Raises RawScanError when the file should go the pydicom way.
     """
@@ -1449,18 +1452,28 @@ def fast_tagged_lines(path: Path, specs: tuple[TagSpec, ...]) -> tuple[list[str]
         kind = sniff_dicom(data[:132], size)
         if kind is None:
             return None, size
-        wanted = table(s.leaf.tag for s in specs)
-        for attempt in (0, 1):
-            scan = RawScan(data, size, wanted)
-            try:
-                scan.run(kind)
-                break
-            except RawScanError:
-                if attempt or len(data) >= size:
-                    raise
-                data += read_rest(fd, size - len(data))  # a long header: read it all
+        scan = RawScan(data, size, wanted, keep_top)
+        try:
+            scan.run(kind)
+        except RawScanError:
+            if len(data) >= size:
+                raise
+            data += read_rest(fd, size - len(data))  # a long header: read it all, once more
+            scan = RawScan(data, size, wanted, keep_top)
+            scan.run(kind)
     finally:
         os.close(fd)
+    return scan, size
+
+
+def fast_tagged_lines(path: Path, specs: tuple[TagSpec, ...]) -> tuple[list[str] | None, int]:
+    """dcmdump +P lines by raw scan: (lines, size); lines None for not-DICOM files.
+
+    Raises RawScanError when the file should go the pydicom way.
+    """
+    scan, size = raw_scan(path, table(s.leaf.tag for s in specs))
+    if scan is None:
+        return None, size
     lines = []
     for spec in specs:
         for tag, raw, vr, encodings in scan.hits:
@@ -1477,21 +1490,13 @@ def raw_header(path: Path, specs: tuple[TagSpec, ...]) -> tuple[Dataset | None, 
 
     Raises RawScanError when the file should go the pydicom way.
     """
-    wanted = table(s.leaf.tag for s in specs)
-    keep = table([*wanted, *(tag & 0xFFFF0000 for tag in wanted), 0x00080005])
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, HEADER_CHUNK)
-    finally:
-        os.close(fd)
-    kind = sniff_dicom(data[:132], size)
-    if kind is None:
+    wanted = [s.leaf.tag for s in specs]
+    scan, size = raw_scan(path, {}, table([*wanted, *(t & 0xFFFF0000 for t in wanted),
+                                           0x00080005]))
+    if scan is None:
         return None, size, None
-    if kind != "part10":
+    if scan.kind != "part10":
         raise RawScanError("no file meta: pydicom decides the encoding")
-    scan = RawScan(data, size, {}, keep)
-    scan.run(kind)
     ds = Dataset()
     for tag, raw in scan.top.items():
         ds[tag] = raw
@@ -1499,7 +1504,7 @@ def raw_header(path: Path, specs: tuple[TagSpec, ...]) -> tuple[Dataset | None, 
     for raw in scan.meta:
         ds.file_meta[raw.tag] = raw
     ds.set_original_encoding(scan.implicit, scan.little, None)
-    return ds, size, kind
+    return ds, size, scan.kind
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
