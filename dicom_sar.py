@@ -3093,6 +3093,11 @@ class Sent:
     size: int
     seconds: float
 
+    @property
+    def delivered(self) -> bool:
+        """The receiver answered success or warning: the file counts as sent."""
+        return self.outcome in ("sent", "warning")
+
 
 def valid_ae(title: str, flag: str) -> str:
     """An AE title of 1-16 characters of the AE repertoire, or a usage error."""
@@ -3292,10 +3297,10 @@ def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any
                     assoc.abort()
             if pending:
                 attempt += 1
+        kind, reason = ("not-sent", "stopped before sending") if stop.is_set() else \
+            ("failed", why or "not sent")
         for f in pending:
-            outcome = (Sent(f.path, f.study, "not-sent", None, "stopped before sending", f.size,
-                            0.0) if stop.is_set() else
-                       Sent(f.path, f.study, "failed", None, why or "not sent", f.size, 0.0))
+            outcome = Sent(f.path, f.study, kind, None, reason, f.size, 0.0)
             results.append(outcome)
             events.put(outcome)
     return results
@@ -3406,7 +3411,7 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
                     f"{len(contexts)} presentation contexts")
         return EXIT_OK if not reporter.stats.errors else EXIT_FAILURES
     sent = transfer(studies, target, opts, session.log, stop.event)
-    acknowledged = collections.Counter(s.study for s in sent if s.outcome in ("sent", "warning"))
+    acknowledged = collections.Counter(s.study for s in sent if s.delivered)
     problems = verify_studies(target, acknowledged) if target.verify and acknowledged else []
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -3484,7 +3489,7 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
                  target: SendTarget, opts: Options, studies: int,
                  index_errors: int) -> dict[str, Any]:
     """The JSON summary of a send session (the fields of the user's own sender)."""
-    ok = [s for s in sent if s.outcome in ("sent", "warning")]
+    ok = [s for s in sent if s.delivered]
     failed = [s for s in sent if s.outcome == "failed"]
     total_bytes = sum(s.size for s in ok)
     return {
