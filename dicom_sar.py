@@ -1260,10 +1260,15 @@ class RawScanError(Exception):
     """The raw scanner met something it leaves to pydicom."""
 
 
+# what makes a raw-scan caller hand the file to pydicom, which decides and reports
+RAW_FALLBACK = (RawScanError, struct.error, ValueError, LookupError, RecursionError)
+
+
 IMPLICIT_LE, EXPLICIT_BE = pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRBigEndian
 _VR_CACHE: dict[int, str] = {}
 PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # where stop_before_pixels stops
 VALID_VRS = table(pydicom.valuerep.VR.__members__)  # str keys: lock-free lookups on 3.13t
+SHORT_VRS = table(vr for vr in VALID_VRS if vr not in LONG_LENGTH_VRS)  # 2-byte lengths
 EXPLICIT_LE_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
 DELIMITERS = (0xFFFEE00D, 0xFFFEE0DD)  # item and sequence delimitation items
 
@@ -1301,6 +1306,8 @@ class RawScan:
         self.top: dict[int, RawDataElement] = {}
         self.meta: list[RawDataElement] = []  # with keep_top: the file meta, with offsets
         self.kind, self.implicit, self.little = "", False, True
+        tags = [t for t in (*self.wanted, *self.keep_top) if t != 0x00080005]
+        self.interesting = (min(tags), max(tags)) if tags else (1, 0)  # tags element() needs
 
     def run(self, kind: str) -> None:
         """Scan the file meta (Part 10) and the dataset up to the pixel data."""
@@ -1371,26 +1378,35 @@ class RawScan:
     def scan(self, pos: int, end: int, implicit: bool, little: bool, level: int,
              encodings: list[str]) -> int:
         """Scan elements from pos to end (or to an item delimiter); return where it stopped."""
-        data, size, wanted, keep_top = self.data, len(self.data), self.wanted, self.keep_top
-        explicit_le = not implicit and little
+        data, size = self.data, len(self.data)
         # Globals bound to locals: on 3.13t every global load touches a shared refcount,
         # which two workers scanning at once would fight over on every element.
-        unpack, long_vrs, valid_vrs = EXPLICIT_LE_HEADER.unpack_from, LONG_LENGTH_VRS, VALID_VRS
-        delimiters, pixel_tags = DELIMITERS, PIXEL_TAGS
+        unpack, short_vrs, delimiters = EXPLICIT_LE_HEADER.unpack_from, SHORT_VRS, DELIMITERS
+        lo, hi = self.interesting
+        inline_until = size - 8 if not implicit and little else -1
+        seen, top = 0, level == 0  # elements seen at the top: none means a broken file
         while pos < end:
-            if explicit_le and pos + 8 <= size:  # header() inlined for the common syntax
+            if pos <= inline_until:
+                # The common element, inline: explicit VR little endian, a short VR, below the
+                # pixel data group, so never a delimiter, sequence or pixel data. Integer
+                # compares skip it unless its tag may matter (int-keyed dicts lock on 3.13t).
                 group, elem, vr_bytes, length = unpack(data, pos)
                 vr = vr_bytes.decode("latin-1")
-                if group == 0xFFFE or vr in long_vrs or vr not in valid_vrs:
-                    tag, vpos, length, vr = self.header(pos, implicit, little)
-                else:
+                if group < 0x7FE0 and vr in short_vrs:
                     tag, vpos = group << 16 | elem, pos + 8
-            else:
-                tag, vpos, length, vr = self.header(pos, implicit, little)
+                    pos, seen = vpos + length, seen + 1
+                    if lo <= tag <= hi or tag == 0x00080005:
+                        if pos > size:
+                            raise RawScanError("value past the data read")
+                        encodings = self.element(tag, vr, vpos, length, level, encodings)
+                    continue
+            tag, vpos, length, vr = self.header(pos, implicit, little)
             if tag in delimiters:
+                self.top_level += seen if top else 0
                 return vpos
-            self.top_level += level == 0
-            if level == 0 and tag in pixel_tags:
+            seen += 1
+            if top and tag in PIXEL_TAGS:
+                self.top_level += seen
                 if length != 0xFFFFFFFF and vpos + length > self.size:
                     raise RawScanError("pixel data past the end of the file")
                 return pos  # a tag dump stops before the pixel data
@@ -1400,16 +1416,25 @@ class RawScan:
             pos = vpos + length
             if pos > size:
                 raise RawScanError("value past the data read")
-            if tag == 0x00080005:
-                encodings = pydicom.charset.convert_encodings(
-                    [v.strip() for v in self.value(vpos, length).decode(
-                        "ascii", "replace").split("\\")])
-            if tag in wanted:
-                self.collect(tag, vr, length, self.value(vpos, length), little, encodings)
-            if level == 0 and tag in keep_top:
-                self.top[tag] = RawDataElement(BaseTag(tag), vr, length,
-                                               self.value(vpos, length), vpos, implicit, little)
+            encodings = self.element(tag, vr, vpos, length, level, encodings)
+        if pos > size:
+            raise RawScanError("value past the data read")
+        self.top_level += seen if top else 0
         return pos
+
+    def element(self, tag: int, vr: str, vpos: int, length: int, level: int,
+                encodings: list[str]) -> list[str]:
+        """Collect an element if wanted; return the encodings in force after it."""
+        if tag == 0x00080005:
+            encodings = pydicom.charset.convert_encodings(
+                [v.strip() for v in self.value(vpos, length).decode(
+                    "ascii", "replace").split("\\")])
+        if tag in self.wanted:
+            self.collect(tag, vr, length, self.value(vpos, length), self.little, encodings)
+        if level == 0 and tag in self.keep_top:
+            self.top[tag] = RawDataElement(BaseTag(tag), vr, length, self.value(vpos, length),
+                                           vpos, self.implicit, self.little)
+        return encodings
 
     def sequence(self, pos: int, length: int, implicit: bool, little: bool, level: int,
                  encodings: list[str]) -> int:
@@ -1483,14 +1508,14 @@ def fast_tagged_lines(path: Path, specs: tuple[TagSpec, ...]) -> tuple[list[str]
     return lines, size
 
 
-def raw_header(path: Path, specs: tuple[TagSpec, ...]) -> tuple[Dataset | None, int, str | None]:
-    """What a top-level SAR needs of a header, by raw scan: (dataset, size, kind) like
+def raw_header(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, str | None]:
+    """The top-level elements wanted of a header, by raw scan: (dataset, size, kind) like
     read_dataset, the dataset holding only the wanted elements, their group lengths,
     SpecificCharacterSet and the file meta, each raw with its file offset.
 
     Raises RawScanError when the file should go the pydicom way.
     """
-    wanted = [s.leaf.tag for s in specs]
+    wanted = list(wanted)
     scan, size = raw_scan(path, {}, table([*wanted, *(t & 0xFFFF0000 for t in wanted),
                                            0x00080005]))
     if scan is None:
@@ -1519,7 +1544,7 @@ def dump_task(cand: Candidate, opts: Options) -> FileResult:
     if opts.fast and opts.fmt == "text" and not opts.count and not wants_pixels:
         try:
             lines, size = fast_tagged_lines(cand.path, opts.specs)
-        except (RawScanError, struct.error, UnicodeError, LookupError, RecursionError):
+        except RAW_FALLBACK:
             lines = None  # pydicom decides, and reports what is wrong with the file
         else:
             if lines is None:
@@ -1711,8 +1736,8 @@ def sar_header(path: Path, opts: Options) -> tuple[Dataset | None, int, str | No
     """The header for planning: by raw scan for plain top-level tags, else by pydicom."""
     if opts.fast:
         try:
-            return raw_header(path, opts.specs)
-        except (RawScanError, struct.error, UnicodeError, LookupError, RecursionError):
+            return raw_header(path, [s.leaf.tag for s in opts.specs])
+        except RAW_FALLBACK:
             pass  # pydicom decides, and reports what is wrong with the file
     return read_dataset(path, header_only=True)
 
@@ -3120,9 +3145,20 @@ def send_options(ns: argparse.Namespace) -> SendTarget:
                       ns.verify, ns.echo)
 
 
+INDEX_TAGS = (0x00080016, 0x00080018, 0x0020000D)  # SOP Class, SOP Instance, Study UIDs
+
+
+def index_header(path: Path) -> tuple[Dataset | None, int, str | None]:
+    """The header for indexing: those three UIDs by raw scan, pydicom for anything unusual."""
+    try:
+        return raw_header(path, INDEX_TAGS)
+    except RAW_FALLBACK:
+        return read_dataset(path, header_only=True)
+
+
 def index_task(cand: Candidate, opts: Options) -> FileResult:
     """Read one header (no pixel data) and return its study, SOP class/instance and syntax."""
-    ds, size, kind = read_dataset(cand.path, header_only=True)
+    ds, size, kind = index_header(cand.path)
     if ds is None:
         return FileResult(cand.path, "not-dicom", nbytes=size)
     missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID") if k not in ds]

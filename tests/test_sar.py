@@ -676,7 +676,7 @@ def test_raw_header_path_writes_exactly_what_the_pydicom_path_writes(
             written = (tmp_path / "fast" / path.name).read_bytes()
             assert written == (tmp_path / "slow" / path.name).read_bytes(), path
         try:
-            dicom_sar.raw_header(path, fast.specs)
+            dicom_sar.raw_header(path, [s.leaf.tag for s in fast.specs])
             used += 1
         except (dicom_sar.RawScanError, ValueError, LookupError, RecursionError):
             pass
