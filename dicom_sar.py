@@ -1308,6 +1308,7 @@ class RawScan:
         self.kind, self.implicit, self.little = "", False, True
         tags = [t for t in (*self.wanted, *self.keep_top) if t != 0x00080005]
         self.interesting = (min(tags), max(tags)) if tags else (1, 0)  # tags element() needs
+        self.wants_meta = any(t >> 16 == 0x0002 for t in self.wanted)  # a file meta tag wanted
 
     def run(self, kind: str) -> None:
         """Scan the file meta (Part 10) and the dataset up to the pixel data."""
@@ -1328,19 +1329,21 @@ class RawScan:
             raise RawScanError("no data elements after the file meta")
 
     def scan_meta(self, pos: int) -> tuple[int, str | None]:
-        syntax = None
-        while pos + 8 <= len(self.data):
-            group, elem = struct.unpack_from("<HH", self.data, pos)
+        syntax, data, meta_wanted = None, self.data, self.keep_top or self.wants_meta
+        while pos + 8 <= len(data):
+            group, elem = struct.unpack_from("<HH", data, pos)
             if group != 0x0002:
                 break
             _, vpos, length, vr = self.header(pos, False, True)
-            value = self.value(vpos, length)
-            if self.keep_top:
-                self.meta.append(RawDataElement(BaseTag(0x0002 << 16 | elem), vr, length,
-                                                value, vpos, False, True))
-            if (0x0002 << 16 | elem) == 0x00020010:
-                syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
-            self.collect(0x0002 << 16 | elem, vr, length, value, True, ["iso8859"])
+            tag = 0x0002 << 16 | elem
+            if tag == 0x00020010 or meta_wanted:  # values only where someone looks at them
+                value = self.value(vpos, length)
+                if tag == 0x00020010:
+                    syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
+                if self.keep_top:
+                    self.meta.append(RawDataElement(BaseTag(tag), vr, length, value, vpos,
+                                                    False, True))
+                self.collect(tag, vr, length, value, True, ["iso8859"])
             pos = vpos + length
         return pos, syntax
 
