@@ -1308,7 +1308,6 @@ class RawScan:
         self.kind, self.implicit, self.little = "", False, True
         tags = [t for t in (*self.wanted, *self.keep_top) if t != 0x00080005]
         self.interesting = (min(tags), max(tags)) if tags else (1, 0)  # tags element() needs
-        self.wants_meta = any(t >> 16 == 0x0002 for t in self.wanted)  # a file meta tag wanted
 
     def run(self, kind: str) -> None:
         """Scan the file meta (Part 10) and the dataset up to the pixel data."""
@@ -1329,21 +1328,22 @@ class RawScan:
             raise RawScanError("no data elements after the file meta")
 
     def scan_meta(self, pos: int) -> tuple[int, str | None]:
-        syntax, data, meta_wanted = None, self.data, self.keep_top or self.wants_meta
+        syntax, data, wanted, keep = None, self.data, self.wanted, bool(self.keep_top)
         while pos + 8 <= len(data):
             group, elem = struct.unpack_from("<HH", data, pos)
             if group != 0x0002:
                 break
             _, vpos, length, vr = self.header(pos, False, True)
             tag = 0x0002 << 16 | elem
-            if tag == 0x00020010 or meta_wanted:  # values only where someone looks at them
+            if tag == 0x00020010 or keep or tag in wanted:  # values only where someone looks
                 value = self.value(vpos, length)
                 if tag == 0x00020010:
                     syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
-                if self.keep_top:
+                if keep:
                     self.meta.append(RawDataElement(BaseTag(tag), vr, length, value, vpos,
                                                     False, True))
-                self.collect(tag, vr, length, value, True, ["iso8859"])
+                if tag in wanted:
+                    self.collect(tag, vr, length, value, True, ["iso8859"])
             pos = vpos + length
         return pos, syntax
 
@@ -1374,9 +1374,8 @@ class RawScan:
 
     def collect(self, tag: int, vr: str, length: int, value: bytes, little: bool,
                 encodings: list[str]) -> None:
-        if tag in self.wanted:
-            raw = RawDataElement(BaseTag(tag), vr, length, value, 0, False, little)
-            self.hits.append((tag, raw, vr, encodings))
+        raw = RawDataElement(BaseTag(tag), vr, length, value, 0, False, little)
+        self.hits.append((tag, raw, vr, encodings))
 
     def scan(self, pos: int, end: int, implicit: bool, little: bool, level: int,
              encodings: list[str]) -> int:
@@ -1533,6 +1532,15 @@ def raw_header(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, 
         ds.file_meta[raw.tag] = raw
     ds.set_original_encoding(scan.implicit, scan.little, None)
     return ds, size, scan.kind
+
+
+def header_with(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, str | None]:
+    """A header holding at least the wanted top-level tags: raw_header, or pydicom's whole
+    header for anything unusual (pydicom decides, and reports what is wrong with the file)."""
+    try:
+        return raw_header(path, wanted)
+    except RAW_FALLBACK:
+        return read_dataset(path, header_only=True)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1738,10 +1746,7 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
 def sar_header(path: Path, opts: Options) -> tuple[Dataset | None, int, str | None]:
     """The header for planning: by raw scan for plain top-level tags, else by pydicom."""
     if opts.fast:
-        try:
-            return raw_header(path, [s.leaf.tag for s in opts.specs])
-        except RAW_FALLBACK:
-            pass  # pydicom decides, and reports what is wrong with the file
+        return header_with(path, [s.leaf.tag for s in opts.specs])
     return read_dataset(path, header_only=True)
 
 
@@ -3151,17 +3156,9 @@ def send_options(ns: argparse.Namespace) -> SendTarget:
 INDEX_TAGS = (0x00080016, 0x00080018, 0x0020000D)  # SOP Class, SOP Instance, Study UIDs
 
 
-def index_header(path: Path) -> tuple[Dataset | None, int, str | None]:
-    """The header for indexing: those three UIDs by raw scan, pydicom for anything unusual."""
-    try:
-        return raw_header(path, INDEX_TAGS)
-    except RAW_FALLBACK:
-        return read_dataset(path, header_only=True)
-
-
 def index_task(cand: Candidate, opts: Options) -> FileResult:
     """Read one header (no pixel data) and return its study, SOP class/instance and syntax."""
-    ds, size, kind = index_header(cand.path)
+    ds, size, kind = header_with(cand.path, INDEX_TAGS)
     if ds is None:
         return FileResult(cand.path, "not-dicom", nbytes=size)
     missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID") if k not in ds]

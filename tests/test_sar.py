@@ -678,6 +678,6 @@ def test_raw_header_path_writes_exactly_what_the_pydicom_path_writes(
         try:
             dicom_sar.raw_header(path, [s.leaf.tag for s in fast.specs])
             used += 1
-        except (dicom_sar.RawScanError, ValueError, LookupError, RecursionError):
+        except dicom_sar.RAW_FALLBACK:
             pass
     assert used > len(files) // 2  # the raw path really answers for most files
