@@ -320,6 +320,29 @@ def test_a_failed_write_is_an_error_for_that_file_only(generated: Path, manifest
     assert not list(tree.glob(".dicom_sar-tmp-*"))
 
 
+def test_short_writes_are_written_out_in_full(generated: Path, tmp_path: Path) -> None:
+    """A raw write may take fewer bytes than it is given: with writev cut to 1,000 bytes a
+    call, the spliced path, the full-rewrite fallback (deflate) and --generate still write
+    exactly the bytes of a normal run."""
+    code = ("import os, sys; real = os.writev; "
+            "os.writev = lambda fd, bufs: real(fd, [bytes(memoryview(b''.join(bufs))[:1000])]); "
+            "sys.argv = ['dicom_sar.py'] + sys.argv[1:]; "
+            f"sys.path.insert(0, {str(TOOL.parent)!r}); "
+            "import dicom_sar; sys.exit(dicom_sar.main())")
+    sar = ["--sar", "--tag", "PatientID", *GENHOSP, "--path", str(generated)]
+    gen = ["--generate", "--scenario", "ct", "--patients", "1", "--instances", "3",
+           "--seed", "7"]
+    for name, args in (("sar", sar), ("gen", gen)):
+        normal = run_tool(*args, "--output", tmp_path / f"{name}-normal", cwd=tmp_path)
+        cut = subprocess.run([sys.executable, "-c", code, *args, "--output",
+                              str(tmp_path / f"{name}-cut")], cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert cut.returncode == normal.code, cut.stderr
+        assert "modified" in normal.err or "files written" in normal.err
+        digest = tree_digest(tmp_path / f"{name}-normal")
+        assert len(digest) > 3 and tree_digest(tmp_path / f"{name}-cut") == digest
+
+
 def test_output_path_blocked_is_an_error_for_that_file(generated: Path, manifest: dict,
                                                       tmp_path: Path) -> None:
     tree = make_tree(tmp_path, generated, instances(manifest, scenario="default")[:2])
