@@ -107,6 +107,16 @@ def test_discovery_by_content(mixed_tree: Path, tmp_path: Path) -> None:
     assert (s["dicom_files"], s["skipped_not_dicom"], s["errors"]) == (3, 1, 0)
 
 
+def test_walk_hands_workers_the_path_it_found(mixed_tree: Path) -> None:
+    opts = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
+        ["--dump", "--path", str(mixed_tree)]))
+    cands = list(dicom_sar.discover(opts, []))
+    plain = [c for c in cands if c.problem is None]
+    assert len(plain) == 4  # three DICOM files and the notes; the loop is not followed
+    for cand in plain:
+        assert cand.found_as and cand.file == cand.found_as == str(cand.path)
+
+
 def test_follow_symlinks_detects_the_loop(mixed_tree: Path, tmp_path: Path) -> None:
     run = run_tool("--dump", "--tag", "PatientID", "--follow-symlinks", "--path", mixed_tree,
                    "--summary-json", tmp_path / "summary.json", cwd=tmp_path, timeout=60)
