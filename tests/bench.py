@@ -4,7 +4,8 @@
     venv/bin/python tests/bench.py [--quick] [--json FILE] [--workers N] [--runs N]
 
 Corpora come from `dicom_sar.py --generate --seed ...` (cached); the page cache is warmed;
-each pair runs alternately (A B A B ...) and the medians, ratios and peak RSS are reported.
+each pair runs alternately (A B A B ...), after a sync, and the medians, ratios and peak RSS
+are reported.
 Not a test: timings belong here, never in assertions (the machines are noisy).
 """
 
@@ -116,6 +117,10 @@ class Bench:
             for side, cmd in sides.items():
                 if prepare:
                     prepare()
+                # Untimed: the previous run's writes (or prepare()'s fresh copy) reach the disk
+                # now, not during this run; the files a side works on are on disk, as a
+                # user's tree is.
+                os.sync()
                 seconds, peak = run_measured(cmd() if callable(cmd) else cmd)
                 times[side].append(seconds)
                 rss[side] = max(rss[side], peak)
