@@ -104,13 +104,15 @@ def size_of(tree: Path) -> int:
 class Bench:
     """Runs pairs alternately and keeps the results."""
 
-    def __init__(self, runs: int):
-        self.runs = runs
+    def __init__(self, runs: int, only: set[str] | None = None):
+        self.runs, self.only = runs, only
         self.rows: list[dict] = []
 
     def pair(self, name: str, sides: dict[str, object], prepare=None, nbytes: int = 0,
              target: str = "") -> dict:
         """Run every side `runs` times, interleaved; prepare() before each run (untimed)."""
+        if self.only and name.split(maxsplit=1)[0] not in self.only:
+            return {}
         times: dict[str, list[float]] = {k: [] for k in sides}
         rss: dict[str, int] = dict.fromkeys(sides, 0)
         for _ in range(self.runs):
@@ -153,6 +155,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="parallel workers for every side")
     ap.add_argument("--runs", type=int, default=3, help="runs per side (median)")
     ap.add_argument("--cache", type=Path, default=ROOT / "bench-cache")
+    ap.add_argument("--only", help="run only these pairs, e.g. 2,6b (default: all)")
     ap.add_argument("--gil-python", default=str(ROOT / "venv-gil" / "bin" / "python"),
                     help="a stock (GIL) python with the requirements, for the scaling pair")
     args = ap.parse_args()
@@ -173,7 +176,7 @@ def main() -> None:
                   "--instances", "100", "--seed", "202")
     print(f"corpora: {files_of(small)} MG 64x64 files; {files_of(ct)} CT 512x512 files "
           f"({size_of(ct) / 1e6:.0f} MB)", flush=True)
-    bench = Bench(args.runs)
+    bench = Bench(args.runs, set(args.only.split(",")) if args.only else None)
     work = Path(tempfile.mkdtemp(dir=cache))
     ours = [PY, str(TOOL), "--no-progress", "-q", "--log-dir", str(work / "logs")]
     xargs = "find {tree} -type f -print0 | xargs -0 -P " + w + " -n {n} "
