@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark dicom_sar against DCMTK (and pynetdicom, and a naive pydicom loop) side by side.
 
-    venv/bin/python tests/bench.py [--quick] [--json FILE] [--workers N] [--runs N]
+    venv/bin/python tests/bench.py [--quick] [--json FILE] [--workers N] [--runs N] [--only 2,6b]
 
-Corpora come from `dicom_sar.py --generate --seed ...` (cached); the page cache is warmed;
-each pair runs alternately (A B A B ...), after a sync, and the medians, ratios and peak RSS
-are reported.
+Corpora come from `dicom_sar.py --generate --seed ...` (cached); the page cache is warmed
+with a pair's corpus before the pair; each pair runs alternately (A B A B ...), after a sync,
+and the medians, ratios and peak RSS are reported.
 Not a test: timings belong here, never in assertions (the machines are noisy).
 """
 
@@ -87,10 +87,15 @@ def generate(cache: Path, name: str, *args: str) -> Path:
                         "-q", "--log-dir", cache, *args], check=True)
         (tmp / "manifest.json").unlink()
         tmp.rename(target)
-    for path in target.rglob("*"):  # warm the page cache
+    return target
+
+
+def warm(tree: Path) -> None:
+    """Read every file once (untimed), so a pair starts with its corpus in the page cache
+    whatever the pairs before it pushed out."""
+    for path in tree.rglob("*"):
         if path.is_file():
             path.read_bytes()
-    return target
 
 
 def files_of(tree: Path) -> int:
@@ -109,10 +114,12 @@ class Bench:
         self.rows: list[dict] = []
 
     def pair(self, name: str, sides: dict[str, object], prepare=None, nbytes: int = 0,
-             target: str = "") -> dict:
+             target: str = "", corpus: Path | None = None) -> dict:
         """Run every side `runs` times, interleaved; prepare() before each run (untimed)."""
         if self.only and name.split(maxsplit=1)[0] not in self.only:
             return {}
+        if corpus is not None:
+            warm(corpus)
         times: dict[str, list[float]] = {k: [] for k in sides}
         rss: dict[str, int] = dict.fromkeys(sides, 0)
         for _ in range(self.runs):
@@ -185,7 +192,7 @@ def main() -> None:
     bench.pair("1 dump PatientID", {
         "ours": [*ours, "--dump", "--tag", "PatientID", "--path", str(small), "-j", w],
         "dcmdump": xargs.format(tree=small, n=small_n // (4 * args.workers))
-        + "dcmdump -q +P PatientID"}, target="ours <= 1.0x dcmdump")
+        + "dcmdump -q +P PatientID"}, target="ours <= 1.0x dcmdump", corpus=small)
 
     # 2./3. SAR in place, and to a new tree, on fresh copies (copy time excluded)
     fresh = work / "fresh"
@@ -203,12 +210,13 @@ def main() -> None:
     bench.pair("2 SAR in place (CT 512x512)", {
         "ours": [*sar, "--inplace", "--no-backup", "--no-fsync", "--path", str(fresh)],
         "dcmodify": dcmodify.format(tree=fresh),
-        "atomic floor": [PY, str(floor), str(fresh), w]}, prepare=copy_ct,
+        "atomic floor": [PY, str(floor), str(fresh), w]}, prepare=copy_ct, corpus=ct,
         target="ours <= 1.0x (dcmodify rewrites in place, not atomically)")
     bench.pair("3 SAR to a new tree (CT 512x512)", {
         "ours": [*sar, "--no-fsync", "--path", str(fresh), "--output", str(work / "out")],
         "cp+dcmodify": f"cp -r {fresh} {work / 'out'} && "
-        + dcmodify.format(tree=work / "out")}, prepare=copy_ct, target="ours <= 1.0x")
+        + dcmodify.format(tree=work / "out")}, prepare=copy_ct, target="ours <= 1.0x",
+        corpus=ct)
 
     # 4. send to storescp --ignore on loopback
     send_pair(bench, ours, ct, w, size_of(ct), work)
@@ -219,24 +227,24 @@ def main() -> None:
     bench.pair("5 naive pydicom loop vs ours (to new tree)", {
         "ours": [*sar, "--no-fsync", "--path", str(fresh), "--output", str(work / "out")],
         "naive": [PY, str(naive), str(fresh), str(work / "out"), w]},
-        prepare=copy_ct, target="naive >= 5x ours")
+        prepare=copy_ct, target="naive >= 5x ours", corpus=ct)
 
     # 6. scaling: workers 1 vs 2 (3.13t), and the GIL build at the same workers
     bench.pair("6a dump, workers 2 vs 1", {
         "ours -j2": [*ours, "--dump", "--tag", "PatientID", "--path", str(small), "-j", "2"],
         "ours -j1": [*ours, "--dump", "--tag", "PatientID", "--path", str(small), "-j", "1"]},
-        target="-j1 >= 1.7x -j2")
+        target="-j1 >= 1.7x -j2", corpus=small)
     bench.pair("6b SAR in place, workers 2 vs 1", {
         "ours -j2": [*sar[:-2], "-j", "2", "--inplace", "--no-backup", "--no-fsync", "--path",
                      str(fresh)],
         "ours -j1": [*sar[:-2], "-j", "1", "--inplace", "--no-backup", "--no-fsync", "--path",
-                     str(fresh)]}, prepare=copy_ct, target="-j1 > -j2")
+                     str(fresh)]}, prepare=copy_ct, target="-j1 > -j2", corpus=ct)
     if Path(args.gil_python).exists():
         gil = [args.gil_python, *ours[1:]]
         bench.pair("6c dump, 3.13t vs stock python3 (GIL), -j2", {
             "3.13t": [*ours, "--dump", "--tag", "PatientID", "--path", str(small), "-j", "2"],
             "GIL": [*gil, "--dump", "--tag", "PatientID", "--path", str(small), "-j", "2"]},
-            target="GIL slower")
+            target="GIL slower", corpus=small)
     else:
         print(f"6c skipped: no GIL python at {args.gil_python} (.ci/run makes venv-gil)")
     # 7. generating the CT corpus vs copying it (the same bytes and files: the disk's floor)
@@ -246,7 +254,7 @@ def main() -> None:
         "ours": [*ours, "--generate", "--output", str(work / "gen"), "--scenario", "ct",
                  "--patients", str(ct_n // 100), "--instances", "100", "--seed", "202",
                  "-j", w],
-        "cp -r": f"cp -r {ct} {work / 'gen'}"}, prepare=clear_gen,
+        "cp -r": f"cp -r {ct} {work / 'gen'}"}, prepare=clear_gen, corpus=ct,
         target="disk-bound: close to cp -r")
     shutil.rmtree(work, ignore_errors=True)
     if args.json:
@@ -278,7 +286,8 @@ def send_pair(bench: Bench, ours: list[str], tree: Path, w: str, nbytes: int,
                         f"-n 100 {pre} storescu -aec STORESCP -pdu 131072 127.0.0.1 {port}",
             "pynetdicom": [*prefix, PY, "-m", "pynetdicom", "storescu", "127.0.0.1", port,
                            "-aec", "STORESCP", str(tree), "-r"]},
-            nbytes=nbytes, target="ours >= 0.5x storescu MB/s and >= 5x pynetdicom")
+            nbytes=nbytes, target="ours >= 0.5x storescu MB/s and >= 5x pynetdicom",
+            corpus=tree)
     finally:
         os.killpg(scp.pid, 9)
         scp.wait()
