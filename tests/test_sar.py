@@ -530,7 +530,8 @@ def test_a_replaced_original_becomes_the_next_temporary_file(tmp_path: Path) -> 
         dicom_sar._current_batch.spare = None
     assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"new b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
-    assert (b.stat().st_ino == old_a) == generations_can_change(tmp_path)
+    if generations_can_change(tmp_path):  # elsewhere b's temporary file is a new one
+        assert b.stat().st_ino == old_a
 
 
 def test_recycled_inodes_never_show_a_reader_another_files_bytes(
