@@ -1966,12 +1966,17 @@ def mirrored(cand: Candidate, base: Path, opts: Options) -> Path:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
+def temp_path(directory: Path) -> Path:
+    """A fresh temporary file name in directory (the walk recognises the prefix)."""
+    return directory / f"{TEMP_PREFIX}{os.urandom(8).hex()}"
+
+
 def open_temp(directory: Path) -> tuple[int, Path]:
     """A new, exclusively created temporary file in directory (made if missing): (fd, path)."""
     # In the target's own directory because os.replace within one filesystem is atomic: a
     # crash leaves either the old file or the new one, never a partial file.
     for _ in range(100):
-        tmp = directory / f"{TEMP_PREFIX}{os.urandom(8).hex()}"
+        tmp = temp_path(directory)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
         except FileExistsError:
@@ -2046,7 +2051,7 @@ class Spare:
         self.drop()
         if self.refused:
             return
-        spare = target.parent / f"{TEMP_PREFIX}{os.urandom(8).hex()}"
+        spare = temp_path(target.parent)
         try:
             os.link(target, spare, follow_symlinks=False)
             self.path = spare

@@ -500,10 +500,12 @@ def generations_can_change(directory: Path) -> bool:
     import fcntl
     import struct
 
+    import dicom_sar
+
     probe = directory / "generation-probe"
     fd = os.open(probe, os.O_CREAT | os.O_WRONLY, 0o600)
     try:
-        fcntl.ioctl(fd, 0x40087602, struct.pack("=Ixxxx", 7))  # FS_IOC_SETVERSION
+        fcntl.ioctl(fd, dicom_sar.FS_IOC_SETVERSION, struct.pack("=Ixxxx", 7))
         return True
     except OSError:
         return False
