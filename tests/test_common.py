@@ -198,6 +198,15 @@ def test_gil_disabled_after_imports() -> None:
         assert dicom_sar.gil_disabled()
 
 
+@pytest.mark.parametrize(("before", "after"), [("", "True"), ("gc.disable(); ", "False")])
+def test_the_collector_is_off_only_while_importing(before: str, after: str) -> None:
+    """Importing the module leaves the cyclic GC as it found it."""
+    code = f"import gc; {before}import dicom_sar; print(gc.isenabled())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(dicom_sar.__file__).parent, check=True)
+    assert proc.stdout.strip() == after
+
+
 def test_default_workers_leave_four_cpus() -> None:
     assert dicom_sar.default_workers() == max(1, len(os.sched_getaffinity(0)) - 4)
 

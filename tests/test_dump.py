@@ -180,3 +180,44 @@ def test_raw_scanner_agrees_with_pydicom(readable_pydicom_files: list[Path], gen
         answered += 1
     assert answered > 500
     assert diverged == []  # never answers where pydicom would report the file as broken
+
+
+def test_the_raw_scanner_walks_only_sequences_that_may_hold_a_wanted_tag(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defined-length sequence whose bytes hold no wanted tag is stepped over whole; one
+    that holds it is walked, so nested instances are still found (as dcmdump +P finds them)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    import dicom_sar
+
+    def code(value: str) -> Dataset:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "SCT", "x"
+        return item
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.AnatomicRegionSequence = [code("76752008"), code("80248007")]
+    ds.PatientID = "OUTER"
+    other = Dataset()
+    other.PatientID = "INNER"
+    ds.OtherPatientIDsSequence = [other]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    path = tmp_path / "nested"
+    ds.save_as(path, enforce_file_format=True)
+    walked = []
+    sequence = dicom_sar.RawScan.sequence
+
+    def spy(self: dicom_sar.RawScan, pos: int, *args: object) -> int:
+        walked.append(pos)
+        return sequence(self, pos, *args)
+
+    monkeypatch.setattr(dicom_sar.RawScan, "sequence", spy)
+    specs = tuple(dicom_sar.parse_tag_specs("PatientID"))
+    lines, _ = dicom_sar.fast_tagged_lines(path, specs)
+    assert [line.split()[2] for line in lines] == ["[OUTER]", "[INNER]"]
+    assert len(walked) == 1  # OtherPatientIDsSequence only
+    assert lines == dicom_sar.tagged_lines(pydicom.dcmread(path), specs)
