@@ -1614,12 +1614,10 @@ def raw_header(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, 
         return None, size, None
     if scan.kind != "part10":
         raise RawScanError("no file meta: pydicom decides the encoding")
-    ds = Dataset()
-    for tag, raw in scan.top.items():
-        ds[tag] = raw
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    for raw in scan.meta:
-        ds.file_meta[raw.tag] = raw
+    # from {tag: raw element} dicts, as pydicom's own reader builds them (no per-element
+    # __setitem__ checks: ~25 µs a file)
+    ds = Dataset({raw.tag: raw for raw in scan.top.values()})
+    ds.file_meta = pydicom.dataset.FileMetaDataset({raw.tag: raw for raw in scan.meta})
     ds.set_original_encoding(scan.implicit, scan.little, None)
     return ds, size, scan.kind
 
