@@ -5,7 +5,7 @@
 
 Corpora come from `dicom_sar.py --generate --seed ...` (cached); the page cache is warmed
 with a pair's corpus before the pair; each pair runs alternately (A B A B ...), after a sync,
-and the medians, ratios and peak RSS are reported.
+and the medians (wall and CPU), ratios and peak RSS are reported.
 Not a test: timings belong here, never in assertions (the machines are noisy).
 """
 
@@ -63,8 +63,9 @@ with ThreadPoolExecutor(workers) as pool:
 
 
 def run_measured(cmd: str | list[str], env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB, largest process of the tree) of one command."""
+                 cwd: Path | None = None) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + sys of the whole process tree: wait4 counts the
+    children each process reaped) and peak RSS (KiB, largest process) of one command."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, shell=isinstance(cmd, str), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
@@ -74,7 +75,7 @@ def run_measured(cmd: str | list[str], env: dict[str, str] | None = None,
     code = os.waitstatus_to_exitcode(status)
     if code not in (0, 1):
         raise SystemExit(f"benchmark command failed ({code}): {cmd}")
-    return seconds, usage.ru_maxrss
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
 def generate(cache: Path, name: str, *args: str) -> Path:
@@ -121,6 +122,7 @@ class Bench:
         if corpus is not None:
             warm(corpus)
         times: dict[str, list[float]] = {k: [] for k in sides}
+        cpu: dict[str, list[float]] = {k: [] for k in sides}
         rss: dict[str, int] = dict.fromkeys(sides, 0)
         for _ in range(self.runs):
             for side, cmd in sides.items():
@@ -130,13 +132,15 @@ class Bench:
                 # now, not during this run; the files a side works on are on disk, as a
                 # user's tree is.
                 os.sync()
-                seconds, peak = run_measured(cmd() if callable(cmd) else cmd)
+                seconds, cpu_seconds, peak = run_measured(cmd() if callable(cmd) else cmd)
                 times[side].append(seconds)
+                cpu[side].append(cpu_seconds)
                 rss[side] = max(rss[side], peak)
         medians = {k: statistics.median(v) for k, v in times.items()}
         ours = next(iter(sides))
-        row = {"pair": name, "median_s": medians, "peak_rss_mb": {k: round(v / 1024, 1)
-                                                                   for k, v in rss.items()},
+        row = {"pair": name, "median_s": medians,
+               "median_cpu_s": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+               "peak_rss_mb": {k: round(v / 1024, 1) for k, v in rss.items()},
                "ratio_vs_ours": {k: round(medians[k] / medians[ours], 2)
                                  for k in sides if k != ours}, "target": target}
         if nbytes:
@@ -150,7 +154,8 @@ def format_row(row: dict) -> str:
     parts = [f"{row['pair']:<44}"]
     for side, seconds in row["median_s"].items():
         mb = f" {row['mb_per_s'][side]:>6} MB/s" if "mb_per_s" in row else ""
-        parts.append(f"{side} {seconds:7.3f}s{mb} ({row['peak_rss_mb'][side]:.0f} MB)")
+        parts.append(f"{side} {seconds:7.3f}s{mb} (cpu {row['median_cpu_s'][side]:.2f}s, "
+                     f"{row['peak_rss_mb'][side]:.0f} MB)")
     ratios = ", ".join(f"{k}/ours = {v}x" for k, v in row["ratio_vs_ours"].items())
     return "  ".join(parts) + f"\n{'':<44}  {ratios}   target: {row['target']}"
 
