@@ -18,7 +18,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
 from pydicom.data import get_charset_files, get_testdata_files
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "dicom_sar.py"
@@ -261,3 +265,97 @@ def ns():
         for proc in space.procs:
             space.stop(proc)
         subprocess.run(["ip", "netns", "del", space.name], check=False)
+
+
+# ── Random DICOM files for the property tests (hypothesis) ──────────────────────────────
+
+def property_settings(examples: int) -> settings:
+    """The same examples on every run (CI stays reproducible); PROPERTY_EXAMPLES=N explores
+    N fresh random ones instead. No deadline: time is never asserted (noisy machines)."""
+    explore = os.environ.get("PROPERTY_EXAMPLES")
+    return settings(max_examples=int(explore) if explore else examples, deadline=None,
+                    derandomize=not explore)
+
+
+# top-level string elements a SAR or tag dump may name: keyword -> (VR, longest value)
+PROPERTY_TAGS = {"PatientID": ("LO", 64), "PatientName": ("PN", 64),
+                 "AccessionNumber": ("SH", 16), "StudyDescription": ("LO", 64),
+                 "InstitutionName": ("LO", 64), "StudyID": ("SH", 16),
+                 "ReferringPhysicianName": ("PN", 64), "OperatorsName": ("PN", 64),
+                 "StationName": ("SH", 16), "Modality": ("CS", 16)}
+SYNTAXES = [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian,
+            pydicom.uid.ExplicitVRBigEndian]
+CHARSETS = {None: "ABCXYZabcxyz0189 .-", "ISO_IR 100": "ABCabc019 äöüßéÈ",
+            "ISO_IR 192": "ABCabc019 äéЖ中文"}
+
+
+@st.composite
+def element_value(draw: st.DrawFn, vr: str, longest: int, letters: str) -> str:
+    """A value valid for its VR: text in the file's character set, several values at times."""
+    if vr == "CS":
+        alphabet, longest = "ABCDEFXYZ0189 _", 16
+    elif vr == "PN":
+        alphabet = letters.replace(" ", "") + "^"
+    else:
+        alphabet = letters
+    values = draw(st.lists(st.text(alphabet, max_size=min(longest, 20)), min_size=1,
+                           max_size=3 if vr in ("CS", "PN") else 1))
+    return "\\".join(v.strip() for v in values)
+
+
+@st.composite
+def code_item(draw: st.DrawFn, letters: str, nested_id: bool) -> Dataset:
+    """A sequence item: a code, sometimes with a PatientID of its own."""
+    item = Dataset()
+    item.CodeValue = draw(st.text("0123456789", min_size=1, max_size=16))
+    item.CodingSchemeDesignator = "SCT"
+    item.CodeMeaning = draw(element_value("LO", 64, letters))
+    if nested_id:
+        item.PatientID = draw(element_value("LO", 64, letters))
+    item.is_undefined_length_sequence_item = draw(st.booleans())
+    return item
+
+
+@st.composite
+def dicom_files(draw: st.DrawFn) -> tuple[bytes, list[str]]:
+    """A small, valid Part 10 file in a random transfer syntax and character set, with
+    random top-level string elements, sequences (defined or undefined length, a nested
+    PatientID at times) and pixel data at times: (bytes, keywords of its string elements)."""
+    syntax = draw(st.sampled_from(SYNTAXES))
+    charset = draw(st.sampled_from(sorted(CHARSETS, key=str)))
+    letters = CHARSETS[charset]
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(draw(st.integers(0, 9**9)))])
+    present = draw(st.lists(st.sampled_from(sorted(PROPERTY_TAGS)), unique=True, max_size=6))
+    for keyword in present:
+        vr, longest = PROPERTY_TAGS[keyword]
+        setattr(ds, keyword, draw(element_value(vr, longest, letters)))
+    if draw(st.booleans()):
+        ds.Rows, ds.Columns, ds.InstanceNumber = 2, 2, draw(st.integers(0, 99999))
+        ds.PixelSpacing = ["0.5", "0.25"]
+    if draw(st.booleans()):  # a private block: odd group, a long-VR (OB) element
+        block = ds.private_block(0x0009, "DICOM_SAR TEST", create=True)
+        block.add_new(0x10, "LO", draw(element_value("LO", 64, letters)))
+        block.add_new(0x11, "OB", draw(st.binary(max_size=40)))
+    for keyword in draw(st.lists(st.sampled_from(["AnatomicRegionSequence",
+                                                  "OtherPatientIDsSequence"]),
+                                 unique=True, max_size=2)):
+        nested = keyword == "OtherPatientIDsSequence"
+        items = draw(st.lists(code_item(letters, nested), max_size=3))
+        setattr(ds, keyword, Sequence(items))
+        ds[keyword].is_undefined_length = draw(st.booleans())
+    if draw(st.booleans()):
+        ds.BitsAllocated, ds.SamplesPerPixel, ds.PhotometricInterpretation = 16, 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = 2
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 0
+        ds.PixelData = bytes(draw(st.binary(min_size=8, max_size=8)))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = syntax
+    fp = pydicom.filebase.DicomBytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    return fp.getvalue(), present
