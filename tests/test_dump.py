@@ -252,3 +252,71 @@ def test_property_raw_tag_lines_equal_the_pydicom_path(file: tuple[bytes, list[s
         ds, _, _ = dicom_sar.read_dataset(path, header_only=True)
     assert size == len(data)
     assert fast == dicom_sar.tagged_lines(ds, specs)
+
+
+
+def nested_patient_ids(undefined_sequence: bool) -> bytes:
+    """Explicit VR little endian: a PatientID, an empty one in a defined-length item of
+    OtherPatientIDsSequence, then PatientComments."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    ds, item = Dataset(), Dataset()
+    ds.PatientID, item.PatientID = "OUTER", ""
+    ds.OtherPatientIDsSequence = [item]
+    ds.PatientComments = "AFTER"  # something follows the sequence
+    ds.OtherPatientIDsSequence[0].is_undefined_length_sequence_item = False
+    ds["OtherPatientIDsSequence"].is_undefined_length = undefined_sequence
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    fp = pydicom.filebase.DicomBytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    return fp.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["an element runs past its item",
+                                    "a delimiter ends a defined-length sequence"])
+def test_the_raw_scanner_defers_when_lengths_do_not_add_up(damage: str, tmp_path: Path) -> None:
+    """Found by the damaged-file property: both read as if whole to a scanner that trusts
+    the first length it meets, where pydicom reported the file broken."""
+    import dicom_sar
+    if damage.startswith("an element"):
+        data = nested_patient_ids(undefined_sequence=False)
+        data = data.replace(b"\x10\x00\x20\x00LO\x00\x00", b"\x10\x00\x20\x00LO\x01\x00")
+    else:
+        data = nested_patient_ids(undefined_sequence=True)
+        data = data.replace(b"SQ\x00\x00\xff\xff\xff\xff", b"SQ\x00\x00\x00\xff\xff\xff")
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    with pytest.raises(dicom_sar.RAW_FALLBACK):  # pydicom decides
+        dicom_sar.fast_tagged_lines(path, tuple(dicom_sar.parse_tag_specs("PatientID")))
+
+@property_settings(300)
+@given(dicom_files(), st.sampled_from(["flip", "cut", "insert", "delete"]), st.data())
+def test_property_on_damaged_files_the_raw_scanner_defers_or_agrees(
+        file: tuple[bytes, list[str]], damage: str, draw: st.DataObject) -> None:
+    """A file with a byte changed, inserted or deleted, or cut short: the raw scanner hands
+    it to pydicom, or answers exactly as pydicom does; never where pydicom reports it broken."""
+    import dicom_sar
+    dicom_sar.configure_pydicom()
+    data = bytearray(file[0])
+    at = draw.draw(st.integers(128, len(data) - 1))
+    if damage == "flip":
+        data[at] = draw.draw(st.integers(0, 255))
+    elif damage == "cut":
+        del data[at:]
+    elif damage == "insert":
+        data[at:at] = draw.draw(st.binary(min_size=1, max_size=4))
+    else:
+        del data[at:at + draw.draw(st.integers(1, 4))]
+    specs = tuple(s for tag in ("PatientID", "PatientName", "StudyID")
+                  for s in dicom_sar.parse_tag_specs(tag))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f"
+        path.write_bytes(data)
+        try:
+            fast, _ = dicom_sar.fast_tagged_lines(path, specs)
+        except dicom_sar.RAW_FALLBACK:
+            return  # deferred to pydicom, which decides
+        ds, _, _ = dicom_sar.read_dataset(path, header_only=True)  # must not raise
+    assert fast == (dicom_sar.tagged_lines(ds, specs) if ds is not None else None)
