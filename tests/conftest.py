@@ -359,3 +359,21 @@ def dicom_files(draw: st.DrawFn) -> tuple[bytes, list[str]]:
     fp = pydicom.filebase.DicomBytesIO()
     ds.save_as(fp, enforce_file_format=True)
     return fp.getvalue(), present
+
+
+DAMAGE = ["flip", "cut", "insert", "delete"]
+
+
+def damaged(data: bytes, damage: str, draw: st.DataObject) -> bytes:
+    """data with a byte changed, bytes inserted or deleted, or cut short, after the magic."""
+    out = bytearray(data)
+    at = draw.draw(st.integers(132, len(out) - 1))
+    if damage == "flip":
+        out[at] = draw.draw(st.integers(0, 255))
+    elif damage == "cut":
+        del out[at:]
+    elif damage == "insert":
+        out[at:at] = draw.draw(st.binary(min_size=1, max_size=4))
+    else:
+        del out[at:at + draw.draw(st.integers(1, 4))]
+    return bytes(out)

@@ -14,7 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import (
+    DAMAGE,
     PROPERTY_TAGS,
+    damaged,
     dcmdump,
     dicom_files,
     instances,
@@ -292,23 +294,14 @@ def test_the_raw_scanner_defers_when_lengths_do_not_add_up(damage: str, tmp_path
         dicom_sar.fast_tagged_lines(path, tuple(dicom_sar.parse_tag_specs("PatientID")))
 
 @property_settings(300)
-@given(dicom_files(), st.sampled_from(["flip", "cut", "insert", "delete"]), st.data())
+@given(dicom_files(), st.sampled_from(DAMAGE), st.data())
 def test_property_on_damaged_files_the_raw_scanner_defers_or_agrees(
         file: tuple[bytes, list[str]], damage: str, draw: st.DataObject) -> None:
     """A file with a byte changed, inserted or deleted, or cut short: the raw scanner hands
     it to pydicom, or answers exactly as pydicom does; never where pydicom reports it broken."""
     import dicom_sar
     dicom_sar.configure_pydicom()
-    data = bytearray(file[0])
-    at = draw.draw(st.integers(128, len(data) - 1))
-    if damage == "flip":
-        data[at] = draw.draw(st.integers(0, 255))
-    elif damage == "cut":
-        del data[at:]
-    elif damage == "insert":
-        data[at:at] = draw.draw(st.binary(min_size=1, max_size=4))
-    else:
-        del data[at:at + draw.draw(st.integers(1, 4))]
+    data = damaged(file[0], damage, draw)
     specs = tuple(s for tag in ("PatientID", "PatientName", "StudyID")
                   for s in dicom_sar.parse_tag_specs(tag))
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,8 +23,10 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from conftest import (
+    DAMAGE,
     FREE_THREADED_BUILD,
     TOOL,
+    damaged,
     dcmdump,
     dicom_files,
     instances,
@@ -866,3 +868,35 @@ def test_property_the_splice_writes_what_a_full_rewrite_writes(
     ours = pydicom.dcmread(io.BytesIO(written))
     assert ours == theirs and ours.file_meta == theirs.file_meta
     assert written == spliced_expectation(data, {p.tag: p.encoded for p in planned})
+
+
+@property_settings(300)
+@given(dicom_files(), st.sampled_from(DAMAGE), st.data(),
+       st.sampled_from(["PatientID", "PatientName,StudyID", "Modality"]),
+       st.sampled_from(PROPERTY_RULES[:4]))
+def test_property_on_damaged_files_raw_planning_decides_as_pydicom_planning(
+        file: tuple[bytes, list[str]], damage: str, draw: st.DataObject, tags: str,
+        rule: tuple[str, str]) -> None:
+    """A damaged file (see conftest.damaged): planning from the raw header scan and from
+    pydicom's header give the same outcome, message and changes, and the same bytes."""
+    import dataclasses
+
+    import dicom_sar
+    dicom_sar.configure_pydicom()
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "in" / "f"
+        source.parent.mkdir()
+        source.write_bytes(damaged(file[0], damage, draw))
+        fast = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
+            ["--sar", "--tag", tags, "--regex_search", rule[0], "--regex_replace", rule[1],
+             "--no-fsync", "--output", str(Path(tmp) / "fast"), "--path", str(source.parent)]))
+        slow = dataclasses.replace(fast, fast=False, output=Path(tmp) / "slow")
+        cand = dicom_sar.Candidate(source, source.parent)
+        a = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, fast), cand)
+        b = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, slow), cand)
+        event(f"{damage}: {a.status}")
+        assert (a.status, a.message, a.changes, a.rejections) == \
+               (b.status, b.message, b.changes, b.rejections)
+        if a.status == "modified":
+            assert (Path(tmp) / "fast" / "f").read_bytes() == \
+                   (Path(tmp) / "slow" / "f").read_bytes()
