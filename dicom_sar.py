@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import hashlib
 import io
 import itertools
@@ -1823,9 +1824,9 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
         if file_stamp(cand.path) != stamp:
             raise RuntimeError("the file changed while it was being processed; left as it is")
         if patches is not None:
-            write_spliced(cand.path, out, patches, fsync=opts.fsync)
+            write_spliced(cand.path, out, patches)
         else:
-            write_dataset(ds, out, fsync=opts.fsync)
+            write_dataset(ds, out)
 
     def journal(tmp: Path) -> None:
         if opts.journal is not None:
@@ -1834,7 +1835,7 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
     if opts.inplace:
         replace_in_place(cand, opts, write, journal)
     else:
-        write_atomic(target, write, like=cand.path, before_replace=journal)
+        write_atomic(target, write, fsync=opts.fsync, like=cand.path, before_replace=journal)
     return FileResult(cand.path, "modified", nbytes=size, changes=changes)
 
 
@@ -2019,12 +2020,13 @@ def open_temp(directory: Path) -> tuple[int, Path]:
     raise FileExistsError(f"no free temporary file name in {directory}")
 
 
-def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *,
+def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *, fsync: bool,
                  like: Path | None = None,
                  before_replace: Callable[[Path], None] | None = None,
                  recycle: bool = False) -> None:
     """produce() writes a temporary file beside target, which then replaces target.
 
+    fsync: the file's data is on disk before the rename (power-loss safe).
     recycle: the temporary file may be the worker's spare, and target's old inode becomes
     the next spare (see Spare); only for a replace in place with no other link to keep.
     """
@@ -2033,6 +2035,7 @@ def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *,
     try:
         with open(fd, "wb", buffering=0) as out:  # unbuffered: see buffered_reader
             produce(out)
+            finish(out, fsync)
         if like is not None:
             shutil.copystat(like, tmp)  # permissions and timestamps of the original
         else:
@@ -2105,7 +2108,7 @@ class Spare:
             return None
         try:
             if private_inode(fd):
-                os.ftruncate(fd, 0)
+                empty_in_place(fd)
                 return fd, spare
         except OSError:
             self.refused = True
@@ -2117,6 +2120,39 @@ class Spare:
         """Delete the spare (the task ends, or its replace failed)."""
         spare, self.path = self.path, None
         unlink_quietly(spare)
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE = 0x01, 0x10
+
+
+def empty_in_place(fd: int) -> None:
+    """Make every byte of a recycled file read as zero, keeping its blocks allocated; the
+    next file is written over it from offset 0 and finish() cuts it to its own length.
+
+    Why not truncate: on ext4 that frees the blocks (on a disk mounted with `discard`, a
+    synchronous discard each time), the next file allocates new ones, and its close starts
+    writeback at once (ext4's auto_da_alloc, for truncate-then-rewrite). Zeroing the range
+    only marks the extents unwritten: a power loss before the new data is on disk shows
+    zeros, never the previous file's bytes. Truncates where the filesystem cannot do it.
+    """
+    try:
+        fallocate = libc_fallocate()
+        if fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 0,
+                     os.fstat(fd).st_size) == 0:
+            return
+    except (OSError, AttributeError):  # no libc fallocate here
+        pass
+    os.ftruncate(fd, 0)
+
+
+@functools.cache
+def libc_fallocate() -> Callable[[int, int, int, int], int]:
+    """libc's fallocate(2) with its modes (os.posix_fallocate has none), loaded once."""
+    import ctypes
+
+    function = ctypes.CDLL(None).fallocate
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return function
 
 
 def private_inode(fd: int) -> bool:
@@ -2152,12 +2188,11 @@ def unlink_quietly(path: Path | None) -> None:
             path.unlink()
 
 
-def write_dataset(ds: Dataset, out: BinaryIO, *, fsync: bool) -> None:
+def write_dataset(ds: Dataset, out: BinaryIO) -> None:
     """Full rewrite by pydicom, keeping the file's own encoding (the fallback path)."""
     buffer = io.BytesIO()  # in memory, then one write: out is unbuffered
     ds.save_as(buffer, enforce_file_format=False)
     write_all(out, [buffer.getbuffer()])
-    finish(out, fsync)
 
 
 def write_all(out: BinaryIO, chunks: Iterable[bytes | memoryview]) -> None:
@@ -2177,8 +2212,7 @@ def write_bytes_atomic(data: bytes | list[bytes], target: Path, *, fsync: bool) 
     """Write bytes (or a list of chunks) to target atomically."""
     def produce(out: BinaryIO) -> None:
         write_all(out, [data] if isinstance(data, bytes) else data)
-        finish(out, fsync)
-    write_atomic(target, produce)
+    write_atomic(target, produce, fsync=fsync)
 
 
 def copy_file_atomic(source: Path, target: Path, *, fsync: bool) -> None:
@@ -2186,13 +2220,14 @@ def copy_file_atomic(source: Path, target: Path, *, fsync: bool) -> None:
     def produce(out: BinaryIO) -> None:
         with read_fd(source) as src:
             copy_range(src, out.fileno(), 0, os.fstat(src).st_size)
-        finish(out, fsync)
-    write_atomic(target, produce, like=source)
+    write_atomic(target, produce, fsync=fsync, like=source)
 
 
 def finish(fp: Any, fsync: bool) -> None:
-    """Flush, and fsync when durability against power loss is wanted."""
+    """After produce(): flush, end the file where the writing ended (a recycled temporary
+    file starts as long as the file it was: see empty_in_place), fsync if wanted."""
     fp.flush()
+    os.ftruncate(fp.fileno(), fp.tell())
     if fsync:
         os.fsync(fp.fileno())
 
@@ -2295,7 +2330,7 @@ def value_offset_of(ds: Dataset, tag: int) -> int | None:
     return getattr(elem, "file_tell", None)
 
 
-def write_spliced(source: Path, out: BinaryIO, patches: list[Patch], *, fsync: bool) -> None:
+def write_spliced(source: Path, out: BinaryIO, patches: list[Patch]) -> None:
     """Write source with patches applied: patched head from memory, tail by kernel copy."""
     with read_fd(source) as src:
         size = os.fstat(src).st_size
@@ -2309,7 +2344,6 @@ def write_spliced(source: Path, out: BinaryIO, patches: list[Patch], *, fsync: b
             pos = patch.offset + patch.size
         write_all(out, parts)
         copy_range(src, out.fileno(), pos, size)
-        finish(out, fsync)
 
 
 def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[BinaryIO], None],
@@ -2328,8 +2362,8 @@ def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[BinaryIO
         linked = backup if backup_original(cand.path, backup, fsync=opts.fsync) else None
     st = cand.path.stat()
     try:
-        write_atomic(cand.path, produce, like=cand.path, before_replace=before_replace,
-                     recycle=linked is None)
+        write_atomic(cand.path, produce, fsync=opts.fsync, like=cand.path,
+                     before_replace=before_replace, recycle=linked is None)
     except BaseException:
         if linked is not None:  # a link left behind would share the live file's inode
             linked.unlink(missing_ok=True)
@@ -3271,8 +3305,7 @@ def write_manifest(output: Path, req: GenerateRequest, plans: list[InstancePlan]
         json.dump(manifest, text, indent=1)
         text.write("\n")
         text.detach().detach()  # flushed, and out is left to write_atomic to close
-        finish(out, fsync=False)
-    write_atomic(path, produce)
+    write_atomic(path, produce, fsync=False)
     return path
 
 

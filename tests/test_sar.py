@@ -532,17 +532,70 @@ def test_a_replaced_original_becomes_the_next_temporary_file(tmp_path: Path) -> 
     old_a = a.stat().st_ino
     spare = dicom_sar._current_batch.spare = dicom_sar.Spare()  # what run_batch sets up
     try:
-        dicom_sar.write_atomic(a, lambda out: out.write(b"new a"), like=a, recycle=True)
+        dicom_sar.write_atomic(a, lambda out: out.write(b"new a"), fsync=False, like=a,
+                               recycle=True)
         assert spare.path is not None and spare.path.stat().st_ino == old_a
         assert spare.path.read_bytes() == b"old a" and spare.path.parent == tmp_path
-        dicom_sar.write_atomic(b, lambda out: out.write(b"new b"), like=b, recycle=True)
+        dicom_sar.write_atomic(b, lambda out: out.write(b"b"), fsync=False, like=b,
+                               recycle=True)
     finally:
         spare.drop()
         dicom_sar._current_batch.spare = None
-    assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"new b")
+    assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"b")  # cut to its own length
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     if generations_can_change(tmp_path):  # elsewhere b's temporary file is a new one
         assert b.stat().st_ino == old_a
+
+
+def test_emptying_a_recycled_file_leaves_none_of_its_bytes_readable(tmp_path: Path) -> None:
+    """The spare is zeroed in place (its blocks stay allocated: nothing freed, no discard),
+    or truncated where the filesystem cannot; either way no old byte can be read."""
+    import dicom_sar
+
+    path = tmp_path / "spare"
+    path.write_bytes(b"\xab" * 65536)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        blocks = os.fstat(fd).st_blocks
+        dicom_sar.empty_in_place(fd)
+        st = os.fstat(fd)
+        assert os.pread(fd, 1 << 17, 0) == bytes(st.st_size)
+        if generations_can_change(tmp_path):  # ext4: zeroed, not freed
+            assert (st.st_size, st.st_blocks) == (65536, blocks)
+    finally:
+        os.close(fd)
+
+
+def test_a_recycled_file_is_cut_to_the_length_of_the_new_one(tmp_path: Path) -> None:
+    """Shrinking values over files of falling sizes in one directory: each new file lands
+    in the larger inode of the one before it, and must be exactly the reference output."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i, size in enumerate([40000, 400, 4000]):
+        ds = Dataset()
+        ds.PatientID, ds.PatientName = f"LONG-PATIENT-ID-{i}-" + "X" * 30, "DOE^JANE"
+        ds.SOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.PixelData = bytes(size)
+        ds["PixelData"].VR = "OB"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tree / f"f{i}", enforce_file_format=True)
+    shrink = ["--tag", "PatientID", "--regex_search", "^(.).*$", "--regex_replace", r"\1",
+              "-j", "1"]
+    run = run_tool("--sar", *shrink, "--path", tree, "--output", tmp_path / "ref",
+                   cwd=tmp_path)
+    assert run.code == 0, run.err
+    run = run_tool("--sar", *shrink, "--inplace", "--no-backup", "--path", tree, cwd=tmp_path)
+    assert run.code == 0, run.err
+    for i in range(3):
+        assert (tree / f"f{i}").read_bytes() == (tmp_path / "ref" / f"f{i}").read_bytes()
+    assert read(tree / "f1").PatientID == "L"
 
 
 def test_recycled_inodes_never_show_a_reader_another_files_bytes(
@@ -863,7 +916,7 @@ def test_property_the_splice_writes_what_a_full_rewrite_writes(
         written = (Path(tmp) / "out" / "f").read_bytes()
         dicom_sar.apply_changes(full, planned)
         with open(Path(tmp) / "rewrite", "wb", buffering=0) as out:
-            dicom_sar.write_dataset(full, out, fsync=False)
+            dicom_sar.write_dataset(full, out)
         theirs = pydicom.dcmread(Path(tmp) / "rewrite")
     ours = pydicom.dcmread(io.BytesIO(written))
     assert ours == theirs and ours.file_meta == theirs.file_meta
