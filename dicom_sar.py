@@ -2132,8 +2132,9 @@ def empty_in_place(fd: int) -> None:
     Why not truncate: on ext4 that frees the blocks (on a disk mounted with `discard`, a
     synchronous discard each time), the next file allocates new ones, and its close starts
     writeback at once (ext4's auto_da_alloc, for truncate-then-rewrite). Zeroing the range
-    only marks the extents unwritten: a power loss before the new data is on disk shows
-    zeros, never the previous file's bytes. Truncates where the filesystem cannot do it.
+    only marks the extents unwritten: on a journalled ext4, a power loss before the new data
+    is on disk shows zeros, never the previous file's bytes (as after a truncate; without a
+    journal ext4 orders no metadata, either way). Truncates where it cannot zero.
     """
     try:
         fallocate = libc_fallocate()
