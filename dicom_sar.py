@@ -1891,7 +1891,8 @@ def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
             raw = raw_of(owner[tag], owner)
         value_offset = dataset_base(owner) + raw.value_tell if raw.value_tell is not None \
             else getattr(owner.get_item(tag), "file_tell", None)
-        old_text = decode_text(raw.value or b"", vr, charset_of(owner))
+        encodings = charset_of(owner)
+        old_text = decode_text(raw.value or b"", vr, encodings)
         old_values = [old_text] if vr in SINGLE_VALUE_VRS else old_text.split("\\")
         new_values = [opts.pattern.sub(opts.replacement, v) for v in old_values]
         if new_values == old_values or not old_text:
@@ -1899,7 +1900,7 @@ def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
         label = f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {keyword_of(tag)}"
         new_text = "\\".join(new_values)
         change = Change(label, old_text, new_text)
-        encoded, problem = encode_new_values(vr, new_values, charset_of(owner))
+        encoded, problem = encode_new_values(vr, new_values, encodings)
         if problem:
             shown = f" (new value {new_text!r})" if opts.verbose else ""
             rejections.append(f"{label} VR {vr}: {problem}{shown}")
