@@ -1378,6 +1378,8 @@ class RawScan:
         self.encoded_wanted: list[bytes] = []
         tags = [t for t in (*self.wanted, *self.keep_top) if t != 0x00080005]
         self.interesting = (min(tags), max(tags)) if tags else (1, 0)  # tags element() needs
+        lo, hi = self.interesting  # their groups, and 0008 for the charset
+        self.interesting_groups = (min(lo >> 16, 0x0008), max(hi >> 16, 0x0008))
 
     def run(self, kind: str) -> None:
         """Scan the file meta (Part 10) and the dataset up to the pixel data."""
@@ -1461,8 +1463,7 @@ class RawScan:
         # Globals bound to locals: on 3.13t every global load touches a shared refcount,
         # which two workers scanning at once would fight over on every element.
         unpack, short_vrs, delimiters = EXPLICIT_LE_HEADER.unpack_from, SHORT_VR_CODES, DELIMITERS
-        lo, hi = self.interesting
-        glo, ghi = min(lo >> 16, 0x0008), max(hi >> 16, 0x0008)  # and 0008 for the charset
+        (lo, hi), (glo, ghi) = self.interesting, self.interesting_groups
         inline_end = size - 7 if not implicit and little else 0
         while pos < end:
             if pos < inline_end:
