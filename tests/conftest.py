@@ -352,13 +352,21 @@ def dicom_files(draw: st.DrawFn) -> tuple[bytes, list[str]]:
         ds.Rows = ds.Columns = 2
         ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 0
         ds.PixelData = bytes(draw(st.binary(min_size=8, max_size=8)))
+    return as_part10(ds, syntax), present
+
+
+def as_part10(ds: Dataset, syntax: str = pydicom.uid.ExplicitVRLittleEndian) -> bytes:
+    """ds encoded as a Part 10 file in syntax, its file meta naming its SOP class and
+    instance (Secondary Capture and a fresh UID where it has none)."""
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID",
+                                                  pydicom.uid.SecondaryCaptureImageStorage)
+    ds.file_meta.MediaStorageSOPInstanceUID = (ds.get("SOPInstanceUID")
+                                               or pydicom.uid.generate_uid())
     fp = pydicom.filebase.DicomBytesIO()
     ds.save_as(fp, enforce_file_format=True)
-    return fp.getvalue(), present
+    return fp.getvalue()
 
 
 DAMAGE = ["flip", "cut", "insert", "delete"]

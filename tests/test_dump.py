@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from conftest import (
     DAMAGE,
     PROPERTY_TAGS,
+    as_part10,
     damaged,
     dcmdump,
     dicom_files,
@@ -199,7 +200,7 @@ def test_the_raw_scanner_walks_only_sequences_that_may_hold_a_wanted_tag(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A defined-length sequence whose bytes hold no wanted tag is stepped over whole; one
     that holds it is walked, so nested instances are still found (as dcmdump +P finds them)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
 
     import dicom_sar
 
@@ -215,12 +216,8 @@ def test_the_raw_scanner_walks_only_sequences_that_may_hold_a_wanted_tag(
     other = Dataset()
     other.PatientID = "INNER"
     ds.OtherPatientIDsSequence = [other]
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     path = tmp_path / "nested"
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(as_part10(ds))
     walked = []
     sequence = dicom_sar.RawScan.sequence
 
@@ -256,24 +253,17 @@ def test_property_raw_tag_lines_equal_the_pydicom_path(file: tuple[bytes, list[s
     assert fast == dicom_sar.tagged_lines(ds, specs)
 
 
-
 def nested_patient_ids(undefined_sequence: bool) -> bytes:
     """Explicit VR little endian: a PatientID, an empty one in a defined-length item of
     OtherPatientIDsSequence, then PatientComments."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     ds, item = Dataset(), Dataset()
     ds.PatientID, item.PatientID = "OUTER", ""
     ds.OtherPatientIDsSequence = [item]
     ds.PatientComments = "AFTER"  # something follows the sequence
     ds.OtherPatientIDsSequence[0].is_undefined_length_sequence_item = False
     ds["OtherPatientIDsSequence"].is_undefined_length = undefined_sequence
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    fp = pydicom.filebase.DicomBytesIO()
-    ds.save_as(fp, enforce_file_format=True)
-    return fp.getvalue()
+    return as_part10(ds)
 
 
 @pytest.mark.parametrize("damage", ["an element runs past its item",
@@ -292,6 +282,7 @@ def test_the_raw_scanner_defers_when_lengths_do_not_add_up(damage: str, tmp_path
     path.write_bytes(data)
     with pytest.raises(dicom_sar.RAW_FALLBACK):  # pydicom decides
         dicom_sar.fast_tagged_lines(path, tuple(dicom_sar.parse_tag_specs("PatientID")))
+
 
 @property_settings(300)
 @given(dicom_files(), st.sampled_from(DAMAGE), st.data())
