@@ -33,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import struct
 import sys
 import threading
@@ -2168,7 +2169,6 @@ def private_inode(fd: int) -> bool:
     filesystem has no leases or generations (then the task stops recycling).
     """
     import fcntl
-    import signal
 
     st = os.fstat(fd)
     if (st.st_nlink != 1 or (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid())
@@ -3312,7 +3312,7 @@ def write_manifest(output: Path, req: GenerateRequest, plans: list[InstancePlan]
     return path
 
 
-def run_generate(opts: Options, out: Callable[[str], None]) -> int:
+def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int:
     """Plan, then encode and write on the pool in plan order; manifest last."""
     req: GenerateRequest = opts.generate
     output = opts.output or Path((req.config or {}).get("outputDir") or DEFAULT_GENERATED)
@@ -3325,16 +3325,12 @@ def run_generate(opts: Options, out: Callable[[str], None]) -> int:
               f"to {output}", file=sys.stderr)
         return EXIT_OK
     reporter = Reporter(opts, out)
-    stop = StopSignal()
     cands = (Candidate(Path(p.relpath), output) for p in plans)
     by_path = {p.relpath: p for p in plans}
-    try:
-        for result in run_ordered(
-                cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
-                opts.workers, stop.event, opts.time_limit):
-            reporter.handle(result)
-    finally:
-        stop.restore()
+    for result in run_ordered(
+            cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
+            opts.workers, stop.event, opts.time_limit):
+        reporter.handle(result)
     path = write_manifest(output, req, plans)
     log.info("generated %d planned instances into %s; manifest %s", len(plans), output, path)
     reporter.finish()
@@ -3668,7 +3664,7 @@ class Session:
     log: logging.Logger
 
 
-def run_send(opts: Options, out: Callable[[str], None]) -> int:
+def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int:
     """Index, group by study, send study by study over the pool; log and summarise."""
     import uuid
 
@@ -3686,18 +3682,14 @@ def run_send(opts: Options, out: Callable[[str], None]) -> int:
     print(f"session {sid}", file=sys.stderr)
     reporter = Reporter(opts, out)
     studies: dict[str, list[Indexed]] = {}
-    stop = StopSignal()
-    try:
-        for result in run_ordered(discover(opts, excluded_locations(opts, [])),
-                                  lambda c: index_task(c, opts), opts.workers, stop.event,
-                                  opts.time_limit):
-            reporter.handle(result)
-            if result.record is not None:
-                studies.setdefault(result.record.study, []).append(result.record)
-        reporter.bar.close()
-        return send_studies(studies, opts, out, reporter, stop, session)
-    finally:
-        stop.restore()
+    for result in run_ordered(discover(opts, excluded_locations(opts, [])),
+                              lambda c: index_task(c, opts), opts.workers, stop.event,
+                              opts.time_limit):
+        reporter.handle(result)
+        if result.record is not None:
+            studies.setdefault(result.record.study, []).append(result.record)
+    reporter.bar.close()
+    return send_studies(studies, opts, out, reporter, stop, session)
 
 
 def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable[[str], None],
@@ -4228,33 +4220,37 @@ def run(opts: Options) -> int:
     configure_pydicom()
     log.info("run started: %s; mode %s; workers %d; %s", PROG + " " + __version__, opts.mode,
              opts.workers, runtime_line())
-    stdout = sys.stdout
+    stop = StopSignal()
+    try:
+        return run_mode(opts, stop.output(sys.stdout), stop, log_paths)
+    finally:
+        stop.restore()
 
-    def out(line: str) -> None:
-        stdout.write(line + "\n")
 
+def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
+             log_paths: list[Path]) -> int:
+    """The chosen mode, fed to the pool; dump and sar are run here, over the walk."""
     if opts.mode == "generate":
-        return run_generate(opts, out)
+        return run_generate(opts, out, stop)
     if opts.mode in ("send", "echo"):
-        return run_send(opts, out)
+        return run_send(opts, out, stop)
     task = {"dump": dump_task, "sar": sar_task}[opts.mode]
     journal = open_journal(opts) if opts.mode == "sar" and not opts.dry_run else None
     if journal is not None:
         opts = dataclasses.replace(opts, journal=journal)
         log_paths.append(journal.path)
     reporter = Reporter(opts, out)
-    stop = StopSignal()
-    try:
-        candidates = discover(opts, excluded_locations(opts, log_paths))
-        for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event,
-                                  opts.time_limit):
-            reporter.handle(result)
-    finally:
-        stop.restore()
+    candidates = discover(opts, excluded_locations(opts, log_paths))
+    for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event,
+                              opts.time_limit):
+        reporter.handle(result)
     if stop.signum:
-        log.warning("stopped by signal %d; files in flight were finished", stop.signum)
-        print(f"stopped by signal {stop.signum}: in-flight files finished; rerun with --resume "
-              "to continue", file=sys.stderr)
+        log.warning("stopped by %s; files in flight were finished", stop.cause())
+        if journal is not None:
+            print(f"stopped by {stop.cause()}: in-flight files finished; rerun with --resume "
+                  "to continue", file=sys.stderr)
+        elif stop.signum != signal.SIGPIPE:  # after `| head` the reader asked for no more
+            print(f"stopped by {stop.cause()}: in-flight files finished", file=sys.stderr)
     elif journal is not None:
         journal.finish()
     data = reporter.finish()
@@ -4266,11 +4262,10 @@ def run(opts: Options) -> int:
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set an event: no new files are taken, in-flight files finish."""
+    """SIGINT/SIGTERM set an event: no new files are taken, in-flight files finish. So does
+    a closed stdout (`--dump ... | head`), as SIGPIPE would stop dcmdump."""
 
     def __init__(self) -> None:
-        import signal
-
         self.event = threading.Event()
         self.signum = 0
         self._old = {sig: signal.signal(sig, self._handle)
@@ -4280,15 +4275,33 @@ class StopSignal:
         self.signum = self.signum or signum
         self.event.set()
 
+    def output(self, stream: Any) -> Callable[[str], None]:
+        """A line writer for stream that stops the run once nobody reads it any more."""
+        def out(line: str) -> None:
+            if self.signum == signal.SIGPIPE:
+                return
+            try:
+                stream.write(line + "\n")
+            except BrokenPipeError:
+                # what is still buffered, and the flush at exit, go nowhere instead of
+                # failing again (the recipe of Python's signal documentation)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+                self._handle(signal.SIGPIPE, None)
+        return out
+
+    def cause(self) -> str:
+        """What stopped the run, in words."""
+        return "a closed output pipe" if self.signum == signal.SIGPIPE else f"signal {self.signum}"
+
     def restore(self) -> None:
         """Put the previous handlers back."""
-        import signal
-
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
     def exit_status(self) -> int:
-        """130 after SIGINT, 143 after SIGTERM, 0 otherwise."""
+        """130 after SIGINT, 143 after SIGTERM, 141 after a closed output pipe, else 0."""
         return 128 + self.signum if self.signum else 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from conftest import (
     DAMAGE,
     PROPERTY_TAGS,
+    TOOL,
     as_part10,
     damaged,
     dcmdump,
@@ -133,6 +136,25 @@ def test_count_is_a_histogram_with_absent_files(generated: Path, manifest: dict,
     assert counts["(0008,0050) AccessionNumber (absent)"] == 1
     assert sum(counts.values()) == 9
     assert [int(n) for n, _ in rows] == sorted((int(n) for n, _ in rows), reverse=True)
+
+
+def test_a_reader_that_goes_away_stops_the_dump_like_sigpipe(generated: Path,
+                                                             tmp_path: Path) -> None:
+    """`--dump ... | head -2`: the first lines arrive whole, then the run stops quietly
+    (no traceback, no further files taken) with 141, as a shell reports dcmdump's SIGPIPE."""
+    total = sum(1 for p in generated.rglob("*") if p.is_file())
+    proc = subprocess.Popen([sys.executable, str(TOOL), "--dump", "-j", "2", "--no-progress",
+                             "--path", str(generated), "--summary-json", "s.json"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline() + proc.stdout.readline()  # dcmdump's blank line, then
+    proc.stdout.close()  # what head does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert first == b"\n# Dicom-File-Format\n"
+    assert "Traceback" not in err and "Error" not in err
+    assert "stopped by a closed output pipe" in (tmp_path / "dicom_sar.log").read_text()
+    # the full dump of the tree is far more than a pipe holds: it stopped early
+    assert json.loads((tmp_path / "s.json").read_text())["files_seen"] < total
 
 
 @pytest.mark.parametrize("bad", [["--count"], ["--count", "--tag", "PatientID", "--format",
