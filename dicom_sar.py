@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import pydicom
 import pydicom.charset
@@ -724,7 +724,7 @@ class Slot:
 
 _current_batch = threading.local()  # the Batch a worker thread is running, for commit()
 STOP_GRACE = 10.0  # seconds a file in flight may still take after Ctrl-C or SIGTERM
-STUCK_WORKERS = threading.Event()  # set once a worker had to be abandoned (see main)
+STUCK_WORKERS = threading.Event()  # set once a worker had to be abandoned (see leave)
 
 
 def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
@@ -764,7 +764,7 @@ class Pool:
     Python cannot stop a thread, so a file past the limit is given up on: its batch is
     abandoned (that worker commits nothing more), the rest of the batch and the queued
     batches go to a fresh executor, and the process exits without waiting for the stuck
-    thread (exit_now_if_stuck).
+    thread (leave).
     """
 
     def __init__(self, workers: int, task: Callable[[Candidate], FileResult],
@@ -4336,16 +4336,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SIGINT
 
 
-def exit_now_if_stuck(code: int) -> None:
-    """A worker abandoned at the time limit cannot be joined: flush and leave without it."""
-    if STUCK_WORKERS.is_set():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+def leave(code: int) -> NoReturn:
+    """Flush the logs and the standard streams, then exit without the interpreter's
+    teardown: every file this run wrote is closed by now, and every pool shut down.
+
+    Why: the teardown frees pydicom's ~100k dictionary objects one by one (~25 ms, a tenth
+    of a tag dump's start-up), and a worker abandoned at the time limit can never be joined.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone, a stream closed
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    status = main()
-    exit_now_if_stuck(status)
-    sys.exit(status)
+    leave(main())
