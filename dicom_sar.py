@@ -4071,10 +4071,11 @@ class Reporter:
             render_count(self.counter, self.out)
         data = self.stats.summary(self.opts)
         log.info("summary: %s", json.dumps(data))
+        if self.opts.summary_json:  # before the terminal, whose reader may be gone
+            write_bytes_atomic((json.dumps(data, indent=2) + "\n").encode(),
+                               self.opts.summary_json, fsync=False)
         if not self.opts.quiet:
             print(paint(render_summary(data), BOLD, first_line_only=True), file=sys.stderr)
-        if self.opts.summary_json:
-            self.opts.summary_json.write_text(json.dumps(data, indent=2) + "\n")
         return data
 
 
@@ -4325,15 +4326,17 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{parser.prog}: {paint('error:', RED)} {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not opts.quiet:
-        warn_if_gil()
     try:
+        if not opts.quiet:
+            warn_if_gil()
         return run(opts)
     except UsageError as exc:
         print(f"{parser.prog}: {paint('error:', RED)} {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_SIGINT
+    except BrokenPipeError:  # stderr's reader is gone too (fish: `&| head`): nobody to tell
+        return 128 + signal.SIGPIPE
 
 
 def leave(code: int) -> NoReturn:

@@ -138,17 +138,20 @@ def test_count_is_a_histogram_with_absent_files(generated: Path, manifest: dict,
     assert [int(n) for n, _ in rows] == sorted((int(n) for n, _ in rows), reverse=True)
 
 
-def test_a_reader_that_goes_away_stops_the_dump_like_sigpipe(generated: Path,
-                                                             tmp_path: Path) -> None:
-    """`--dump ... | head -2`: the first lines arrive whole, then the run stops quietly
-    (no traceback, no further files taken) with 141, as a shell reports dcmdump's SIGPIPE."""
+@pytest.mark.parametrize("stderr_too", [False, True], ids=["stdout", "stdout-and-stderr"])
+def test_a_reader_that_goes_away_stops_the_dump_like_sigpipe(generated: Path, tmp_path: Path,
+                                                             stderr_too: bool) -> None:
+    """`--dump ... | head -2` (and fish's `&| head -2`): the first lines arrive whole, then
+    the run stops quietly (no traceback, no further files taken) with 141, as a shell
+    reports dcmdump's SIGPIPE."""
     total = sum(1 for p in generated.rglob("*") if p.is_file())
     proc = subprocess.Popen([sys.executable, str(TOOL), "--dump", "-j", "2", "--no-progress",
                              "--path", str(generated), "--summary-json", "s.json"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE)
     first = proc.stdout.readline() + proc.stdout.readline()  # dcmdump's blank line, then
     proc.stdout.close()  # what head does once it has its lines
-    err = proc.stderr.read().decode()
+    err = "" if stderr_too else proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert first == b"\n# Dicom-File-Format\n"
     assert "Traceback" not in err and "Error" not in err
