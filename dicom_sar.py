@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import struct
 import sys
 import threading
@@ -631,6 +632,8 @@ def _walk(root: Path, top: Path, opts: Options,
         elif is_link or opts.glob:
             yield from _file_candidate(Path(entry.path), root, opts, explicit=False,
                                        is_link=is_link)
+        elif not entry.is_file(follow_symlinks=False):  # from the directory listing: no stat
+            yield Candidate(Path(entry.path), root, f"skip: {NOT_REGULAR}")
         else:
             yield Candidate(Path(entry.path), root, found_as=entry.path)
 
@@ -644,7 +647,24 @@ def _file_candidate(path: Path, root: Path, opts: Options, *, explicit: bool,
         return
     if opts.glob and not fnmatch.fnmatch(path.name, opts.glob):
         return
-    yield Candidate(path, root)
+    if special_file(path):  # named on the command line: an error; met in the walk: a skip
+        yield Candidate(path, root, f"{'error' if explicit else 'skip'}: {NOT_REGULAR}")
+    else:
+        yield Candidate(path, root)
+
+
+# Opening a FIFO for reading waits for a writer, forever if none comes; no such file (nor a
+# socket or device) is a DICOM file, and `find -type f` would not hand it to dcmdump either.
+NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
+
+
+def special_file(path: Path) -> bool:
+    """A FIFO, socket or device (through a symlink too); False for a regular file, and for
+    one that cannot be looked at (opening it reports why)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def sniff_dicom(head: bytes, size: int) -> str | None:

@@ -125,6 +125,33 @@ def test_follow_symlinks_detects_the_loop(mixed_tree: Path, tmp_path: Path) -> N
     assert "symlink loop" in run.log()
 
 
+@pytest.mark.parametrize("follow", [[], ["--follow-symlinks"]])
+def test_fifos_sockets_and_devices_are_skipped_not_opened(mixed_tree: Path, tmp_path: Path,
+                                                          follow: list[str]) -> None:
+    """Opening a FIFO waits for a writer: the walk must not hand one to a worker (the run
+    would hang until the time limit). A named one is an error, a walked one a skip."""
+    import socket
+
+    (mixed_tree / "a" / "loop").unlink()
+    os.mkfifo(mixed_tree / "a" / "fifo")
+    (mixed_tree / "a" / "fifo-link").symlink_to(mixed_tree / "a" / "fifo")
+    (mixed_tree / "null").symlink_to("/dev/null")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(mixed_tree / "sock"))
+        run = run_tool("--dump", "--tag", "PatientID", "--path", mixed_tree, *follow,
+                       "--summary-json", tmp_path / "summary.json", cwd=tmp_path, timeout=60)
+        assert run.code == 0, run.err
+        s = summary_of(run, tmp_path)
+        assert (s["dicom_files"], s["errors"]) == (3, 0)
+        # the FIFO and the socket; the two symlinks too (as symlinks, or as what they lead to)
+        assert s["skipped_other"] == 4
+        assert run.log().count("not a regular file") == (4 if follow else 2)
+        named = run_tool("--dump", "--path", mixed_tree / "a" / "fifo", cwd=tmp_path,
+                         timeout=60)
+        assert named.code == 1
+        assert "not a regular file" in named.log("errors.log")
+
+
 def test_unreadable_entry_is_an_error_for_that_entry_only(mixed_tree: Path,
                                                           tmp_path: Path) -> None:
     if os.geteuid() == 0:  # root reads mode-000 files; a dangling link is unreadable for all
