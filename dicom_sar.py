@@ -143,7 +143,8 @@ examples (fish):
   generate:  python dicom_sar.py --generate --scenario default --patients 3 --seed 7 --output demo
   send:      python dicom_sar.py --send --path demo -H 127.0.0.1 -p 11112 -a STORESCP -t 4
 
-exit status: 0 all fine, 1 some files failed or were rejected, 2 usage error, 130 interrupted.
+exit status: 0 all fine, 1 some files failed or were rejected, 2 usage error,
+130 interrupted (143 SIGTERM), 141 the reader of the output went away.
 """
 
 
