@@ -3344,7 +3344,7 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal) ->
                 f"#{p.number}  {p.fault or '-'}  {p.expect}  {p.relpath}")
         print(f"dry run: would write {sum(p.expect != 'absent' for p in plans)} files "
               f"to {output}", file=sys.stderr)
-        return EXIT_OK
+        return stop.exit_status() or EXIT_OK
     reporter = Reporter(opts, out)
     cands = (Candidate(Path(p.relpath), output) for p in plans)
     by_path = {p.relpath: p for p in plans}
@@ -3726,7 +3726,7 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
             for i, (batch, contexts) in enumerate(association_batches(files)):
                 out(f"study {study}  association {i + 1}: {len(batch)} files, "
                     f"{len(contexts)} presentation contexts")
-        return EXIT_OK if not reporter.stats.errors else EXIT_FAILURES
+        return stop.exit_status() or (EXIT_FAILURES if reporter.stats.errors else EXIT_OK)
     sent = transfer(studies, target, opts, session.log, stop.event)
     acknowledged = collections.Counter(s.study for s in sent if s.delivered)
     problems = verify_studies(target, acknowledged) if target.verify and acknowledged else []
