@@ -68,6 +68,21 @@ def run_tool(*args: str | Path, cwd: Path, python: str | None = None,
                proc.stderr.decode("utf-8", "replace"), cwd)
 
 
+def run_into_head(*args: str | Path, cwd: Path, lines: int = 1,
+                  stderr_too: bool = False) -> tuple[bytes, Run]:
+    """Run the tool into a reader that takes its first lines and goes away, like `| head`
+    (`&| head` in fish with stderr_too): (those lines, the finished run; err is empty when
+    stderr went into the pipe too)."""
+    proc = subprocess.Popen([sys.executable, str(TOOL), *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE)
+    head = b"".join(proc.stdout.readline() for _ in range(lines))
+    proc.stdout.close()
+    err = b"" if stderr_too else proc.stderr.read()
+    code = proc.wait(timeout=120)
+    return head, Run(code, "", err.decode("utf-8", "replace"), cwd)
+
+
 def dcmdump(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
     """Run DCMTK's dcmdump (the oracle)."""
     return subprocess.run([need("dcmdump"), *map(str, args)], capture_output=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import collections
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,13 +16,13 @@ from hypothesis import strategies as st
 from conftest import (
     DAMAGE,
     PROPERTY_TAGS,
-    TOOL,
     as_part10,
     damaged,
     dcmdump,
     dicom_files,
     instances,
     property_settings,
+    run_into_head,
     run_tool,
     squeeze,
 )
@@ -145,17 +143,13 @@ def test_a_reader_that_goes_away_stops_the_dump_like_sigpipe(generated: Path, tm
     the run stops quietly (no traceback, no further files taken) with 141, as a shell
     reports dcmdump's SIGPIPE."""
     total = sum(1 for p in generated.rglob("*") if p.is_file())
-    proc = subprocess.Popen([sys.executable, str(TOOL), "--dump", "-j", "2", "--no-progress",
-                             "--path", str(generated), "--summary-json", "s.json"],
-                            cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE)
-    first = proc.stdout.readline() + proc.stdout.readline()  # dcmdump's blank line, then
-    proc.stdout.close()  # what head does once it has its lines
-    err = "" if stderr_too else proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141, err
-    assert first == b"\n# Dicom-File-Format\n"
-    assert "Traceback" not in err and "Error" not in err
-    assert "stopped by a closed output pipe" in (tmp_path / "dicom_sar.log").read_text()
+    first, run = run_into_head("--dump", "-j", "2", "--no-progress", "--path", generated,
+                               "--summary-json", "s.json", cwd=tmp_path, lines=2,
+                               stderr_too=stderr_too)
+    assert run.code == 141, run.err
+    assert first == b"\n# Dicom-File-Format\n"  # dcmdump's blank line, then the heading
+    assert "Traceback" not in run.err and "Error" not in run.err
+    assert "stopped by a closed output pipe" in run.log()
     # the full dump of the tree is far more than a pipe holds: it stopped early
     assert json.loads((tmp_path / "s.json").read_text())["files_seen"] < total
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 import pytest
 
 import dicom_sar
-from conftest import TOOL, dcmdump, instances, need, read, run_tool, tree_digest
+from conftest import dcmdump, instances, need, read, run_into_head, run_tool, tree_digest
 
 
 def dciodvfy_errors(path: Path, tmp_path: Path) -> list[str]:
@@ -277,11 +276,8 @@ def test_config_dry_run_prints_the_plan(tmp_path: Path) -> None:
 def test_a_dry_run_piped_to_head_stops_with_141(tmp_path: Path) -> None:
     """A plan far longer than a pipe holds, read one line of: 141, no traceback, nothing
     written."""
-    proc = subprocess.Popen([sys.executable, str(TOOL), "--generate", "--dry-run", "--scenario",
-                             "ct", "--patients", "50", "--instances", "100"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.readline().startswith(b"ct  PAT000000001  ")
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141, err
-    assert "Traceback" not in err and not (tmp_path / "dicom_sar_generated").exists()
+    first, run = run_into_head("--generate", "--dry-run", "--scenario", "ct", "--patients",
+                               "50", "--instances", "100", cwd=tmp_path)
+    assert run.code == 141, run.err
+    assert first.startswith(b"ct  PAT000000001  ")
+    assert "Traceback" not in run.err and not (tmp_path / "dicom_sar_generated").exists()
