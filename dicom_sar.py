@@ -3833,7 +3833,7 @@ JOURNAL_DONE = "# complete"
 
 
 class Journal:
-    """An append-only list of 'source<TAB>inode' lines, one per file replaced.
+    """An append-only list of '["source", inode]' lines (JSON), one per file replaced.
 
     The line is written just before the rename, with the inode of the temporary file, which
     the rename keeps: on resume a file counts as done only when its inode still matches, so a
@@ -3862,13 +3862,20 @@ class Journal:
         done: dict[str, int] = {}
         finished = False
         if path.exists():
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                if line == JOURNAL_DONE:
+            for line in path.read_bytes().split(b"\n"):
+                if line == JOURNAL_DONE.encode():
                     finished = True
-                elif line and not line.startswith("#"):
-                    source, _, inode = line.rpartition("\t")
-                    if inode.isdigit():
-                        done[source] = int(inode)
+                elif line.startswith(b"["):
+                    try:
+                        source, inode = json.loads(line)
+                    except ValueError:  # a line torn by a crash: that file is done again
+                        continue
+                    done[source] = inode
+                    finished = False
+                elif line and not line.startswith(b"#"):  # the earlier source<TAB>inode lines
+                    source, _, number = line.decode("utf-8", "surrogateescape").rpartition("\t")
+                    if number.isdigit():
+                        done[source] = int(number)
                         finished = False
         return done, finished
 
@@ -3882,7 +3889,11 @@ class Journal:
 
     def record(self, source: Path, tmp: Path) -> None:
         """Note, just before the rename, that tmp (by inode) becomes source's new version."""
-        os.write(self.fd, f"{source}\t{os.stat(tmp).st_ino}\n".encode("utf-8", "surrogateescape"))
+        # JSON escapes what a file name may hold and a line may not (newlines, U+2028, bytes
+        # that are not UTF-8, kept by Python as lone surrogates): one ASCII line per file,
+        # read back to the same name
+        line = json.dumps([str(source), os.stat(tmp).st_ino])
+        os.write(self.fd, (line + "\n").encode("ascii"))
 
     def finish(self) -> None:
         """Mark the run complete."""

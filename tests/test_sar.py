@@ -504,6 +504,34 @@ def test_resume_never_applies_a_change_twice(five_hundred: tuple[Path, Path],
     assert oct(journal.stat().st_mode & 0o777) == "0o600"
 
 
+def test_resume_knows_every_file_name_it_journaled(generated: Path, manifest: dict,
+                                                   tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 (a Latin-1 name from an old share), a newline, U+2028 (a
+    line break to str.splitlines): a run stopped just before its journal's last line is
+    resumed with every file skipped, never changed a second time."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    names = [os.fsdecode(b"M\xdcLLER^HANS"), "new\nline", "a\u2028b", "plain"]
+    source = generated / instances(manifest, scenario="default")[0]["path"]
+    for name in names:
+        shutil.copy(source, tree / name)
+    first = run_tool("--sar", "--inplace", "--no-backup", "--tag", "PatientID", *GENHOSP,
+                     "--path", tree, cwd=tmp_path)
+    assert first.code == 0, first.err
+    journal = next(tmp_path.glob("dicom_sar-*.journal"))
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert lines[-1] == b"# complete\n"
+    journal.write_bytes(b"".join(lines[:-1]))  # as if killed after the last rename
+    resumed = run_tool("--sar", "--inplace", "--no-backup", "--resume", "--tag", "PatientID",
+                       *GENHOSP, "--path", tree, "--summary-json", tmp_path / "s.json",
+                       cwd=tmp_path)
+    assert resumed.code == 0, resumed.err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["modified"], s["skipped_other"]) == (0, len(names))
+    for name in names:
+        assert read(tree / name).PatientID == "GENHOSP" + read(source).PatientID
+
+
 def generations_can_change(directory: Path) -> bool:
     """Whether this filesystem lets an owner set an inode's generation (ext4 without
     metadata_csum): only there does an in-place SAR recycle the inodes it replaces."""
