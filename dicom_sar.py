@@ -3790,11 +3790,8 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
 def session_logger(opts: Options, session: str) -> logging.Logger:
     """The detailed per-session log dicom_sender_<session>.log (mode 0600)."""
     path = opts.log_dir / f"dicom_sender_{session}.log"
-    os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
     logger = logging.getLogger(f"{PROG}.sender.{session}")
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
+    logger.addHandler(log_handler(path, logging.Formatter("%(asctime)s %(levelname)s %(message)s")))
     logger.propagate = False
     logger.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
     logger.info("session %s: %s -> %s@%s:%d, %d workers; %s", session, opts.send.calling,
@@ -4014,24 +4011,27 @@ def setup_logging(opts: Options) -> list[Path]:
     """dicom_sar.log (INFO/DEBUG) and errors.log in the log dir, mode 0600; libraries quiet."""
     opts.log_dir.mkdir(parents=True, exist_ok=True)
     paths = [opts.log_dir / LOG_NAME, opts.log_dir / ERROR_LOG_NAME]
-    for path in paths:
-        os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-    main_handler = logging.FileHandler(paths[0], encoding="utf-8")
-    main_handler.setFormatter(fmt)
-    err_handler = logging.FileHandler(paths[1], encoding="utf-8")
-    err_handler.setFormatter(fmt)
-    for logger, handler in ((log, main_handler), (errlog, err_handler)):
+    for logger, path in zip((log, errlog), paths, strict=True):
         for old in list(logger.handlers):
             logger.removeHandler(old)
             old.close()
-        logger.addHandler(handler)
+        logger.addHandler(log_handler(path, fmt))
         logger.propagate = False
     log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
     errlog.setLevel(logging.INFO)
     for name in ("pydicom", "pynetdicom"):
         logging.getLogger(name).setLevel(logging.DEBUG if opts.verbose else logging.WARNING)
     return paths
+
+
+def log_handler(path: Path, fmt: logging.Formatter) -> logging.FileHandler:
+    """A log file of ours, created mode 0600, UTF-8. A file name that is not UTF-8 goes in as
+    its own bytes, as on stdout (strict encoding dropped the line with a 'Logging error')."""
+    os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+    handler = logging.FileHandler(path, encoding="utf-8", errors="surrogateescape")
+    handler.setFormatter(fmt)
+    return handler
 
 
 def configure_pydicom() -> None:

@@ -264,6 +264,23 @@ def test_logs_name_files_not_values(generated: Path, manifest: dict, tmp_path: P
     assert oct((tmp_path / "dicom_sar.log").stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_name_that_is_not_utf8_is_logged_as_its_own_bytes(generated: Path, manifest: dict,
+                                                            tmp_path: Path) -> None:
+    """A Latin-1 file name (an old share's) is neither dropped from the logs with a
+    'Logging error' traceback nor mangled: the line names the file byte for byte."""
+    tree = tmp_path / "in"
+    tree.mkdir()
+    good, bad = os.fsdecode(b"M\xdcLLER-1"), os.fsdecode(b"M\xdcLLER-2")
+    shutil.copy(generated / instances(manifest, scenario="default")[0]["path"], tree / good)
+    (tree / bad).write_bytes((tree / good).read_bytes()[:300])  # truncated: an error
+    run = run_tool("--sar", "--tag", "PatientID", "--regex_search", "^(.*)$", "--regex_replace",
+                   r"GENHOSP\1", "--path", tree, "--output", tmp_path / "out", cwd=tmp_path)
+    assert run.code == 1
+    assert "Logging error" not in run.err
+    assert b"modified: " + os.fsencode(tree / good) in (tmp_path / "dicom_sar.log").read_bytes()
+    assert os.fsencode(tree / bad) + b": " in (tmp_path / "errors.log").read_bytes()
+
+
 def test_version_names_every_component(tmp_path: Path) -> None:
     out = run_tool("--version", cwd=tmp_path).out
     for word in ("dicom_sar", "Python", "free-threaded", "pydicom", "pynetdicom", "tqdm"):
