@@ -373,6 +373,15 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
         if backup is not None and not ns.dry_run and root.is_dir() and is_within(backup, root):
             raise UsageError(f"--backup-dir {backup} is inside the scanned tree {root}; "
                              "put backups outside it")
+        # the output tree mirrors each file's path below its root: with the root inside the
+        # output (or a file's own directory as the output), a written file can land on an
+        # original, this one or another, and replace it without a backup
+        if output is not None and (is_within(root, output) if root.is_dir() else
+                                   is_within(root.parent, output) and is_within(output,
+                                                                                root.parent)):
+            raise UsageError(f"--output {output} holds the scanned {root}: written files could "
+                             "replace originals; choose an output directory outside it, or "
+                             "--inplace (which keeps a backup)")
     return dict(pattern=pattern, replacement=ns.regex_replace, deep=ns.deep,
                 all_strings=not specs, inplace=ns.inplace, output=output, backup=backup,
                 copy_unmodified=ns.copy_unmodified, fsync=not ns.no_fsync,

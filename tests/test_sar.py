@@ -311,6 +311,31 @@ def test_backup_inside_the_tree_is_refused(tmp_path: Path) -> None:
     assert run.code == 2 and "backups outside" in run.err
 
 
+@pytest.mark.parametrize(("path", "output"), [
+    ("in", "in"),  # written files would be the originals
+    ("in", "link-to-in"),  # the same, under another name
+    ("in/DICOM", "in"),  # in/DICOM/DICOM/x would be written over in/DICOM/x
+    ("in/DICOM/x", "in/DICOM"),  # a file named alone, into its own directory
+])
+def test_an_output_tree_that_holds_the_input_is_refused(path: str, output: str, generated: Path,
+                                                        manifest: dict, tmp_path: Path) -> None:
+    nested = tmp_path / "in" / "DICOM" / "DICOM"
+    nested.mkdir(parents=True)
+    source = generated / instances(manifest, scenario="default")[0]["path"]
+    shutil.copy(source, nested.parent / "x")
+    shutil.copy(source, nested / "x")
+    (tmp_path / "link-to-in").symlink_to(tmp_path / "in")
+    before = tree_digest(tmp_path / "in")
+    for dry in ([], ["--dry-run"]):  # the preview fails as the real run would
+        run = run_tool("--sar", "--tag", "PatientID", *GENHOSP, "--path", path, "--output",
+                       output, *dry, cwd=tmp_path)
+        assert run.code == 2 and "choose an output directory outside it" in run.err
+    assert tree_digest(tmp_path / "in") == before
+    ok = run_tool("--sar", "--tag", "PatientID", *GENHOSP, "--path", path, "--output",
+                  tmp_path / "elsewhere", cwd=tmp_path)
+    assert ok.code == 0, ok.err
+
+
 def test_a_failed_write_is_an_error_for_that_file_only(generated: Path, manifest: dict,
                                                        tmp_path: Path) -> None:
     tree = make_tree(tmp_path, generated, instances(manifest, scenario="ct")[:3])
