@@ -370,7 +370,7 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         backup = Path(ns.backup_dir) if ns.backup_dir else Path(DEFAULT_BACKUP) / stamp
     for root in (Path(p) for p in (ns.path or ["."])):
-        if backup is not None and not ns.dry_run and root.is_dir() and is_within(backup, root):
+        if backup is not None and root.is_dir() and is_within(backup, root):  # dry run too
             raise UsageError(f"--backup-dir {backup} is inside the scanned tree {root}; "
                              "put backups outside it")
         # the output tree mirrors each file's path below its root: with the root inside the

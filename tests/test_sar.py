@@ -306,9 +306,10 @@ def test_inplace_keeps_a_complete_backup(generated: Path, manifest: dict,
 
 def test_backup_inside_the_tree_is_refused(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
-    run = run_tool("--sar", "--inplace", "--tag", "PatientID", *GENHOSP, "--path", "in",
-                   "--backup-dir", "in/backup", cwd=tmp_path)
-    assert run.code == 2 and "backups outside" in run.err
+    for dry in ([], ["--dry-run"]):  # the preview fails as the real run would
+        run = run_tool("--sar", "--inplace", "--tag", "PatientID", *GENHOSP, "--path", "in",
+                       "--backup-dir", "in/backup", *dry, cwd=tmp_path)
+        assert run.code == 2 and "backups outside" in run.err
 
 
 @pytest.mark.parametrize(("path", "output"), [
