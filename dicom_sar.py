@@ -3342,10 +3342,32 @@ def write_manifest(output: Path, req: GenerateRequest, plans: list[InstancePlan]
     return path
 
 
+def check_generate_output(output: Path) -> None:
+    """Refuse an output directory holding anything but an earlier --generate's tree (ours
+    when its manifest.json says so): synthetic patients must not mix into real data, and
+    someone else's manifest.json must not be replaced."""
+    try:
+        if not any(output.iterdir()):
+            return
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise UsageError(f"--output {output} is a file; give a directory") from None
+    try:
+        with (output / "manifest.json").open("rb") as manifest:
+            ours = f'"generator": "{PROG} '.encode() in manifest.read(256)  # its first key
+    except OSError:
+        ours = False
+    if not ours:
+        raise UsageError(f"--output {output} already holds files that --generate did not write; "
+                         "choose a new or empty directory")
+
+
 def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int:
     """Plan, then encode and write on the pool in plan order; manifest last."""
     req: GenerateRequest = opts.generate
     output = opts.output or Path((req.config or {}).get("outputDir") or DEFAULT_GENERATED)
+    check_generate_output(output)
     plans = plan_generation(req)
     if opts.dry_run:
         for p in plans:

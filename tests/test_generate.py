@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -281,3 +282,26 @@ def test_a_dry_run_piped_to_head_stops_with_141(tmp_path: Path) -> None:
     assert run.code == 141, run.err
     assert first.startswith(b"ct  PAT000000001  ")
     assert "Traceback" not in run.err and not (tmp_path / "dicom_sar_generated").exists()
+
+
+def test_an_output_that_holds_other_files_is_refused(generated: Path, tmp_path: Path) -> None:
+    """Synthetic patients never land among real data, and a manifest.json that is not ours
+    is never replaced; an earlier --generate's tree (or an empty directory) is written
+    again."""
+    real = tmp_path / "archive"
+    real.mkdir()
+    (real / "manifest.json").write_text('{"mine": true}\n')
+    shutil.copy(next(p for p in generated.rglob("*") if p.is_file() and p.suffix != ".json"),
+                real / "1.2.3")
+    before = tree_digest(real)
+    for dry in ([], ["--dry-run"]):
+        run = run_tool("--generate", "--output", real, *dry, cwd=tmp_path)
+        assert run.code == 2 and "choose a new or empty directory" in run.err
+    assert tree_digest(real) == before
+    (tmp_path / "empty").mkdir()
+    digests = []
+    for _ in range(2):  # into an empty directory, then over that earlier output
+        run = run_tool("--generate", "--output", tmp_path / "empty", "--seed", "4", cwd=tmp_path)
+        assert run.code == 0, run.err
+        digests.append(tree_digest(tmp_path / "empty"))
+    assert len(digests[0]) > 1 and digests[0] == digests[1]  # same seed, same bytes
