@@ -373,12 +373,7 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
         if backup is not None and root.is_dir() and is_within(backup, root):  # dry run too
             raise UsageError(f"--backup-dir {backup} is inside the scanned tree {root}; "
                              "put backups outside it")
-        # the output tree mirrors each file's path below its root: with the root inside the
-        # output (or a file's own directory as the output), a written file can land on an
-        # original, this one or another, and replace it without a backup
-        if output is not None and (is_within(root, output) if root.is_dir() else
-                                   is_within(root.parent, output) and is_within(output,
-                                                                                root.parent)):
+        if output is not None and output_holds(output, root):
             raise UsageError(f"--output {output} holds the scanned {root}: written files could "
                              "replace originals; choose an output directory outside it, or "
                              "--inplace (which keeps a backup)")
@@ -386,6 +381,15 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
                 all_strings=not specs, inplace=ns.inplace, output=output, backup=backup,
                 copy_unmodified=ns.copy_unmodified, fsync=not ns.no_fsync,
                 fast=bool(specs) and not ns.deep and fast_specs_ok(specs))
+
+
+def output_holds(output: Path, root: Path) -> bool:
+    """Whether the output tree could hold root's originals. It mirrors each file's path below
+    its root: with the root inside the output (or a file named alone, and its own directory
+    as the output), a written file can land on an original and replace it, unbacked."""
+    if root.is_dir():
+        return is_within(root, output)
+    return os.path.realpath(root.parent) == os.path.realpath(output)
 
 
 def is_within(path: Path, root: Path) -> bool:
