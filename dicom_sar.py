@@ -3539,22 +3539,47 @@ def set_nodelay(event: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def open_association(target: SendTarget, contexts: list[tuple]) -> tuple[Any, str, bool]:
-    """(association or None, why not, permanent?)."""
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One try at an association: the association, or why not and whether to try again."""
+
+    assoc: Any
+    why: str = ""
+    permanent: bool = False  # rejected for good: retrying cannot help
+    connected: bool = True  # False: no TCP connection at all (refused, or no answer)
+
+
+def no_connection(target: SendTarget) -> str:
+    """Why nothing can be sent when nobody answers at the destination."""
+    return (f"no connection to {target.host}:{target.port} (refused or timed out): check "
+            "--host and --port, or whether the receiver runs")
+
+
+def open_association(target: SendTarget, contexts: list[tuple]) -> Attempt:
+    """Request an association with the destination (no exception: a failed Attempt)."""
     from pynetdicom import evt
 
-    ae = new_ae(target, contexts)
-    assoc = ae.associate(target.host, target.port, ae_title=target.called,
-                         max_pdu=target.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    opened: list[bool] = []
+
+    def on_open(event: Any) -> None:
+        opened.append(True)
+        set_nodelay(event)
+
+    try:
+        ae = new_ae(target, contexts)
+        assoc = ae.associate(target.host, target.port, ae_title=target.called,
+                             max_pdu=target.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    except Exception as exc:
+        return Attempt(None, f"{type(exc).__name__}: {one_line(str(exc))}")
     if assoc.is_established:
-        return assoc, "", False
+        return Attempt(assoc)
+    if not opened:  # pynetdicom reports a failed connect as an abort: tell them apart
+        return Attempt(None, no_connection(target), connected=False)
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         why = f"association rejected ({rj.result_str}): {rj.reason_str} [{rj.source_str}]"
-        return None, why, rj.result == 0x01
-    if assoc.is_aborted:
-        return None, "association aborted by the peer (no acceptable context?)", False
-    return None, f"no association with {target.host}:{target.port} (refused or timed out)", False
+        return Attempt(None, why, permanent=rj.result == 0x01)
+    return Attempt(None, "association aborted by the peer (no acceptable context?)")
 
 
 def accepted_syntaxes(assoc: Any, sop_class: str) -> set[str]:
@@ -3617,23 +3642,28 @@ def one_line(text: str) -> str:
 
 
 def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any,
-               stop: threading.Event) -> list[Sent]:
+               stop: threading.Event, unreachable: threading.Event) -> list[Sent]:
     """Send one study: an association per batch, reopened (with backoff) after faults.
 
     After a stop (Ctrl-C, SIGTERM) the file on the wire finishes and the rest is not sent.
+    Once one batch has spent its retries without a single TCP connection, unreachable is
+    set and every other study fails at once instead of backing off in turn (with a mistyped
+    port, a thousand studies took half an hour to fail).
     """
     results: list[Sent] = []
     for batch, contexts in association_batches(files):
-        pending, attempt, why = list(batch), 0, ""
+        pending, attempt, why, ever_connected = list(batch), 0, "", False
         while pending and attempt <= target.retries and not stop.is_set():
+            if unreachable.is_set():
+                why = f"{no_connection(target)}; not tried, as another study found no one there"
+                break
             if attempt:
                 time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))  # back off before a retry
-            try:
-                assoc, why, permanent = open_association(target, contexts)
-            except Exception as exc:
-                assoc, why, permanent = None, f"{type(exc).__name__}: {one_line(str(exc))}", False
+            tried = open_association(target, contexts)
+            assoc, why = tried.assoc, tried.why
+            ever_connected = ever_connected or tried.connected
             if assoc is None:
-                if permanent:
+                if tried.permanent:
                     break
                 attempt += 1
                 continue
@@ -3653,6 +3683,8 @@ def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any
                     assoc.abort()
             if pending:
                 attempt += 1
+        if pending and not ever_connected and not stop.is_set():
+            unreachable.set()  # every try of this batch found no one listening
         kind, reason = ("not-sent", "stopped before sending") if stop.is_set() else \
             ("failed", why or "not sent")
         for f in pending:
@@ -3792,7 +3824,8 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
                disable=not opts.progress, desc="sending")
     sent: list[Sent] = []
     with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix=PROG) as pool:
-        futures = [pool.submit(send_study, study, files, target, events, stop)
+        unreachable = threading.Event()  # shared like stop: see send_study
+        futures = [pool.submit(send_study, study, files, target, events, stop, unreachable)
                    for study, files in studies.items()]
         while True:
             try:

@@ -356,6 +356,24 @@ def test_verify_reports_a_missing_instance(ns, orthanc, generated: Path, manifes
     assert code == 1 and "verify: study" in err and "acknowledged" in err
 
 
+def test_nobody_listening_fails_fast_and_says_so(ns, generated: Path, manifest: dict,
+                                                tmp_path: Path) -> None:
+    """A wrong port: the reason says there is no connection (pynetdicom calls it an abort),
+    and once one study has spent its retries, the others are not tried one by one."""
+    tree = tree_of(generated, manifest, tmp_path, "default", "ct", "mr", "multi_patient")
+    studies = {str(read(p).StudyInstanceUID) for p in tree.rglob("*") if p.is_file()}
+    assert len(studies) >= 6
+    code, summary, err = send(ns, tree, tmp_path, "-t", "2", "--retries", "1")  # no storescp
+    assert code == 1, err
+    reasons = [f["reason"] for f in summary["failed_files"]]
+    assert summary["successful_transfers"] == 0 and len(reasons) == summary["total_files"]
+    assert all(r.startswith("no connection to 127.0.0.1:11112 (refused or timed out)")
+               for r in reasons)
+    tried = {f["path"].split("/")[-3] for f, r in zip(summary["failed_files"], reasons,
+                                                      strict=True) if "not tried" not in r}
+    assert 1 <= len(tried) <= 2  # the two workers' first studies; the rest failed at once
+
+
 def test_wrong_called_ae_is_a_clear_error(ns, orthanc, generated: Path, manifest: dict,
                                           tmp_path: Path) -> None:
     tree = tree_of(generated, manifest, tmp_path, "default")
