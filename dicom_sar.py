@@ -3326,7 +3326,8 @@ def write_manifest(output: Path, req: GenerateRequest, plans: list[InstancePlan]
             "study_uid": e["study_uid"], "role": e["study_role"], "accession": e["accession"],
             "date": e["study_date"], "series": {}})
         study["series"].setdefault(e["series_uid"], []).append(e["sop_uid"])
-    manifest = {"generator": f"dicom_sar {__version__}", "seed": req.seed,
+    # "generator" stays the first key: check_generate_output knows our trees by it
+    manifest = {"generator": f"{PROG} {__version__}", "seed": req.seed,
                 "scenarios": list(req.scenarios), "config": req.config_name or None,
                 "layout": req.layout, "instances": entries,
                 "patients": [{"patient_id": p["patient_id"], "studies": [
