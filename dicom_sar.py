@@ -148,10 +148,10 @@ exit status: 0 all fine, 1 some files failed or were rejected, 2 usage error,
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
     """The command line, grouped by mode."""
     p = argparse.ArgumentParser(
-        prog="dicom_sar.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Bulk search/replace, dump, generate and send for trees of DICOM files.")
     modes = p.add_argument_group("mode (choose one)").add_mutually_exclusive_group()
     modes.add_argument("--dump", action="store_true", help="print header elements like dcmdump")
@@ -254,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="timeout for a silent connection (default 60 s)")
     send.add_argument("--max-pdu", type=int, default=0, metavar="BYTES",
                       help="largest PDU we receive, 0 = no limit (default)")
+    send.add_argument("--tls", action="store_true",
+                      help="DICOM TLS (TLS 1.2+, the system's trust store, host name checked)")
+    send.add_argument("--tls-ca", metavar="FILE",
+                      help="trust this CA (PEM) instead of the system's (implies --tls)")
+    send.add_argument("--tls-cert", metavar="FILE",
+                      help="our client certificate (PEM), with --tls-key (implies --tls)")
+    send.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    send.add_argument("--tls-no-verify", action="store_true",
+                      help="TLS without checking the receiver's certificate: test setups only")
     return p
 
 
@@ -540,13 +549,35 @@ def tag_for_keyword(keyword: str) -> int:
     raise UsageError(f"--tag {keyword}: unknown keyword; {hint}")
 
 
-def keyword_of(tag: int) -> str:
-    """DCMTK-style name of a tag: dictionary keyword, private name, or a generic label."""
+def keyword_of(tag: int, creator: str | None = None) -> str:
+    """DCMTK-style name of a tag: the dictionary keyword (RETIRED_ before a retired one), a
+    private tag's name from pydicom's private dictionary in DCMTK's CamelCase (given its
+    creator), or a generic label."""
     if tag & 0xFFFF == 0 and tag >> 16 != 2:
-        return "GenericGroupLength"
+        return "PrivateGroupLength" if (tag >> 16) % 2 else "GenericGroupLength"
     if (tag >> 16) % 2 == 1:
-        return "PrivateCreator" if 0x10 <= tag & 0xFFFF <= 0xFF else "Unknown Tag & Data"
-    return pydicom.datadict.keyword_for_tag(tag) or "Unknown Tag & Data"
+        if 0x10 <= tag & 0xFFFF <= 0xFF:
+            return "PrivateCreator"
+        try:
+            words = pydicom.datadict.private_dictionary_description(tag, creator or "")
+        except KeyError:
+            return "Unknown Tag & Data"
+        return "".join(w[:1].upper() + w[1:] for w in re.split(r"[^A-Za-z0-9]+", words))
+    keyword = pydicom.datadict.keyword_for_tag(tag)
+    if not keyword:
+        return "Unknown Tag & Data"
+    return "RETIRED_" + keyword if pydicom.datadict.dictionary_is_retired(tag) else keyword
+
+
+def creator_of(ds: Dataset, tag: int) -> str | None:
+    """The private creator of a private element of ds (None for a public one)."""
+    if not (tag >> 16) % 2 or tag & 0xFFFF < 0x1000:
+        return None
+    raw = ds.get_item((tag & 0xFFFF0000) | (tag >> 8 & 0xFF))
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):
+        return value.rstrip(b"\x00 ").decode("latin-1")
+    return str(value).strip() if value is not None else None
 
 
 def resolve_step(ds: Dataset, step: Step) -> int | None:
@@ -999,23 +1030,32 @@ MAX_INFLATED = 1 << 30  # a deflated dataset may not inflate beyond 1 GiB
 
 def check_inflated_size(fp: Any, size: int) -> None:
     """Refuse a deflate bomb before pydicom inflates it all into memory."""
-    import zlib
-
     fp.seek(132)
     (group_length,) = struct.unpack("<I", fp.read(12)[8:12])
     fp.seek(132 + 12 + group_length)
+    for _ in inflated(iter(lambda: fp.read(1 << 16), b""), size):
+        pass
+
+
+def inflated(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """The inflated pieces of a deflated dataset (raw deflate), refusing a deflate bomb: no
+    more than 1 GiB, nor 2,000 times the file's size."""
+    import zlib
+
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
-    while chunk := fp.read(1 << 16):
+    for chunk in chunks:
         data = inflater.decompress(chunk, 1 << 20)
         while True:
             total += len(data)
             if total > MAX_INFLATED or total > 2000 * size:
                 raise InvalidDicomError(f"deflated dataset inflates to over {total >> 20} MiB "
                                         f"from {size} bytes (deflate bomb?)")
+            yield data
             if not inflater.unconsumed_tail:
                 break
             data = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+    yield inflater.flush()
 
 
 class TruncatedFileError(InvalidDicomError):
@@ -1063,8 +1103,8 @@ def check_complete(ds: Dataset, fp: Any, size: int) -> None:
 
 VALUE_WIDTH, LINE_WIDTH = 40, 70  # DCMTK's DCM_OptPrintValueLength / DCM_OptPrintLineLength
 _BINARY_FORMATS = {"US": ("H", "{}"), "SS": ("h", "{}"), "UL": ("L", "{}"), "SL": ("l", "{}"),
-                   "UV": ("Q", "{}"), "SV": ("q", "{}"), "FL": ("f", "{:.8g}"),
-                   "FD": ("d", "{:.17g}"), "OF": ("f", "{:.8g}"), "OD": ("d", "{:.17g}"),
+                   "UV": ("Q", "{}"), "SV": ("q", "{}"), "FL": ("f", "{:.9g}"),
+                   "FD": ("d", "{:.17g}"), "OF": ("f", "{:.9g}"), "OD": ("d", "{:.17g}"),
                    "OL": ("L", "{}"), "OV": ("Q", "{}")}
 _DCMTK_TS_NAMES = {  # DCMTK names the four uncompressed transfer syntaxes differently
     "1.2.840.10008.1.2": "LittleEndianImplicit", "1.2.840.10008.1.2.1": "LittleEndianExplicit",
@@ -1108,22 +1148,33 @@ def charset_of(ds: Dataset) -> list[str]:
     return [encodings] if isinstance(encodings, str) else list(encodings)
 
 
-def decode_text(value: bytes, vr: str, encodings: list[str]) -> str:
-    """Decode a raw string value with the dataset's character set; strip padding."""
-    value = value.rstrip(b"\x00 ") if vr != "UI" else value.rstrip(b"\x00")
+def decode_text(value: bytes, vr: str, encodings: list[str], padding: bytes = b"\x00 ") -> str:
+    """Decode a raw string value with the dataset's character set, padding stripped (UI: NUL,
+    and spaces too)."""
+    value = value.rstrip(padding if vr != "UI" else b"\x00 ")
     if vr in TEXT_VRS:
         delimiters = {0x5C, 0x3D, 0x5E} if vr == "PN" else {0x5C}
-        return pydicom.charset.decode_bytes(value, encodings, delimiters)
-    return value.decode("latin-1")
+        text = pydicom.charset.decode_bytes(value, encodings, delimiters)
+        # pydicom hands ISO 2022 IR 58 (GB2312) to Python's codec whole, which keeps its
+        # designation ESC $ ) A as text; no escape sequence belongs in a decoded value
+        return ISO2022_ESCAPES.sub("", text) if "\x1b" in text else text
+    # ASCII by the standard; other bytes pass through as themselves, as dcmdump prints them
+    return value.decode("ascii", "surrogateescape")
+
+
+ISO2022_ESCAPES = re.compile("|".join(re.escape(code.decode("latin-1"))
+                                      for code in pydicom.charset.CODES_TO_ENCODINGS))
 
 
 def render_value(raw: RawDataElement, vr: str, encodings: list[str]) -> tuple[str, int]:
     """The printed value of a non-sequence element and its VM, as dcmdump prints them."""
     value = raw.value if isinstance(raw.value, bytes) else b""
-    if not value:
-        return "(no value available)", 0
+    if not value:  # dcmdump counts an empty binary value as one value, an empty string as none
+        return "(no value available)", 0 if vr in STRING_VRS or vr in ("AT", "SQ") or \
+            (vr in _BINARY_FORMATS and not vr.startswith("O")) else 1
     if vr in STRING_VRS:
-        text = decode_text(value, vr, encodings)
+        # as dcmdump: trailing spaces are padding, a trailing NUL is shown (outside UIDs)
+        text = decode_text(value, vr, encodings, padding=b" ")
         if not text:
             return "(no value available)", 0
         vm = 1 if vr in SINGLE_VALUE_VRS else text.count("\\") + 1
@@ -1188,15 +1239,18 @@ def element_lines(ds: Dataset, tag: int, level: int) -> list[str]:
     if not isinstance(raw, RawDataElement):
         raw = raw_of(ds[tag], ds)
     info, vm = render_value(raw, vr, charset_of(ds))
-    return [dump_line(tag, vr, info, printed_length(raw, vr, charset_of(ds)), vm, level)]
+    return [dump_line(tag, vr, info, printed_length(raw, vr, charset_of(ds)), vm, level,
+                      keyword_of(tag, creator_of(ds, tag)))]
 
 
 def printed_length(raw: RawDataElement, vr: str, encodings: list[str]) -> int:
-    """The length dcmdump +U8 reports: after its conversion of text to UTF-8 (padded even)."""
-    if vr not in TEXT_VRS or not raw.value \
+    """The length dcmdump +U8 reports: the length in the file, padding included, unless it
+    converts the value (one with bytes outside ASCII) to UTF-8 (without its trailing spaces,
+    padded even)."""
+    if vr not in TEXT_VRS or not raw.value or (raw.value.isascii() and b"\x1b" not in raw.value) \
             or encodings in (["UTF8"], [pydicom.charset.default_encoding]):
         return raw.length
-    text = decode_text(raw.value, vr, encodings)
+    text = decode_text(raw.value, vr, encodings, padding=b" ")
     size = len(text.encode("utf-8", "surrogateescape"))
     return size + size % 2
 
@@ -1222,9 +1276,13 @@ def sequence_of(ds: Dataset, tag: int) -> DataElement:
         elem.file_length = raw.length
         start = dataset_base(ds) + raw.value_tell
         elem.file_value_offset = start
+        order = "<" if raw.is_little_endian else ">"
         for item in elem.value or []:
             item.file_base = start
-            item.file_item_offset = start + item.seq_item_tell - raw.value_tell
+            at = item.seq_item_tell - raw.value_tell  # the item's tag, in the raw value
+            item.file_item_offset = start + at
+            item.file_length = struct.unpack_from(order + "I", raw.value, at + 4)[0] \
+                if raw.value is not None and at + 8 <= len(raw.value) else None
             item.file_parent = (ds, tag)
     return elem
 
@@ -1246,7 +1304,8 @@ def sequence_lines(ds: Dataset, tag: int, level: int) -> list[str]:
     for item in items:
         item_undefined = getattr(item, "is_undefined_length_sequence_item", False)
         kind = "undefined" if item_undefined else "explicit"
-        length = 0xFFFFFFFF if item_undefined else item_length(item)
+        length = 0xFFFFFFFF if item_undefined else \
+            getattr(item, "file_length", None) or item_length(item)
         lines.append(dump_line(0xFFFEE000, "na", f"(Item with {kind} length #={len(item)})",
                                length, 1, level + 1, "Item"))
         for sub in item.keys():
@@ -1281,7 +1340,19 @@ def item_length(item: Dataset) -> int:
         pydicom.filewriter.write_dataset(fp, item)
     except Exception:
         return 0
-    return len(fp.getvalue())
+    return len(fp.getvalue()) + 12 * retired_group_lengths(item)
+
+
+def retired_group_lengths(ds: Dataset) -> int:
+    """How many group length elements (beyond the command and meta groups) ds holds, nested
+    items included: pydicom writes none of them (PS3.5 7.2), each is 12 bytes in the file."""
+    count = 0
+    for tag in ds.keys():
+        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+            count += 1
+        elif is_sequence(ds, tag):
+            count += sum(retired_group_lengths(item) for item in ds[tag].value or [])
+    return count
 
 
 def find_elements(ds: Dataset, spec: TagSpec, *, deep: bool) -> Iterator[tuple[Dataset, int]]:
@@ -1351,8 +1422,9 @@ class RawScanError(Exception):
     """The raw scanner met something it leaves to pydicom."""
 
 
-# what makes a raw-scan caller hand the file to pydicom, which decides and reports
-RAW_FALLBACK = (RawScanError, struct.error, ValueError, LookupError, RecursionError)
+# what makes a raw-scan caller hand the file to pydicom, which decides and reports; anything
+# else the scanner raises is a bug of ours, and fails loudly
+RAW_FALLBACK = (RawScanError,)
 
 
 IMPLICIT_LE, EXPLICIT_BE = pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRBigEndian
@@ -1398,19 +1470,32 @@ def implicit_vr(tag: int, length: int) -> str:
     return "SQ" if length == 0xFFFFFFFF and tag != 0x7FE00010 else vr
 
 
+def guessed_encoding(head: bytes) -> tuple[bool, bool]:
+    """(implicit VR?, little endian?) of a dataset without a transfer syntax, from its first
+    element: a VR after the tag means explicit; a small even group reads right one way."""
+    implicit = head[4:6].decode("latin-1") not in VALID_VRS
+    little = len(head) < 2 or not (head[0] == 0 and head[1] != 0)
+    return implicit, little
+
+
 class RawScan:
-    """Scan one file's encoded elements, collecting the wanted ones at every depth."""
+    """Scan one file's encoded elements, collecting the wanted ones at every depth.
+
+    Every scan is also the check that the whole file can be read (see unreadable()): it
+    walks every sequence and item, and on past the pixel data (its fragments too) to the end
+    of the file, reading what lies beyond data from fd where it must.
+    """
 
     def __init__(self, data: bytes, size: int, wanted: dict[int, None],
-                 keep_top: dict[int, None] | None = None):
-        self.data, self.size, self.wanted = data, size, wanted
+                 keep_top: dict[int, None] | None = None, fd: int = -1):
+        self.data, self.size, self.wanted, self.fd = data, size, wanted, fd
         self.hits: list[tuple[int, RawDataElement, str, list[str]]] = []
         self.top_level = 0  # dataset elements seen at the top: none means a broken file
+        self.odd = 0  # the first element of odd length (PS3.5 wants even ones), if any
         self.keep_top = keep_top or {}  # top-level tags kept with their file offsets
         self.top: dict[int, RawDataElement] = {}
         self.meta: list[RawDataElement] = []  # with keep_top: the file meta, with offsets
         self.kind, self.implicit, self.little = "", False, True
-        self.encoded_wanted: list[bytes] = []
         tags = [t for t in (*self.wanted, *self.keep_top) if t != 0x00080005]
         self.interesting = (min(tags), max(tags)) if tags else (1, 0)  # tags element() needs
         lo, hi = self.interesting  # their groups, and 0008 for the charset
@@ -1422,20 +1507,95 @@ class RawScan:
         pos, implicit, little = 0, False, True
         if kind == "part10":
             pos, syntax = self.scan_meta(132)
-            if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian or syntax is None:
-                raise RawScanError("deflated or no transfer syntax")
-            implicit, little = syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
+            if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+                if self.keep_top:  # their offsets would be the inflated data's
+                    raise RawScanError("deflated")
+                self.inflate(pos)
+            if syntax is None:  # the encoding the dataset itself shows, as DCMTK reads it
+                if self.keep_top:
+                    raise RawScanError("no transfer syntax in the file meta")
+                implicit, little = guessed_encoding(self.data[pos:pos + 8])
+            else:
+                implicit, little = syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
         else:
-            implicit = self.data[4:6].decode("latin-1") not in pydicom.valuerep.VR.__members__
+            implicit, little = guessed_encoding(self.data[:8])
         self.implicit, self.little = implicit, little
-        # each wanted tag as encoded: a sequence whose bytes hold none of them is skipped
-        self.encoded_wanted = [struct.pack("<HH" if little else ">HH", t >> 16, t & 0xFFFF)
-                               for t in self.wanted]
         end = self.scan(pos, len(self.data), implicit, little, 0, ["iso8859"])
         if end >= len(self.data) < self.size:
             raise RawScanError("the header goes on past the data read")
         if not self.top_level:
             raise RawScanError("no data elements after the file meta")
+        if end < self.size:
+            self.past_pixels(end, implicit, little)
+
+    def inflate(self, pos: int) -> None:
+        """A deflated file: the dataset after the file meta, inflated."""
+        rest = read_rest(self.fd, self.size - len(self.data)) if self.fd >= 0 else b""
+        try:
+            body = b"".join(inflated([self.data[pos:], rest], self.size))
+        except InvalidDicomError as exc:
+            raise RawScanError(str(exc)) from None
+        except Exception as exc:  # zlib.error: not a deflate stream
+            raise RawScanError(f"the deflated dataset does not inflate: {exc}") from None
+        self.data = self.data[:pos] + body
+        self.size, self.fd = len(self.data), -1
+
+    def read_at(self, pos: int, count: int) -> bytes:
+        """count bytes at pos, from data or beyond it from the file."""
+        if pos + count <= len(self.data) or self.fd < 0:
+            return self.data[pos:pos + count]
+        return os.pread(self.fd, count, pos)
+
+    def past_pixels(self, pos: int, implicit: bool, little: bool) -> None:
+        """The pixel data element and what follows it must run to the end of the file."""
+        order = "<" if little else ">"
+        head = self.read_at(pos, 12)
+        if len(head) < 8:
+            raise RawScanError("the file ends inside the pixel data's element header")
+        group, elem = struct.unpack(order + "HH", head[:4])
+        tag = group << 16 | elem
+        if implicit:
+            (length,), vpos = struct.unpack(order + "I", head[4:8]), pos + 8
+        elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+            if len(head) < 12:
+                raise RawScanError("the file ends inside the pixel data's element header")
+            (length,), vpos = struct.unpack(order + "I", head[8:12]), pos + 12
+        else:
+            (length,), vpos = struct.unpack(order + "H", head[6:8]), pos + 8
+        name = keyword_of(tag) or str(BaseTag(tag))
+        if length != 0xFFFFFFFF:
+            if length & 1 and not self.odd:
+                self.odd = tag
+            end = vpos + length
+            if end > self.size:
+                raise RawScanError(f"{name} declares {length} bytes, the file ends after "
+                                   f"{self.size - vpos}")
+        else:
+            end = self.fragments(vpos, order, name)
+        if end < self.size:  # trailing elements (padding, signatures): they must parse too
+            if self.size - end > 1 << 24:
+                raise RawScanError(f"{self.size - end} bytes after {name} that no element holds")
+            tail = RawScan(self.read_at(end, self.size - end), self.size - end, {})
+            if tail.scan(0, tail.size, implicit, little, 1, ["iso8859"]) != tail.size:
+                raise RawScanError(f"a delimiter after {name} outside any sequence")
+            self.odd = self.odd or tail.odd
+
+    def fragments(self, pos: int, order: str, name: str) -> int:
+        """The items of encapsulated pixel data up to its sequence delimiter."""
+        while True:
+            head = self.read_at(pos, 8)
+            if len(head) < 8:
+                raise RawScanError(f"{name}: the file ends before its sequence delimiter")
+            group, elem, length = struct.unpack(order + "HHI", head)
+            tag = group << 16 | elem
+            if tag == 0xFFFEE0DD:
+                return pos + 8
+            if tag != 0xFFFEE000 or length == 0xFFFFFFFF:
+                raise RawScanError(f"{name}: no fragment item where one belongs")
+            pos += 8 + length
+            if pos > self.size:
+                raise RawScanError(f"{name}: a fragment declares {length} bytes, past the end "
+                                   "of the file")
 
     def scan_meta(self, pos: int) -> tuple[int, str | None]:
         syntax, data, wanted, keep = None, self.data, self.wanted, bool(self.keep_top)
@@ -1465,7 +1625,7 @@ class RawScan:
         """(tag, value position, length, VR) of the element at pos."""
         data = self.data
         if pos + 8 > len(data):
-            raise RawScanError("element header past the data read")
+            raise RawScanError(f"the data ends inside an element header at byte {pos}")
         group, elem, length = struct.unpack_from("<HHI" if little else ">HHI", data, pos)
         tag = group << 16 | elem
         if implicit or group == 0xFFFE:
@@ -1474,10 +1634,12 @@ class RawScan:
         vr = data[pos + 4:pos + 6].decode("latin-1")
         if vr in LONG_LENGTH_VRS:
             if pos + 12 > len(data):
-                raise RawScanError("element header past the data read")
+                raise RawScanError(f"the data ends inside an element header at byte {pos}")
             (length,) = struct.unpack_from("<I" if little else ">I", data, pos + 8)
             return tag, pos + 12, length, vr
-        if vr not in VALID_VRS:
+        # an unknown VR: nothing could use the element's value; a check alone (no wanted
+        # tags) steps over it, assuming a 2-byte length as DCMTK does
+        if vr not in VALID_VRS and (self.wanted or self.keep_top):
             raise RawScanError(f"unknown VR {vr!r}")
         return tag, pos + 8, length >> 16 if little else length & 0xFFFF, vr
 
@@ -1510,15 +1672,21 @@ class RawScan:
                 if group < 0x7FE0 and short_vrs[vr_code]:
                     vpos = pos + 8
                     pos = vpos + length
+                    if length & 1 and not self.odd:
+                        self.odd = group << 16 | elem
                     if glo <= group <= ghi:
                         tag = group << 16 | elem
                         if lo <= tag <= hi or tag == 0x00080005:
                             if pos > size:
-                                raise RawScanError("value past the data read")
+                                raise self.overrun(tag, vpos, length)
                             vr = data[vpos - 4:vpos - 2].decode("latin-1")
                             encodings = self.element(tag, vr, vpos, length, level, encodings)
                     continue
             tag, vpos, length, vr = self.header(pos, implicit, little)
+            if length & 1 and length != 0xFFFFFFFF and not self.odd:
+                self.odd = tag
+            if tag == 0xFFFEE000 or (top and tag in delimiters):
+                raise RawScanError(f"an item or delimiter {BaseTag(tag)} outside any sequence")
             if tag in delimiters:
                 self.top_level += top and pos > start  # elements before the delimiter
                 return vpos
@@ -1528,35 +1696,35 @@ class RawScan:
                     raise RawScanError("pixel data past the end of the file")
                 return pos  # a tag dump stops before the pixel data
             if vr == "SQ" or length == 0xFFFFFFFF:
-                if length == 0xFFFFFFFF or self.may_hold_wanted(vpos, vpos + length):
-                    pos = self.sequence(vpos, length, implicit, little, level, encodings)
-                else:
-                    pos = vpos + length  # past the end of the data: caught below
+                # an undefined-length UN holds implicit VR little endian items (CP-246)
+                un = vr == "UN"
+                pos = self.sequence(vpos, length, implicit or un, little or un, level,
+                                    encodings)
                 continue
             pos = vpos + length
             if pos > size:
-                raise RawScanError("value past the data read")
+                raise self.overrun(tag, vpos, length)
             encodings = self.element(tag, vr, vpos, length, level, encodings)
         if pos > size:
-            raise RawScanError("value past the data read")
+            raise RawScanError(f"an element ends {pos - size} bytes past the data read")
         self.top_level += top and pos > start
         return pos
 
-    def may_hold_wanted(self, start: int, end: int) -> bool:
-        """Whether a wanted tag's bytes occur in data[start:end]: if not, no element there
-        has that tag, and a defined-length sequence is stepped over whole, as pydicom's
-        reader does until someone asks for its items (bytes.find runs in C; the walk costs
-        ~0.3 µs an element on 3.13t)."""
-        data = self.data
-        return any(data.find(encoded, start, end) >= 0 for encoded in self.encoded_wanted)
+    def overrun(self, tag: int, vpos: int, length: int) -> RawScanError:
+        """An element whose value runs past the data (the file's end, in a whole read)."""
+        return RawScanError(f"element {BaseTag(tag)} declares {length} bytes, the data ends "
+                            f"after {len(self.data) - vpos}")
 
     def element(self, tag: int, vr: str, vpos: int, length: int, level: int,
                 encodings: list[str]) -> list[str]:
         """Collect an element if wanted; return the encodings in force after it."""
         if tag == 0x00080005:
-            encodings = pydicom.charset.convert_encodings(
-                [v.strip() for v in self.value(vpos, length).decode(
-                    "ascii", "replace").split("\\")])
+            try:
+                encodings = pydicom.charset.convert_encodings(
+                    [v.strip() for v in self.value(vpos, length).decode(
+                        "ascii", "replace").split("\\")])
+            except (LookupError, ValueError):  # garbage, not a character set: pydicom decides
+                raise RawScanError("an unknown SpecificCharacterSet") from None
         if tag in self.wanted:
             self.collect(tag, vr, length, self.value(vpos, length), self.little, encodings)
         if level == 0 and tag in self.keep_top:
@@ -1578,7 +1746,10 @@ class RawScan:
             if item_length == 0xFFFFFFFF:
                 pos = self.scan(vpos, 1 << 62, implicit, little, level + 1, encodings)
             else:
-                pos = vpos + item_length
+                # an item claiming more than the file holds is read to its end, as DCMTK
+                # and pydicom read it (the last item of a DICOMDIR that a writer cut short)
+                pos = vpos + item_length if end < len(self.data) else \
+                    min(vpos + item_length, end)
                 if self.scan(vpos, pos, implicit, little, level + 1, encodings) != pos:
                     raise RawScanError("item length does not add up")
         if pos != end and length != 0xFFFFFFFF:
@@ -1597,9 +1768,10 @@ def read_rest(fd: int, count: int) -> bytes:
 
 def raw_scan(path: str | Path, wanted: dict[int, None], keep_top: dict[int, None] | None = None
              ) -> tuple[RawScan | None, int]:
-    """Scan a file's header raw: (scan, size), scan None for a file that is not DICOM.
+    """Scan a file raw, the whole of it (see RawScan): (scan, size), scan None for a file that
+    is not DICOM.
 
-    Raises RawScanError when the file should go the pydicom way.
+    Raises RawScanError when the file should go the pydicom way, or cannot be read to its end.
     """
     # the same descriptor as read_fd(), opened inline: its context manager costs ~2 µs, ~2.5%
     # of a tag dump's time per file
@@ -1610,18 +1782,41 @@ def raw_scan(path: str | Path, wanted: dict[int, None], keep_top: dict[int, None
         kind = sniff_dicom(data[:132], size)
         if kind is None:
             return None, size
-        scan = RawScan(data, size, wanted, keep_top)
+        scan = RawScan(data, size, wanted, keep_top, fd)
         try:
             scan.run(kind)
         except RawScanError:
             if len(data) >= size:
                 raise
             data += read_rest(fd, size - len(data))  # a long header: read it all, once more
-            scan = RawScan(data, size, wanted, keep_top)
+            scan = RawScan(data, size, wanted, keep_top, fd)
             scan.run(kind)
+    except RecursionError:  # sequences nested thousands deep: pydicom decides
+        raise RawScanError("sequences nested too deeply") from None
     finally:
         os.close(fd)
     return scan, size
+
+
+def odd_length_element(path: str | Path) -> int:
+    """The first element of odd length in a file (0 for none); the file reads to its end."""
+    scan, _ = raw_scan(path, {})
+    return scan.odd if scan is not None else 0
+
+
+def unreadable(path: str | Path) -> str | None:
+    """Why a DICOM file cannot be read to its end, or None when it can: every element, item
+    and sequence, the pixel data's fragments and whatever follows them must be whole and
+    where their lengths say. SAR writes, and send sends, only files that pass."""
+    try:
+        raw_scan(path, {})
+    except RawScanError as exc:
+        return str(exc)
+    return None
+
+
+class UnreadableFileError(InvalidDicomError):
+    """A DICOM file that cannot be read to its end (see unreadable())."""
 
 
 def fast_tagged_lines(path: str | Path, specs: tuple[TagSpec, ...]) -> tuple[list[str] | None, int]:
@@ -1642,9 +1837,9 @@ def fast_tagged_lines(path: str | Path, specs: tuple[TagSpec, ...]) -> tuple[lis
 
 
 def raw_header(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, str | None]:
-    """The top-level elements wanted of a header, by raw scan: (dataset, size, kind) like
-    read_dataset, the dataset holding only the wanted elements, their group lengths,
-    SpecificCharacterSet and the file meta, each raw with its file offset.
+    """The top-level elements wanted of a header, by a raw scan of the whole file:
+    (dataset, size, kind) like read_dataset, the dataset holding only the wanted elements,
+    their group lengths, SpecificCharacterSet and the file meta, each raw with its offset.
 
     Raises RawScanError when the file should go the pydicom way.
     """
@@ -1664,12 +1859,22 @@ def raw_header(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, 
 
 
 def header_with(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, str | None]:
-    """A header holding at least the wanted top-level tags: raw_header, or pydicom's whole
-    header for anything unusual (pydicom decides, and reports what is wrong with the file)."""
+    """A header holding at least the wanted top-level tags, of a file that reads to its end:
+    raw_header, or pydicom's whole header for anything unusual (pydicom decides, and reports
+    what is wrong with the file). Raises UnreadableFileError for a file cut short or broken."""
     try:
         return raw_header(path, wanted)
     except RAW_FALLBACK:
-        return read_dataset(path, header_only=True)
+        return whole(path, read_dataset(path, header_only=True))
+
+
+def whole(path: str | Path, read: tuple[Dataset | None, int, str | None]
+          ) -> tuple[Dataset | None, int, str | None]:
+    """read_dataset's answer for path, once the whole file is known to read to its end (what
+    pydicom does not check: it reads sequences lazily and stops at the pixel data)."""
+    if read[0] is not None and (why := unreadable(path)) is not None:
+        raise UnreadableFileError(why)
+    return read
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1693,7 +1898,8 @@ def dump_task(cand: Candidate, opts: Options) -> FileResult:
             if lines is None:
                 return FileResult(cand.path, "not-dicom", nbytes=size)
             return dumped(cand, size, lines, opts)
-    ds, size, kind = read_dataset(cand.file, header_only=not wants_pixels(opts.specs))
+    ds, size, kind = whole(cand.file, read_dataset(cand.file,
+                                                   header_only=not wants_pixels(opts.specs)))
     if ds is None:
         return FileResult(cand.path, "not-dicom", nbytes=size)
     if opts.count:
@@ -1723,15 +1929,13 @@ def tagged_lines(ds: Dataset, specs: Iterable[TagSpec]) -> list[str]:
 
 def full_dump_lines(ds: Dataset, kind: str | None) -> list[str]:
     """The whole header like dcmdump: file meta, then the dataset, nested items indented."""
-    lines = ["", "# Dicom-File-Format" if kind == "part10" else "# Dicom-Data-Set", ""]
+    # dcmdump reads every file as a file format: a file without file meta shows an empty one
+    lines = ["", "# Dicom-File-Format", "", "# Dicom-Meta-Information-Header",
+             "# Used TransferSyntax: " + ("Little Endian Explicit" if getattr(
+                 ds, "file_meta", None) else "Unknown Transfer Syntax")]
     for part, container in all_datasets_of(ds):
-        if part == "meta":
-            lines += ["# Dicom-Meta-Information-Header",
-                      "# Used TransferSyntax: Little Endian Explicit"]
-        else:
-            if kind == "part10":
-                lines += ["", "# Dicom-Data-Set"]
-            lines.append(f"# Used TransferSyntax: {transfer_syntax_name(ds)}")
+        if part == "data":
+            lines += ["", "# Dicom-Data-Set", f"# Used TransferSyntax: {transfer_syntax_name(ds)}"]
         for tag in container.keys():
             lines.extend(element_lines(container, tag, 0))
     return lines
@@ -1747,23 +1951,56 @@ def transfer_syntax_name(ds: Dataset) -> str:
 
 
 def json_line(path: Path, ds: Dataset, opts: Options, bulk_limit: int = 1024) -> str:
-    """One DICOM JSON (PS3.18 Annex F) object for the file, restricted to --tag if given."""
-    selected = Dataset()
+    """One DICOM JSON (PS3.18 Annex F) object for the file: the file meta and the dataset,
+    or what --tag names (sequence paths as the items they go through). pydicom decides what
+    is bulk data: a value over bulk_limit bytes becomes a BulkDataURI naming file and tag."""
+    meta = getattr(ds, "file_meta", None) or Dataset()
     if opts.specs:
+        selected = Dataset()
         for spec in opts.specs:
-            for owner, tag in find_elements(ds, spec, deep=False):
-                if owner is ds:
-                    selected.add(ds[tag])
+            container = meta if spec.steps[0].tag >> 16 == 0x0002 else ds
+            merge_into(selected, picked(container, spec.steps))
     else:
-        selected = ds
-    kept = Dataset()
-    for elem in selected:
-        if elem.VR in BULK_VRS and elem.value is not None and len(elem.value) > bulk_limit:
-            continue
-        kept.add(elem)
-    kept.set_original_encoding(*ds.original_encoding, ds.original_character_set)
-    return json.dumps({"path": str(path), "dataset": kept.to_json_dict(bulk_limit, lambda e: "")},
-                      ensure_ascii=False, sort_keys=False)
+        selected = Dataset()
+        for container in (meta, ds):
+            for elem in container:
+                selected.add(elem)
+    selected.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    uri = Path(os.path.abspath(path)).as_uri()
+    return json.dumps({"path": str(path), "dataset": selected.to_json_dict(
+        bulk_limit, lambda elem: f"{uri}#{elem.tag:08X}")}, ensure_ascii=False)
+
+
+def picked(ds: Dataset, steps: tuple[Step, ...]) -> Dataset:
+    """A copy of the part of ds a tag path goes through: the element it names, inside the
+    items (all, or the one chosen) of the sequences on the way."""
+    out = Dataset()
+    tag = resolve_step(ds, steps[0])
+    if tag is None or tag not in ds:
+        return out
+    if len(steps) == 1:
+        out.add(ds[tag])
+        return out
+    if not is_sequence(ds, tag):
+        return out
+    items = sequence_of(ds, tag).value or []
+    chosen = items if steps[0].item is None else items[steps[0].item: steps[0].item + 1]
+    out.add(DataElement(tag, "SQ", pydicom.Sequence(picked(item, steps[1:]) for item in chosen)))
+    return out
+
+
+def merge_into(target: Dataset, part: Dataset) -> None:
+    """Add part's elements to target; sequences both hold merge item by item."""
+    for elem in part:
+        if elem.tag in target and elem.VR == "SQ" and target[elem.tag].VR == "SQ":
+            mine = target[elem.tag].value
+            for i, item in enumerate(elem.value):
+                if i < len(mine):
+                    merge_into(mine[i], item)
+                else:
+                    mine.append(item)
+        else:
+            target.add(elem)
 
 
 def count_values(ds: Dataset, opts: Options) -> Iterator[tuple[str, str]]:
@@ -1845,7 +2082,8 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
                           message=rejections[0])
     if not planned:
         if opts.copy_unmodified and not opts.dry_run and opts.output is not None:
-            copy_file_atomic(cand.path, output_path(cand, opts), fsync=opts.fsync)
+            copy_file_atomic(cand.path, output_path(cand, opts), fsync=opts.fsync,
+                             tag=run_tag(opts), writable=True)
         return FileResult(cand.path, "unchanged", nbytes=size)
     changes = tuple(p.change for p in planned)
     if opts.dry_run:
@@ -1871,7 +2109,8 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
     if opts.inplace:
         replace_in_place(cand, opts, write, journal)
     else:
-        write_atomic(target, write, fsync=opts.fsync, like=cand.path, before_replace=journal)
+        write_atomic(target, write, fsync=opts.fsync, like=cand.path, before_replace=journal,
+                     tag=run_tag(opts), writable=True)
     return FileResult(cand.path, "modified", nbytes=size, changes=changes)
 
 
@@ -1879,7 +2118,7 @@ def sar_header(path: Path, opts: Options) -> tuple[Dataset | None, int, str | No
     """The header for planning: by raw scan for plain top-level tags, else by pydicom."""
     if opts.fast:
         return header_with(path, [s.leaf.tag for s in opts.specs])
-    return read_dataset(path, header_only=True)
+    return whole(path, read_dataset(path, header_only=True))
 
 
 def file_stamp(path: Path) -> tuple[int, int, int]:
@@ -2037,17 +2276,23 @@ def mirrored(cand: Candidate, base: Path, opts: Options) -> Path:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
-def temp_path(directory: Path) -> Path:
-    """A fresh temporary file name in directory (the walk recognises the prefix)."""
-    return directory / f"{TEMP_PREFIX}{os.urandom(8).hex()}"
+def temp_path(directory: Path, tag: str = "") -> Path:
+    """A fresh temporary file name in directory (the walk recognises the prefix); tag names
+    the run (its journal key), so that its --resume knows the leftovers as its own."""
+    return directory / f"{TEMP_PREFIX}{tag + '-' if tag else ''}{os.urandom(8).hex()}"
 
 
-def open_temp(directory: Path) -> tuple[int, Path]:
+def run_tag(opts: Options) -> str:
+    """The tag of a journalled run's temporary files (see temp_path)."""
+    return opts.journal.key if opts.journal is not None else ""
+
+
+def open_temp(directory: Path, tag: str = "") -> tuple[int, Path]:
     """A new, exclusively created temporary file in directory (made if missing): (fd, path)."""
     # In the target's own directory because os.replace within one filesystem is atomic: a
     # crash leaves either the old file or the new one, never a partial file.
     for _ in range(100):
-        tmp = temp_path(directory)
+        tmp = temp_path(directory, tag)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
         except FileExistsError:
@@ -2060,21 +2305,25 @@ def open_temp(directory: Path) -> tuple[int, Path]:
 def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *, fsync: bool,
                  like: Path | None = None,
                  before_replace: Callable[[Path], None] | None = None,
-                 recycle: bool = False) -> None:
+                 recycle: bool = False, tag: str = "", writable: bool = False) -> None:
     """produce() writes a temporary file beside target, which then replaces target.
 
+    like: the file takes like's mode and times (writable: plus owner write, for a new file
+    in an output tree the user will work on; a source on read-only media has none).
     fsync: the file's data is on disk before the rename (power-loss safe).
     recycle: the temporary file may be the worker's spare, and target's old inode becomes
     the next spare (see Spare); only for a replace in place with no other link to keep.
     """
     spare = Spare.of_this_task() if recycle else None
-    fd, tmp = (spare and spare.reuse(target.parent)) or open_temp(target.parent)
+    fd, tmp = (spare and spare.reuse(target.parent)) or open_temp(target.parent, tag)
     try:
         with open(fd, "wb", buffering=0) as out:  # unbuffered: see buffered_reader
             produce(out)
             finish(out, fsync)
         if like is not None:
             shutil.copystat(like, tmp)  # permissions and timestamps of the original
+            if writable:
+                os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) | stat.S_IWUSR)
         else:
             os.chmod(tmp, 0o644)
 
@@ -2082,7 +2331,7 @@ def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *, fsync: bo
             if before_replace is not None:
                 before_replace(tmp)
             if spare is not None:
-                spare.keep(target)
+                spare.keep(target, tag)
             try:
                 os.replace(tmp, target)
             except BaseException:
@@ -2119,12 +2368,12 @@ class Spare:
         """The spare of the pool task running on this thread (None outside a task)."""
         return getattr(_current_batch, "spare", None)
 
-    def keep(self, target: Path) -> None:
+    def keep(self, target: Path, tag: str = "") -> None:
         """Just before target is replaced: link its inode under a temporary name."""
         self.drop()
         if self.refused:
             return
-        spare = temp_path(target.parent)
+        spare = temp_path(target.parent, tag)
         try:
             os.link(target, spare, follow_symlinks=False)
             self.path = spare
@@ -2147,7 +2396,7 @@ class Spare:
             if private_inode(fd):
                 empty_in_place(fd)
                 return fd, spare
-        except OSError:
+        except (OSError, AttributeError):  # no leases, generations or xattrs here (not Linux)
             self.refused = True
         os.close(fd)
         unlink_quietly(spare)
@@ -2252,12 +2501,13 @@ def write_bytes_atomic(data: bytes | list[bytes], target: Path, *, fsync: bool) 
     write_atomic(target, produce, fsync=fsync)
 
 
-def copy_file_atomic(source: Path, target: Path, *, fsync: bool) -> None:
+def copy_file_atomic(source: Path, target: Path, *, fsync: bool, tag: str = "",
+                     writable: bool = False) -> None:
     """Copy source to target (data, mode, times) atomically, with a kernel copy."""
     def produce(out: BinaryIO) -> None:
         with read_fd(source) as src:
             copy_range(src, out.fileno(), 0, os.fstat(src).st_size)
-    write_atomic(target, produce, fsync=fsync, like=source)
+    write_atomic(target, produce, fsync=fsync, like=source, tag=tag, writable=writable)
 
 
 def finish(fp: Any, fsync: bool) -> None:
@@ -2272,9 +2522,10 @@ def finish(fp: Any, fsync: bool) -> None:
 def copy_range(src: int, dst: int, start: int, end: int) -> None:
     """Copy bytes [start, end) of src to the current end of dst (copy_file_range/reflink)."""
     offset = start
+    kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
     while offset < end:
         try:
-            n = os.copy_file_range(src, dst, end - offset, offset)
+            n = kernel_copy(src, dst, end - offset, offset) if kernel_copy else 0
         except OSError:
             n = 0
         if n == 0:  # not supported here: plain reads and writes
@@ -2396,10 +2647,11 @@ def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[BinaryIO
     linked = None
     if opts.backup is not None:
         backup = mirrored(cand, opts.backup, opts)
-        linked = backup if backup_original(cand.path, backup, fsync=opts.fsync) else None
+        linked = backup if backup_original(cand.path, backup, fsync=opts.fsync,
+                                           tag=run_tag(opts)) else None
     st = cand.path.stat()
     try:
-        write_atomic(cand.path, produce, fsync=opts.fsync, like=cand.path,
+        write_atomic(cand.path, produce, fsync=opts.fsync, like=cand.path, tag=run_tag(opts),
                      before_replace=before_replace, recycle=linked is None)
     except BaseException:
         if linked is not None:  # a link left behind would share the live file's inode
@@ -2410,7 +2662,7 @@ def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[BinaryIO
             os.chown(cand.path, st.st_uid, st.st_gid)
 
 
-def backup_original(source: Path, target: Path, *, fsync: bool) -> bool:
+def backup_original(source: Path, target: Path, *, fsync: bool, tag: str = "") -> bool:
     """Keep the original in the backup tree; True if as a hard link, False if copied.
 
     A link costs no copy, and is safe because the original inode is never written to, only
@@ -2421,7 +2673,7 @@ def backup_original(source: Path, target: Path, *, fsync: bool) -> bool:
     try:
         os.link(source, target, follow_symlinks=False)
     except OSError:
-        copy_file_atomic(source, target, fsync=fsync)
+        copy_file_atomic(source, target, fsync=fsync, tag=tag)
         return False
     return True
 
@@ -2706,10 +2958,25 @@ def plan_volume(planner: Planner, name: str, modality: str) -> list[InstancePlan
 
 def instance_relpath(layout: str, patient: Patient, study_uid: str, series_uid: str,
                      sop_uid: str) -> str:
-    """Where an instance goes: PatientID/Study/Series/SOP, or flat SOP."""
-    if layout == "flat":
-        return sop_uid
-    return f"{patient.patient_id}/{study_uid}/{series_uid}/{sop_uid}"
+    """Where an instance goes: PatientID/Study/Series/SOP, or flat SOP; each a single path
+    component, whatever the values hold (a PatientID may be '../..' or '/etc')."""
+    parts = [sop_uid] if layout == "flat" else [patient.patient_id, study_uid, series_uid,
+                                                 sop_uid]
+    return "/".join(path_component(part) for part in parts)
+
+
+def path_component(value: str) -> str:
+    """value as one file name: no separator, NUL or '..' can take it out of its directory."""
+    name = re.sub(r"[/\\\x00]", "_", value)
+    return "_" + name if name in ("", ".", "..") else name
+
+
+def inside(output: Path, relpath: str) -> Path:
+    """output / relpath, refusing a relative path that could lead out of output."""
+    parts = Path(relpath).parts
+    if not parts or Path(relpath).is_absolute() or ".." in parts:
+        raise PermissionError(f"refusing to write outside {output}: {relpath!r}")
+    return output / relpath
 
 
 def apply_fault_plan(planner: Planner, plan: InstancePlan, fault: str,
@@ -2751,6 +3018,14 @@ def load_config(path: Path) -> dict[str, Any]:
         if key not in allowed:
             raise UsageError(f"--config {path}: {key}: unknown key; expected one of "
                              f"{', '.join(sorted(allowed))}")
+    patient = config.get("patient", {})
+    if not isinstance(patient, dict):
+        raise UsageError(f"--config {path}: patient: must be an object")
+    for key, value in patient.items():
+        if key not in PATIENT_KEYS:
+            raise UsageError(f"--config {path}: patient.{key}: unknown key; expected one of "
+                             f"{', '.join(PATIENT_KEYS)}")
+        config_tag_value(key, value, f"patient.{key}", path, deliberate=False)
     if "current_study" in config:
         check_study_config(config["current_study"], "current_study", path)
     for group in ("internal_priors", "external_priors"):
@@ -2760,6 +3035,9 @@ def load_config(path: Path) -> dict[str, Any]:
         for i, entry in enumerate(entries):
             check_study_config(entry, f"{group}[{i}]", path)
     return config
+
+
+PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate")
 
 
 def check_study_config(study: Any, where: str, path: Path) -> None:
@@ -2772,6 +3050,9 @@ def check_study_config(study: Any, where: str, path: Path) -> None:
     count = study.get("count", 4)
     if not isinstance(count, int) or count < 0:
         raise UsageError(f"--config {path}: {where}.count: must be a whole number >= 0")
+    for key, keyword in (("description", "StudyDescription"), ("date", "StudyDate")):
+        if key in study:
+            config_tag_value(keyword, study[key], f"{where}.{key}", path, deliberate=False)
     for i, image in enumerate(study.get("images", [])):
         here = f"{where}.images[{i}]"
         if not isinstance(image, dict) or not isinstance(image.get("tags", {}), dict):
@@ -3295,7 +3576,7 @@ def instance_chunks(plan: InstancePlan, seed: int) -> list[bytes]:
 
 def generate_task(plan: InstancePlan, output: Path, seed: int) -> FileResult:
     """Encode and write one planned instance atomically."""
-    target = output / plan.relpath
+    target = inside(output, plan.relpath)
     if plan.expect == "absent":
         return FileResult(target, "skipped", message="missing_dicom: deliberately not written")
     chunks = instance_chunks(plan, seed)
@@ -3420,11 +3701,17 @@ class SendTarget:
     max_pdu: int
     verify: bool
     echo_only: bool
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_verify: bool = True
+    context: Any = None  # the run's one ssl.SSLContext (see tls_context)
 
 
 @dataclasses.dataclass(frozen=True)
 class Indexed:
-    """One file's identity for sending (from its header only)."""
+    """One file's identity for sending (from a file read to its end)."""
 
     path: Path
     study: str
@@ -3432,7 +3719,9 @@ class Indexed:
     sop_instance: str
     syntax: str
     size: int
-    part10: bool  # preamble + file meta: can be streamed as it is
+    part10: bool  # preamble + file meta that names the dataset's own UIDs: streamed as it is
+    note: str = ""  # what the index found worth a warning (file meta against the dataset)
+    series: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3446,6 +3735,17 @@ class Sent:
     reason: str
     size: int
     seconds: float
+    sop_instance: str = ""
+    converted: str = ""  # "from -> to" when the file went out in another transfer syntax
+    series: str = ""
+    tls: str = ""  # the TLS protocol of the association it went over ("" for plain TCP)
+
+    @staticmethod
+    def of(f: Indexed, outcome: str, reason: str, status: int | None = None,
+           seconds: float = 0.0, converted: str = "") -> Sent:
+        """The outcome for an indexed file."""
+        return Sent(f.path, f.study, outcome, status, reason, f.size, seconds, f.sop_instance,
+                    converted, f.series)
 
     @property
     def delivered(self) -> bool:
@@ -3468,32 +3768,100 @@ def send_options(ns: argparse.Namespace) -> SendTarget:
                          "e.g. -H 127.0.0.1 -p 11112 -a STORESCP")
     if not 1 <= ns.port <= 65535:
         raise UsageError(f"--port {ns.port}: use 1-65535")
+    if bool(ns.tls_cert) != bool(ns.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together (a certificate and its key)")
+    tls = bool(ns.tls or ns.tls_ca or ns.tls_cert or ns.tls_no_verify)
     return SendTarget(ns.host, ns.port, valid_ae(ns.ae_title, "--ae-title"),
                       valid_ae(ns.calling_ae, "--calling-ae"), max(0, ns.retries),
                       ns.acse_timeout, ns.dimse_timeout, ns.network_timeout, ns.max_pdu,
-                      ns.verify, ns.echo)
+                      ns.verify, ns.echo, tls, ns.tls_ca, ns.tls_cert, ns.tls_key,
+                      not ns.tls_no_verify)
 
 
-INDEX_TAGS = (0x00080016, 0x00080018, 0x0020000D)  # SOP Class, SOP Instance, Study UIDs
+class TLSSetupError(Exception):
+    """The TLS context cannot be built (a missing or unreadable CA, certificate or key)."""
+
+
+def tls_context(target: SendTarget) -> Any:
+    """The one ssl.SSLContext of a run (None without TLS): TLS 1.2 or later and the standard
+    library's defaults (BCP 195), the system's trust store unless --tls-ca names a CA."""
+    if not target.tls:
+        return None
+    import ssl
+
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=target.tls_ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if target.tls_cert:
+            context.load_cert_chain(target.tls_cert, target.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        which = (f"--tls-ca {target.tls_ca}, " if target.tls_ca else "") + (
+            f"--tls-cert {target.tls_cert} / --tls-key {target.tls_key}"
+            if target.tls_cert else "")
+        raise TLSSetupError(f"cannot set up TLS from {which.strip(', ')}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not target.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def tls_problem(target: SendTarget) -> str:
+    """Why a TLS connection to the destination fails, from a handshake of the ssl module's
+    own (pynetdicom only logs it): untrusted certificate, host name, a plain-TCP receiver."""
+    import socket
+    import ssl
+
+    try:
+        with socket.create_connection((target.host, target.port), target.acse_timeout) as raw, \
+                target.context.wrap_socket(raw, server_hostname=target.host):
+            return ""
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the receiver's certificate is not accepted: {exc.verify_message}"
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as exc:
+        return (f"TLS handshake with {target.host}:{target.port} failed "
+                f"({one_line(str(exc)) or type(exc).__name__}): does the receiver speak TLS "
+                "on this port?")
+    except OSError:
+        return ""
+
+
+INDEX_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)  # SOP class, instance, study,
+# series UIDs
 
 
 def index_task(cand: Candidate, opts: Options) -> FileResult:
-    """Read one header (no pixel data) and return its study, SOP class/instance and syntax."""
+    """Index one file that reads to its end (a broken one is never sent): its study, SOP
+    class and instance (the dataset's own, as DCMTK sends them) and transfer syntax."""
     ds, size, kind = header_with(cand.path, INDEX_TAGS)
     if ds is None:
         return FileResult(cand.path, "not-dicom", nbytes=size)
-    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID") if k not in ds]
+    uids = {k: str(ds.get(k) or "").strip() for k in ("SOPClassUID", "SOPInstanceUID",
+                                                       "StudyInstanceUID")}
+    missing = [k for k, v in uids.items() if not v]
     if missing:
         return FileResult(cand.path, "error", nbytes=size, error_type="MissingAttribute",
-                          message=f"cannot send without {', '.join(missing)}")
+                          message=f"cannot send without {', '.join(missing)} in the dataset")
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is None:
         implicit, little = ds.original_encoding
         syntax = pydicom.uid.ImplicitVRLittleEndian if implicit else (
             pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
-    record = Indexed(cand.path, str(ds.StudyInstanceUID), str(ds.SOPClassUID),
-                     str(ds.SOPInstanceUID), str(syntax), size, kind == "part10")
+    disagree = [f"{m} {str(meta.get(m) or '')!r} vs the dataset's {d}"
+                for m, d in (("MediaStorageSOPClassUID", "SOPClassUID"),
+                             ("MediaStorageSOPInstanceUID", "SOPInstanceUID"))
+                if meta is not None and str(meta.get(m) or "").strip() != uids[d]]
+    note = ("file meta disagrees with the dataset (" + "; ".join(disagree) +
+            "): sending the dataset's UIDs") if disagree else ""
+    stream = kind == "part10" and not disagree
+    if stream and syntax != DEFLATED and (odd := odd_length_element(cand.path)):
+        # as it is, a receiver waits for the byte that would make it even
+        note, stream = (f"element {BaseTag(odd)} has an odd length: sending it re-encoded "
+                        "(padded even)"), False
+    record = Indexed(cand.path, uids["StudyInstanceUID"], uids["SOPClassUID"],
+                     uids["SOPInstanceUID"], str(syntax), size, stream, note,
+                     str(ds.get("SeriesInstanceUID") or "").strip())
     return FileResult(cand.path, "ok", nbytes=size, record=record)
 
 
@@ -3506,7 +3874,9 @@ def association_batches(files: list[Indexed]) -> list[tuple[list[Indexed], list[
     files_now: list[Indexed] = []
     contexts: dict[tuple[str, str], None] = {}
     for f in files:
-        wanted = {(f.sop_class, f.syntax): None} | {(f.sop_class, ts): None for ts in UNCOMPRESSED}
+        # deflate goes out inflated, as DCMTK sends it (receivers stall on deflated streams)
+        own = {(f.sop_class, f.syntax): None} if f.syntax != DEFLATED else {}
+        wanted = own | {(f.sop_class, ts): None for ts in UNCOMPRESSED}
         new = [c for c in wanted if c not in contexts]
         if len(contexts) + len(new) > MAX_CONTEXTS and files_now:
             batches.append((files_now, list(contexts)))
@@ -3546,8 +3916,9 @@ class Attempt:
 
     assoc: Any
     why: str = ""
-    permanent: bool = False  # rejected for good: retrying cannot help
+    permanent: bool = False  # rejected for good (or TLS refused): retrying cannot help
     connected: bool = True  # False: no TCP connection at all (refused, or no answer)
+    tls_version: str = ""  # the negotiated protocol, on a TLS association
 
 
 def no_connection(target: SendTarget) -> str:
@@ -3560,27 +3931,35 @@ def open_association(target: SendTarget, contexts: list[tuple]) -> Attempt:
     """Request an association with the destination (no exception: a failed Attempt)."""
     from pynetdicom import evt
 
-    opened: list[bool] = []
+    opened: list[str] = []
 
     def on_open(event: Any) -> None:
-        opened.append(True)
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        opened.append(sock.version() or "" if hasattr(sock, "version") else "")
         set_nodelay(event)
 
     try:
         ae = new_ae(target, contexts)
         assoc = ae.associate(target.host, target.port, ae_title=target.called,
-                             max_pdu=target.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+                             max_pdu=target.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+                             tls_args=(target.context, target.host) if target.context else None)
     except Exception as exc:
         return Attempt(None, f"{type(exc).__name__}: {one_line(str(exc))}")
     if assoc.is_established:
-        return Attempt(assoc)
+        return Attempt(assoc, tls_version=opened[0] if opened else "")
     if not opened:  # pynetdicom reports a failed connect as an abort: tell them apart
+        why = tls_problem(target) if target.context else ""
+        if why:
+            return Attempt(None, why, permanent=True)
         return Attempt(None, no_connection(target), connected=False)
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         why = f"association rejected ({rj.result_str}): {rj.reason_str} [{rj.source_str}]"
         return Attempt(None, why, permanent=rj.result == 0x01)
-    return Attempt(None, "association aborted by the peer (no acceptable context?)")
+    hint = "; or does it want a client certificate (--tls-cert, --tls-key)?" if \
+        target.context and not target.tls_cert else "" if target.context else \
+        "; or does it speak TLS only (--tls)?"
+    return Attempt(None, f"association aborted by the peer (no acceptable context?{hint})")
 
 
 def accepted_syntaxes(assoc: Any, sop_class: str) -> set[str]:
@@ -3589,51 +3968,64 @@ def accepted_syntaxes(assoc: Any, sop_class: str) -> set[str]:
             if cx.abstract_syntax == sop_class}
 
 
-CONVERTIBLE = (*UNCOMPRESSED, pydicom.uid.ExplicitVRBigEndian,
-               pydicom.uid.DeflatedExplicitVRLittleEndian)
+DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
+CONVERTIBLE = (*UNCOMPRESSED, pydicom.uid.ExplicitVRBigEndian, DEFLATED)
 
 
-def store_one(assoc: Any, f: Indexed) -> Sent | None:
-    """C-STORE one file; None when the association broke (the file stays unsent)."""
-    try:
-        return _store_one(assoc, f)
-    except Exception as exc:
-        return Sent(f.path, f.study, "failed", None, f"{type(exc).__name__}: "
-                    f"{one_line(str(exc))}", f.size, 0.0)
-
-
-def _store_one(assoc: Any, f: Indexed) -> Sent | None:
+def store_one(assoc: Any, f: Indexed, target: SendTarget) -> Sent | None:
+    """C-STORE one file; None when the association was gone before it went out (the file
+    waits for the next one). A file the receiver aborted on, or did not answer for, fails
+    alone: the caller reopens the association for the rest, and never sends it again."""
     t0 = time.perf_counter()
+    try:
+        return _store_one(assoc, f, target, t0)
+    except Exception as exc:
+        if not assoc.is_established:  # pynetdicom refuses to send on a closed association
+            return None
+        return Sent.of(f, "failed", f"{type(exc).__name__}: {one_line(str(exc))}")
+
+
+def _store_one(assoc: Any, f: Indexed, target: SendTarget, t0: float) -> Sent:
     accepted = accepted_syntaxes(assoc, f.sop_class)
+    converted = ""
     if f.syntax in accepted and f.part10:
         dataset: Any = f.path  # streamed as its encoded bytes, never decoded
-    elif f.syntax in CONVERTIBLE and accepted & set(UNCOMPRESSED):
-        # uncompressed pixel data: decode, and pynetdicom encodes for the accepted syntax
+    elif f.syntax in accepted or (f.syntax in CONVERTIBLE and accepted & set(UNCOMPRESSED)):
+        # decoded: pynetdicom takes the dataset's own UIDs and encodes it for the accepted
+        # syntax (no pixel codec: compressed pixel data goes only in its own syntax)
         dataset = pydicom.dcmread(f.path, force=True)
         if not hasattr(dataset, "file_meta"):
             dataset.file_meta = pydicom.dataset.FileMetaDataset()
-        # the syntax it was decoded from (deflate is undone by reading); pynetdicom converts
-        dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian \
-            if f.syntax == pydicom.uid.DeflatedExplicitVRLittleEndian else f.syntax
+        for elem in dataset.iterall():  # pydicom writes binary values as they are: pad odd
+            if elem.VR in BULK_VRS and isinstance(elem.value, bytes) and len(elem.value) % 2:
+                elem.value += b"\0"
+        # the syntax it was decoded from (deflate is undone by reading)
+        source = pydicom.uid.ExplicitVRLittleEndian if f.syntax == DEFLATED else f.syntax
+        dataset.file_meta.TransferSyntaxUID = source
+        if f.syntax not in accepted:
+            into = source if source in accepted else next(ts for ts in UNCOMPRESSED
+                                                          if ts in accepted)
+            converted = f"{pydicom.uid.UID(f.syntax).name} -> {pydicom.uid.UID(into).name}"
     else:
         syntax = pydicom.uid.UID(f.syntax)
-        return Sent(f.path, f.study, "failed", None, f"the receiver accepted no presentation "
-                    f"context for {pydicom.uid.UID(f.sop_class).name} in {syntax.name}",
-                    f.size, 0.0)
+        return Sent.of(f, "failed", f"the receiver accepted no presentation context for "
+                       f"{pydicom.uid.UID(f.sop_class).name} in {syntax.name}")
     status = assoc.send_c_store(dataset)
     seconds = time.perf_counter() - t0
     if not status or "Status" not in status:
-        return None
+        why = (f"no response within --dimse-timeout {target.dimse_timeout:g} s"
+               if seconds >= target.dimse_timeout else "the receiver aborted the association")
+        return Sent.of(f, "failed", f"{why} while this file was sent; not sent again "
+                       "(the rest of its study goes on)", None, seconds, converted)
     from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
     code = int(status.Status)
     category = code_to_category(code)
     meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (category, "unknown status"))[1]
     if category == "Success":
-        return Sent(f.path, f.study, "sent", code, "", f.size, seconds)
-    if category == "Warning":
-        return Sent(f.path, f.study, "warning", code, f"0x{code:04X} {meaning}", f.size, seconds)
-    return Sent(f.path, f.study, "failed", code, f"0x{code:04X} {meaning}", f.size, seconds)
+        return Sent.of(f, "sent", "", code, seconds, converted)
+    outcome = "warning" if category == "Warning" else "failed"
+    return Sent.of(f, outcome, f"0x{code:04X} {meaning}", code, seconds, converted)
 
 
 def one_line(text: str) -> str:
@@ -3668,28 +4060,35 @@ def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any
                     break
                 attempt += 1
                 continue
+            lost = False
             try:
                 while pending and not stop.is_set():
-                    outcome = store_one(assoc, pending[0])
-                    if outcome is None:
-                        why = "association lost during C-STORE (timeout or abort)"
+                    if not assoc.is_established:  # lost between files: a transient fault
+                        why, lost = "association lost between files", True
                         break
+                    outcome = store_one(assoc, pending[0], target)
+                    if outcome is None:
+                        why, lost = "association lost between files", True
+                        break
+                    pending.pop(0)
+                    if tried.tls_version:
+                        outcome = dataclasses.replace(outcome, tls=tried.tls_version)
                     results.append(outcome)
                     events.put(outcome)
-                    pending.pop(0)
+                    if outcome.outcome == "failed" and outcome.status is None:
+                        break  # it broke the association, or failed here: reopen for the rest
             finally:
                 if assoc.is_established:
                     assoc.release()
                 else:
                     assoc.abort()
-            if pending:
-                attempt += 1
+            attempt = attempt + 1 if lost else 0
         if pending and not ever_connected and not stop.is_set():
             unreachable.set()  # every try of this batch found no one listening
         kind, reason = ("not-sent", "stopped before sending") if stop.is_set() else \
             ("failed", why or "not sent")
         for f in pending:
-            outcome = Sent(f.path, f.study, kind, None, reason, f.size, 0.0)
+            outcome = Sent.of(f, kind, reason)
             results.append(outcome)
             events.put(outcome)
     return results
@@ -3697,49 +4096,71 @@ def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any
 
 def echo(target: SendTarget) -> tuple[bool, str]:
     """C-ECHO the destination: (ok, message with round-trip time)."""
-    from pynetdicom import evt
-
-    ae = new_ae(target, [("1.2.840.10008.1.1", pydicom.uid.ImplicitVRLittleEndian)])
     t0 = time.perf_counter()
-    assoc = ae.associate(target.host, target.port, ae_title=target.called,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "no association"
-        return False, f"C-ECHO {target.called}@{target.host}:{target.port}: {why}"
-    status = assoc.send_c_echo()
+    tried = open_association(target, [(sop_class("Verification"),
+                                       pydicom.uid.ImplicitVRLittleEndian)])
+    where = f"C-ECHO {target.called}@{target.host}:{target.port}"
+    if tried.assoc is None:
+        return False, f"{where}: no association: {tried.why}"
+    status = tried.assoc.send_c_echo()
     rtt = (time.perf_counter() - t0) * 1000
-    assoc.release()
+    tried.assoc.release()
     ok = bool(status) and status.Status == 0
-    return ok, (f"C-ECHO {target.called}@{target.host}:{target.port}: "
-                f"{'success' if ok else 'failed'}, {rtt:.1f} ms round trip")
+    tls = f", {tried.tls_version}" if tried.tls_version else ""
+    return ok, f"{where}: {'success' if ok else 'failed'}, {rtt:.1f} ms round trip{tls}"
 
 
-def verify_studies(target: SendTarget, acknowledged: collections.Counter[str]) -> list[str]:
-    """C-FIND each study (Study Root, STUDY level); list studies whose counts differ."""
-    from pynetdicom import evt
+def held_instances(assoc: Any, study: str, series: str) -> set[str] | None:
+    """The SOP Instance UIDs the receiver holds in a series (or a study, series unknown): one
+    IMAGE-level C-FIND, Study Root; None when the receiver did not answer the query."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = study
+    if series:
+        query.SeriesInstanceUID = series
+    query.SOPInstanceUID = ""
+    held, answered = set(), False
+    for status, ident in assoc.send_c_find(query, sop_class(
+            "StudyRootQueryRetrieveInformationModelFind")):
+        if not status or "Status" not in status:
+            return None
+        answered = answered or status.Status == 0x0000
+        if status.Status in (0xFF00, 0xFF01) and ident is not None and ident.get(
+                "SOPInstanceUID"):
+            held.add(str(ident.SOPInstanceUID))
+    return held if answered else None
 
-    find = "1.2.840.10008.5.1.4.1.2.2.1"
-    ae = new_ae(target, [(find, pydicom.uid.ExplicitVRLittleEndian),
-                         (find, pydicom.uid.ImplicitVRLittleEndian)])
-    assoc = ae.associate(target.host, target.port, ae_title=target.called,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
-    if not assoc.is_established:
-        return ["verify: no association for C-FIND"]
+
+def find_contexts() -> list[tuple[str, str]]:
+    """What a C-FIND association proposes."""
+    return [(sop_class("StudyRootQueryRetrieveInformationModelFind"), ts) for ts in UNCOMPRESSED]
+
+
+def verify_sent(target: SendTarget, sent: list[Sent]) -> list[str]:
+    """After a send, C-FIND every series it delivered to: name each file the receiver
+    acknowledged but does not hold (instances it held before do not matter)."""
+    delivered: dict[tuple[str, str], list[Sent]] = {}
+    for s in sent:
+        if s.delivered:
+            delivered.setdefault((s.study, s.series), []).append(s)
+    if not delivered:
+        return []
+    tried = open_association(target, find_contexts())
+    if tried.assoc is None:
+        return [f"verify: no association for C-FIND: {tried.why}"]
     problems = []
     try:
-        for study, count in sorted(acknowledged.items()):
-            query = Dataset()
-            query.QueryRetrieveLevel = "STUDY"
-            query.StudyInstanceUID = study
-            query.NumberOfStudyRelatedInstances = ""
-            found = [ident for status, ident in assoc.send_c_find(query, find)
-                     if status and status.Status in (0xFF00, 0xFF01) and ident is not None]
-            have = int(found[0].NumberOfStudyRelatedInstances or 0) if found else 0
-            if have != count:
-                problems.append(f"verify: study {study}: receiver has {have} instances, "
-                                f"{count} acknowledged")
+        for (study, series), files in delivered.items():
+            held = held_instances(tried.assoc, study, series)
+            if held is None:
+                problems.append(f"verify: the receiver did not answer the C-FIND for study "
+                                f"{study}")
+                continue
+            problems += [f"verify: {s.path}: acknowledged (status 0x{s.status or 0:04X}) but "
+                         f"not held by the receiver" for s in files if s.sop_instance not in held]
     finally:
-        assoc.release()
+        if tried.assoc.is_established:
+            tried.assoc.release()
     return problems
 
 
@@ -3762,6 +4183,18 @@ def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int
     target: SendTarget = opts.send
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream files; set once, before any thread
     _config.LOG_HANDLER_LEVEL = "standard" if opts.verbose else "none"
+    try:
+        target = dataclasses.replace(target, context=tls_context(target))
+    except TLSSetupError as exc:
+        print(f"{paint('error:', RED)} {exc}; nothing sent", file=sys.stderr)
+        errlog.error("TLSSetup: %s", exc)
+        return EXIT_FAILURES
+    if target.tls and not target.tls_verify:
+        log.warning("TLS without certificate verification (--tls-no-verify): anyone on the "
+                    "path can pose as the receiver")
+        print("warning: --tls-no-verify: the receiver's certificate is not checked (test "
+              "setups only)", file=sys.stderr)
+    opts = dataclasses.replace(opts, send=target)
     if target.echo_only:
         ok, message = echo(target)
         print(message, file=sys.stderr if not ok else sys.stdout)
@@ -3777,6 +4210,10 @@ def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int
         reporter.handle(result)
         if result.record is not None:
             studies.setdefault(result.record.study, []).append(result.record)
+            if result.record.note:
+                session.log.warning("%s: %s", result.path, result.record.note)
+                log.warning("%s: %s", result.path, result.record.note)
+                print(f"warning: {result.path}: {result.record.note}", file=sys.stderr)
     reporter.bar.close()
     return send_studies(studies, opts, out, reporter, stop, session)
 
@@ -3796,18 +4233,22 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
                     f"{len(contexts)} presentation contexts")
         return stop.exit_status() or (EXIT_FAILURES if reporter.stats.errors else EXIT_OK)
     sent = transfer(studies, target, opts, session.log, stop.event)
-    acknowledged = collections.Counter(s.study for s in sent if s.delivered)
-    problems = verify_studies(target, acknowledged) if target.verify and acknowledged else []
+    problems = verify_sent(target, sent) if target.verify else []
     for problem in problems:
         print(problem, file=sys.stderr)
         session.log.warning(problem)
     summary = send_summary(session.id, session.started, time.perf_counter() - session.t0, sent,
                            target, opts, len(studies), reporter.stats.errors)
+    tls = summary["tls"]
+    session.log.info("transport: %s", f"encrypted, {tls['protocol']}" if tls["encrypted"]
+                     else "not encrypted" if summary["successful_transfers"] else "nothing sent")
     path = opts.log_dir / f"dicom_sender_summary_{session.id}.json"
     write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), path, fsync=False)
     if not opts.quiet:
-        print(render_summary({k: v for k, v in summary.items() if k != "failed_files"}),
-              file=sys.stderr)
+        shown = {k: v for k, v in summary.items() if k not in ("failed_files", "files")}
+        tls = shown.pop("tls")
+        shown["tls"] = f"yes, {tls['protocol']}" if tls["encrypted"] else "no"
+        print(render_summary(shown), file=sys.stderr)
     if summary["not_sent_stopped"]:
         print(f"stopped: {summary['not_sent_stopped']} files not sent", file=sys.stderr)
     failed = summary["failed_transfers"] + reporter.stats.errors
@@ -3850,6 +4291,9 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
             else:
                 sender_log.info("sent: %s (%d bytes, %.1f ms)", outcome.path, outcome.size,
                                 outcome.seconds * 1000)
+            if outcome.converted:
+                sender_log.info("converted: %s: %s (the receiver did not accept its own)",
+                                outcome.path, outcome.converted)
         for future in futures:
             future.result()  # re-raise a worker's bug instead of hiding it
     bar.close()
@@ -3863,8 +4307,10 @@ def session_logger(opts: Options, session: str) -> logging.Logger:
     logger.addHandler(log_handler(path, logging.Formatter("%(asctime)s %(levelname)s %(message)s")))
     logger.propagate = False
     logger.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
-    logger.info("session %s: %s -> %s@%s:%d, %d workers; %s", session, opts.send.calling,
-                opts.send.called, opts.send.host, opts.send.port, opts.workers, runtime_line())
+    logger.info("session %s: %s -> %s@%s:%d, %d workers, %s; %s", session, opts.send.calling,
+                opts.send.called, opts.send.host, opts.send.port, opts.workers,
+                ("TLS" + ("" if opts.send.tls_verify else " WITHOUT certificate verification"))
+                if opts.send.tls else "plain TCP", runtime_line())
     return logger
 
 
@@ -3888,7 +4334,14 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
         "threads_used": opts.workers, "destination": f"{target.host}:{target.port}",
         "calling_ae": target.calling, "called_ae": target.called,
         "studies_processed": studies, "free_threaded": gil_disabled(),
-        "failed_files": [{"path": str(s.path), "reason": s.reason} for s in failed]}
+        "failed_files": [{"path": str(s.path), "reason": s.reason} for s in failed],
+        "tls": {"encrypted": bool(ok) and all(s.tls for s in ok),
+                "protocol": collections.Counter(s.tls for s in ok).most_common(1)[0][0]
+                if ok and ok[0].tls else None, "verified": target.tls and target.tls_verify},
+        # every file with the receiver's answer, to reconcile with what the PACS holds
+        "files": [{"path": str(s.path), "sop_instance_uid": s.sop_instance,
+                   "outcome": s.outcome, "status": s.status, "reason": s.reason,
+                   **({"converted": s.converted} if s.converted else {})} for s in sent]}
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -3908,6 +4361,7 @@ class Journal:
 
     def __init__(self, path: Path, done: dict[str, int]):
         self.path, self.done = path, done
+        self.key = path.stem.removeprefix("dicom_sar-")  # names the run's temporary files
         # Workers append single short lines with O_APPEND: each write() lands whole.
         self.fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
 
@@ -3972,6 +4426,9 @@ def open_journal(opts: Options) -> Journal:
     path = Journal.location(opts)
     done, finished = Journal.read(path)
     unfinished = path.exists() and not finished
+    if opts.resume and path.exists() and finished:
+        raise UsageError(f"the run with these options finished (journal {path}): nothing to "
+                         "resume; without --resume it would apply the change again")
     if unfinished and not (opts.resume or opts.restart):
         raise UsageError(f"an earlier run with these options did not finish ({len(done)} files "
                          f"done, journal {path}); rerun with --resume to skip them, "
@@ -4005,6 +4462,7 @@ class Stats:
     elements_changed: int = 0
     nbytes: int = 0
     busy_seconds: float = 0.0
+    litter_removed: int | None = None  # a resuming SAR: its predecessor's temporary files
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def add(self, r: FileResult) -> None:
@@ -4050,6 +4508,8 @@ class Stats:
                      "elements_changed": self.elements_changed,
                      "rejected" if not opts.dry_run else "would_reject": self.rejected,
                      "unchanged": self.unchanged}
+            if self.litter_removed is not None:
+                data["temporary_files_removed"] = self.litter_removed
         if opts.mode == "generate":
             data |= {"files_written": self.modified, "deliberately_absent": self.skipped}
         return data
@@ -4103,12 +4563,14 @@ def log_handler(path: Path, fmt: logging.Formatter) -> logging.FileHandler:
     return handler
 
 
+@functools.cache
 def configure_pydicom() -> None:
-    """Once, before the pool: lenient reading, strict writing, no warnings from threads."""
+    """Once a process, before the pool: lenient reading, strict writing, and no warnings of
+    pydicom's from the threads (errors.log tells what is wrong with a file); other
+    libraries' warnings are left as they are."""
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
-    warnings.filterwarnings("ignore", category=UserWarning, message=".*")
 
 
 class Reporter:
@@ -4200,7 +4662,8 @@ def completion_options(parser: argparse.ArgumentParser) -> list[argparse.Action]
 
 
 def fish_completions(parser: argparse.ArgumentParser) -> str:
-    """A fish script: ./dicom_sar.py, python dicom_sar.py and venv/bin/python dicom_sar.py."""
+    """A fish script: dicom_sar, ./dicom_sar.py, python dicom_sar.py and
+    venv/bin/python dicom_sar.py."""
     def quote(text: str) -> str:
         return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -4208,7 +4671,7 @@ def fish_completions(parser: argparse.ArgumentParser) -> str:
         "# fish completions for dicom_sar.py (dicom_sar.py --completions fish)",
         "function __dicom_sar_cmd",
         "    set -l tokens (commandline -opc)",
-        "    string match -q -r 'dicom_sar\\.py$' -- $tokens[1]; and return 0",
+        "    string match -q -r '(^|/)dicom_sar(\\.py)?$' -- $tokens[1]; and return 0",
         "    string match -q -r 'python' -- $tokens[1]",
         "    and string match -q -r 'dicom_sar\\.py$' -- $tokens[2]",
         "end",
@@ -4226,7 +4689,7 @@ def fish_completions(parser: argparse.ArgumentParser) -> str:
         "function __dicom_sar_keywords",
         "    printf '%s\\n' " + " ".join(sorted(pydicom.datadict.keyword_dict)),
         "end",
-        "for cmd in dicom_sar.py python python3 python3.11 python3.13 python3.13t",
+        "for cmd in dicom_sar dicom_sar.py python python3 python3.11 python3.13 python3.13t",
     ]
     for action in completion_options(parser):
         longs = [o[2:] for o in action.option_strings if o.startswith("--")]
@@ -4259,7 +4722,7 @@ def bash_completions(parser: argparse.ArgumentParser) -> str:
             f"  case $prev in {'|'.join(DIRECTORY_OPTIONS)}) COMPREPLY=($(compgen -d -- \"$cur\"));"
             f" return;; esac\n"
             f"  COMPREPLY=($(compgen -W \"{words}\" -- \"$cur\"))\n}}\n"
-            "complete -o default -F _dicom_sar dicom_sar.py\n")
+            "complete -o default -F _dicom_sar dicom_sar.py dicom_sar\n")
 
 
 def zsh_completions(parser: argparse.ArgumentParser) -> str:
@@ -4271,7 +4734,7 @@ def zsh_completions(parser: argparse.ArgumentParser) -> str:
             ":value:" if action.nargs != 0 else "")
         for option in action.option_strings:
             specs.append(f"  '{option}[{help_text}]{value}'")
-    return "#compdef dicom_sar.py\n_arguments \\\n" + " \\\n".join(specs) + "\n"
+    return "#compdef dicom_sar.py dicom_sar\n_arguments \\\n" + " \\\n".join(specs) + "\n"
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -4297,8 +4760,8 @@ def warn_if_gil() -> None:
     """One warning when threads cannot run Python code in parallel."""
     if not gil_disabled():
         print("warning: this Python has the GIL enabled, so worker threads will not run in "
-              "parallel; for full speed use python3.13t (see README: "
-              "../shared/tools/free-threaded-python)", file=sys.stderr)
+              "parallel; for full speed use python3.13t (README, \"Set up and run\": "
+              "tools/free-threaded-python finds or builds one)", file=sys.stderr)
 
 
 def excluded_locations(opts: Options, log_paths: list[Path]) -> list[Path]:
@@ -4343,9 +4806,14 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
         log_paths.append(journal.path)
     reporter = Reporter(opts, out)
     candidates = discover(opts, excluded_locations(opts, log_paths))
+    litter = Litter(journal.key) if journal is not None and (opts.resume or opts.restart) \
+        else None
     for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event,
                               opts.time_limit):
-        reporter.handle(result)
+        if litter is None or not litter.claims(result):
+            reporter.handle(result)
+    if litter is not None:
+        reporter.stats.litter_removed = litter.remove([opts.output, opts.backup])
     if stop.signum:
         log.warning("stopped by %s; files in flight were finished", stop.cause())
         if journal is not None:
@@ -4361,6 +4829,40 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
               f"would reject {data['would_reject']}", file=sys.stderr)
     log.info("run finished: free-threaded: %s", "yes" if gil_disabled() else "no")
     return stop.exit_status() or exit_status(reporter.stats)
+
+
+class Litter:
+    """The temporary files an interrupted run with these options left (their names carry
+    its journal key): the run that resumes it removes them, and nobody else's."""
+
+    def __init__(self, key: str):
+        self.prefix = f"{TEMP_PREFIX}{key}-"
+        self.seen: list[Path] = []
+
+    def claims(self, result: FileResult) -> bool:
+        """True for a leftover of ours met by the walk (removed at the end, not reported)."""
+        if result.status == "skipped" and result.path.name.startswith(self.prefix):
+            self.seen.append(result.path)
+            return True
+        return False
+
+    def remove(self, trees: Iterable[Path | None]) -> int:
+        """Once the pool is done (no file of this run is in flight): remove the leftovers
+        the walk met, and those in the trees it does not walk (output, backup)."""
+        found = list(self.seen)
+        for tree in filter(None, trees):
+            for directory, _, files in os.walk(tree):
+                found += [Path(directory, f) for f in files if f.startswith(self.prefix)]
+        removed = 0
+        for path in found:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        if removed:
+            log.info("removed %d temporary files left by the interrupted run", removed)
+            print(f"removed {removed} temporary files left by the interrupted run",
+                  file=sys.stderr)
+        return removed
 
 
 class StopSignal:
@@ -4407,10 +4909,12 @@ class StopSignal:
         return 128 + self.signum if self.signum else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "dicom_sar.py") -> int:
     """Entry point: parse, validate, run; usage errors exit 2 before any file is touched."""
-    parser = build_parser()
+    parser = build_parser(prog)
     ns = parser.parse_args(argv)
+    with contextlib.suppress(AttributeError, ValueError):  # a file name, a value not UTF-8:
+        sys.stdout.reconfigure(errors="surrogateescape")  # its own bytes, as ls prints them
     if ns.version:
         print_versions()
         return EXIT_OK
@@ -4452,6 +4956,11 @@ def leave(code: int) -> NoReturn:
         with contextlib.suppress(OSError, ValueError):  # a reader gone, a stream closed
             stream.flush()
     os._exit(code)
+
+
+def cli() -> NoReturn:
+    """The installed `dicom_sar` command (pyproject's console script)."""
+    leave(main(prog="dicom_sar"))
 
 
 if __name__ == "__main__":

@@ -261,11 +261,135 @@ def main() -> None:
                  "-j", w],
         "cp -r": f"cp -r {ct} {work / 'gen'}"}, prepare=clear_gen, corpus=ct,
         target="disk-bound: close to cp -r")
+    # 8./9. send to a real PACS (Orthanc): real files nobody here wrote, and clean CT
+    real = real_tree(cache)
+    if real is not None:
+        orthanc_pair(bench, "8 send real files to Orthanc", {
+            "ours": [*ours, "--send", "--path", str(real), "-a", "ORTHANC", "-t", w],
+            "dcmsend": ["dcmsend", "--no-halt", "-aec", "ORTHANC", "--scan-directories",
+                        "--recurse", "-nh", "{host}", "{port}", str(real)]}, work,
+            target="ours stores >= dcmsend's instances and takes <= 1.0x its time")
+    orthanc_pair(bench, f"9 send {ct_n} CT to Orthanc", {
+        "ours -j2": [*ours, "--send", "--path", str(ct), "-a", "ORTHANC", "-t", "2"],
+        "ours -j4": [*ours, "--send", "--path", str(ct), "-a", "ORTHANC", "-t", "4"],
+        "dcmsend": ["dcmsend", "-aec", "ORTHANC", "--scan-directories", "--recurse", "-nh",
+                    "{host}", "{port}", str(ct)]}, work, target="ours faster than dcmsend")
+
+    # 10. start-up: one file, one tag, each side a whole process
+    one = next(p for p in small.rglob("*") if p.is_file())
+    command = Path(PY).with_name("dicom_sar")
+    sides: dict[str, object] = {}
+    if command.exists():
+        sides["dicom_sar"] = [str(command), "-q", "--dump", "--tag", "PatientID", "--path",
+                              str(one), "--log-dir", str(work / "logs")]
+    sides |= {"python dicom_sar.py": [*ours, "--dump", "--tag", "PatientID", "--path",
+                                      str(one)],
+              "python -c pass": [PY, "-c", "pass"],
+              "dcmdump": ["dcmdump", "-q", "+P", "PatientID", str(one)]}
+    row = Bench(max(10, args.runs), bench.only).pair(  # 10 runs at least: start-up is short
+        "10 start-up: one file, one tag", sides, corpus=small,
+        target="dicom_sar <= 4x python -c pass")
+    if row:
+        bench.rows.append(row)
     shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps({"interpreter": PY, "free_threaded": free,
                                          "workers": args.workers, "cpus": os.cpu_count(),
                                          "quick": args.quick, "pairs": bench.rows}, indent=2))
+
+
+def real_tree(cache: Path) -> Path | None:
+    """pydicom's test files and ../shared/corpus (when beside the checkout) in one tree."""
+    corpus = ROOT.parent / "shared" / "corpus"
+    target = cache / "real"
+    if not target.exists():
+        from pydicom.data import get_charset_files, get_testdata_files
+        files = [Path(f) for f in get_testdata_files() + get_charset_files()
+                 if not f.endswith((".txt", ".json", ".gz", ".icc", ".dump", ".py"))]
+        if corpus.is_dir():
+            files += [p for p in corpus.rglob("*")
+                      if p.is_file() and p.name not in ("README.md", "SOURCES.tsv")]
+        tmp = cache / "real.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for i, f in enumerate(sorted(files)):
+            shutil.copy(f, tmp / f"{i:04d}")
+        tmp.rename(target)
+    return target
+
+
+def orthanc_pair(bench: Bench, name: str, sides: dict[str, list[str]], work: Path,
+                 target: str) -> None:
+    """Each side, alternately, into a fresh Orthanc on loopback (its own network namespace
+    when root): wall and CPU time, and the distinct instances Orthanc holds afterwards."""
+    if bench.only and name.split(maxsplit=1)[0] not in bench.only:
+        return
+    if not shutil.which("Orthanc"):
+        print(f"{name}: skipped (apt-get install orthanc)")
+        return
+    ns = f"dsar-orthanc-{os.getpid()}"
+    prefix: list[str] = []
+    if os.geteuid() == 0 and subprocess.run(["ip", "netns", "add", ns]).returncode == 0:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        prefix = ["ip", "netns", "exec", ns]
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+    held: dict[str, int] = {}
+    try:
+        for _ in range(bench.runs):
+            for side, cmd in sides.items():
+                store = work / "orthanc"
+                shutil.rmtree(store, ignore_errors=True)
+                config = {"StorageDirectory": str(store), "IndexDirectory": str(store),
+                          "DicomAet": "ORTHANC", "DicomPort": 11198, "HttpPort": 18098,
+                          "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+                          "DicomAlwaysAllowStore": True, "Plugins": []}
+                (work / "orthanc.json").write_text(json.dumps(config))
+                server = subprocess.Popen([*prefix, "Orthanc", str(work / "orthanc.json")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True)
+                try:
+                    wait_http(prefix)
+                    full = [a.replace("{host}", "127.0.0.1").replace("{port}", "11198")
+                            for a in cmd]
+                    if full[0] == PY:
+                        full += ["-H", "127.0.0.1", "-p", "11198"]
+                    os.sync()
+                    seconds, cpu_seconds, _ = run_measured([*prefix, *full])
+                    times[side].append(seconds)
+                    cpu[side].append(cpu_seconds)
+                    held[side] = int(json.loads(subprocess.run(
+                        [*prefix, PY, "-c", "import urllib.request; print(urllib.request."
+                         "urlopen('http://127.0.0.1:18098/statistics').read().decode())"],
+                        capture_output=True, text=True).stdout)["CountInstances"])
+                finally:
+                    os.killpg(server.pid, 9)
+                    server.wait()
+    finally:
+        if prefix:
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    ours = next(iter(sides))
+    row = {"pair": name, "median_s": medians,
+           "median_cpu_s": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+           "instances_held": held,
+           "ratio_vs_ours": {k: round(medians[k] / medians[ours], 2) for k in sides
+                             if k != ours}, "target": target}
+    bench.rows.append(row)
+    print(f"{name:<44}  " + "  ".join(
+        f"{k} {medians[k]:7.3f}s (cpu {row['median_cpu_s'][k]:.2f}s, {held[k]} held)"
+        for k in sides) + f"\n{'':<44}  " + ", ".join(
+        f"{k}/ours = {v}x" for k, v in row["ratio_vs_ours"].items()) + f"   target: {target}",
+        flush=True)
+
+
+def wait_http(prefix: list[str]) -> None:
+    """Until Orthanc answers on its REST port."""
+    code = ("import socket, time, sys\nend = time.time() + 30\nwhile time.time() < end:\n"
+            "    try:\n        socket.create_connection(('127.0.0.1', 18098), 0.5).close()\n"
+            "        socket.create_connection(('127.0.0.1', 11198), 0.5).close(); sys.exit(0)\n"
+            "    except OSError:\n        time.sleep(0.1)\nsys.exit(1)")
+    subprocess.run([*prefix, PY, "-c", code], check=True)
 
 
 def send_pair(bench: Bench, ours: list[str], tree: Path, w: str, nbytes: int,

@@ -106,10 +106,37 @@ def pydicom_files() -> list[Path]:
                   if not f.endswith(skip) and Path(f).is_file())
 
 
-def dcmdump_reads(path: Path) -> bool:
+def dcmdump_reads(path: Path, *options: str) -> bool:
     """True when dcmdump reads the file without any error or warning."""
-    proc = dcmdump(path)  # not -q: that would hide the warnings
+    proc = dcmdump(*options, path)  # not -q: that would hide the warnings
     return proc.returncode == 0 and not proc.stderr.strip()
+
+
+CORPUS = ROOT.parent / "shared" / "corpus"  # other projects' test files, beside the checkout
+
+
+def corpus_files() -> list[Path]:
+    """The shared corpus of real files (../shared/corpus): a failure in CI where it is
+    missing, a skip elsewhere (a user's clone has no ../shared)."""
+    if not CORPUS.is_dir():
+        if IN_CI:
+            pytest.fail(f"the shared corpus is missing: {CORPUS}")
+        pytest.skip(f"no shared corpus at {CORPUS}")
+    return sorted(p for p in CORPUS.rglob("*")
+                  if p.is_file() and p.name not in ("README.md", "SOURCES.tsv"))
+
+
+@pytest.fixture(scope="session")
+def real_files() -> list[Path]:
+    """pydicom's test files and the shared corpus: real files nobody here wrote."""
+    return pydicom_files() + corpus_files()
+
+
+@pytest.fixture(scope="session")
+def readable_real_files(real_files: list[Path]) -> list[Path]:
+    """The real files that dcmdump +U8 reads without an error or a warning."""
+    need("dcmdump")
+    return [p for p in real_files if dcmdump_reads(p, "+U8")]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 import dicom_sar
-from conftest import FREE_THREADED_BUILD, instances, need, run_tool
+from conftest import FREE_THREADED_BUILD, TOOL, instances, need, run_tool
 from dicom_sar import Step, UsageError, parse_tag_specs
 
 PID, PNAME = 0x00100020, 0x00100010
@@ -405,3 +405,15 @@ def test_after_a_stop_a_stuck_file_is_given_up_on_within_the_grace(tmp_path: Pat
     dicom_sar.STUCK_WORKERS.clear()
     time.sleep(0.3)
     assert not (tmp_path / "f02.out").exists()
+
+
+def test_pydicom_is_configured_once_and_other_warnings_still_show(tmp_path: Path) -> None:
+    code = (f"import sys, warnings; sys.path.insert(0, {str(TOOL.parent)!r})\n"
+            "import dicom_sar, pydicom.charset\n"
+            "dicom_sar.configure_pydicom(); n = len(warnings.filters)\n"
+            "dicom_sar.configure_pydicom(); assert len(warnings.filters) == n\n"
+            "pydicom.charset.decode_bytes(b'x', ['from pydicom'], set())\n"
+            "warnings.warn('from another library', UserWarning)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "from another library" in proc.stderr and "from pydicom" not in proc.stderr

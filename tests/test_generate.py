@@ -249,6 +249,12 @@ def test_config_round_trips(tmp_path: Path) -> None:
      "current_study.images[0].tags.StudyDate: invalid for VR DA"),
     (lambda c: c.update(current_stud={}), "current_stud: unknown key"),
     (lambda c: c["internal_priors"].append({"count": -1}), "internal_priors[1].count"),
+    (lambda c: c.update(patient={"PatientBirthDate": "1990-02-30"}),
+     "patient.PatientBirthDate: invalid for VR DA"),
+    (lambda c: c.update(patient={"PatientID": "X" * 65}), "patient.PatientID: invalid for VR LO"),
+    (lambda c: c.update(patient={"PatientAge": "040Y"}), "patient.PatientAge: unknown key"),
+    (lambda c: c["current_study"].update(date="yesterday"),
+     "current_study.date: invalid for VR DA"),
 ])
 def test_bad_configs_write_nothing(mutate, message: str, tmp_path: Path) -> None:
     config = json.loads(json.dumps(USER_CONFIG))
@@ -305,3 +311,23 @@ def test_an_output_that_holds_other_files_is_refused(generated: Path, tmp_path: 
         assert run.code == 0, run.err
         digests.append(tree_digest(tmp_path / "empty"))
     assert len(digests[0]) > 1 and digests[0] == digests[1]  # same seed, same bytes
+
+
+@pytest.mark.parametrize("patient_id", ["../../escaped_pid", "/tmp/absolute_pid", "..", "a/b"])
+def test_no_config_value_becomes_a_path_outside_the_output(patient_id: str,
+                                                          tmp_path: Path) -> None:
+    work = tmp_path / "deep" / "er"
+    work.mkdir(parents=True)
+    config = {"patient": {"PatientID": patient_id}, "current_study": {"count": 2}}
+    (work / "c.json").write_text(json.dumps(config))
+    before = {p for p in tmp_path.rglob("*")} | set(Path("/tmp").glob("absolute_pid*"))
+    run = run_tool("--generate", "--config", work / "c.json", "--output", work / "out",
+                   cwd=work)
+    assert run.code == 0, run.err
+    written = {p for p in tmp_path.rglob("*")} | set(Path("/tmp").glob("absolute_pid*"))
+    outside = [p for p in written - before if not p.is_relative_to(work)]
+    assert outside == []
+    m = json.loads((work / "out" / "manifest.json").read_text())
+    for e in m["instances"]:
+        assert (work / "out" / e["path"]).resolve().is_relative_to((work / "out").resolve())
+        assert read(work / "out" / e["path"]).PatientID == patient_id  # the value is kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,9 @@ def tour_pairs(text: str) -> list[tuple[re.Match[str], re.Match[str]]]:
 
 
 def in_fish(commands: str, cwd: Path, prefix: list[str] | None = None) -> str:
-    """Run README commands in fish with this interpreter standing in for venv/bin/python."""
-    script = commands.replace("venv/bin/python dicom_sar.py", f"{sys.executable} {TOOL}")
+    """Run README commands in fish with this interpreter and this checkout's dicom_sar.py
+    standing in for the venv's installed command."""
+    script = commands.replace("venv/bin/dicom_sar", f"{sys.executable} {TOOL}")
     proc = subprocess.run([*(prefix or []), need("fish"), "-c", script], cwd=cwd,
                           capture_output=True, env={**os.environ, "COLUMNS": "100"}, timeout=300)
     assert proc.returncode in (0, 1), proc.stderr.decode()
@@ -45,7 +47,7 @@ def main_job(text: str) -> str:
     """The setup block's tool commands (the venv and pip lines are the user's, not ours)."""
     setup = next(b for b in blocks(text) if "<!-- ci:setup -->" in text[b.start() - 30:b.start()])
     lines = [line.removeprefix("and ") for line in setup[2].splitlines()
-             if "dicom_sar.py" in line]
+             if "venv/bin/dicom_sar" in line]
     return "\n".join(lines)
 
 
@@ -119,6 +121,58 @@ def test_readme_commands_are_fish_not_bash() -> None:
     fish_blocks = [b[2] for b in blocks(README.read_text()) if b[1] == "fish"]
     assert len(fish_blocks) >= 7
     assert not [b for b in fish_blocks if bash_only.search(b)]
+
+
+def setup_block(text: str) -> str:
+    """The README's ci:setup block, as .ci/run runs it."""
+    return next(b for b in blocks(text) if "<!-- ci:setup -->" in text[b.start() - 30:b.start()])[2]
+
+
+def test_fish_blocks_check_a_command_before_calling_it() -> None:
+    # the user's rule: `missing-command; or ...` prints "Unknown command" in fish
+    for block in (b[2] for b in blocks(README.read_text()) if b[1] == "fish"):
+        for line in block.splitlines():
+            first = line.removeprefix("and ").split()[0] if line.strip() else ""
+            if first.startswith("../") or first in ("python3.13t", "uv", "python3"):
+                raise AssertionError(f"unchecked command in a README block: {line}")
+
+
+def test_nothing_points_at_the_shared_folder() -> None:
+    for path in (README, TOOL, ROOT / ".ci" / "run", ROOT / "tools" / "free-threaded-python",
+                 ROOT / "pyproject.toml"):
+        assert "../shared" not in path.read_text(), path
+
+
+def test_fresh_clone_setup_block_in_fish(tmp_path: Path) -> None:
+    """A clone with nothing beside it (no ../shared): the README's setup block, in fish,
+    builds a free-threaded venv with the `dicom_sar` command and runs the demo job."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.split(b"\0")
+    clone = tmp_path / "clone"
+    for name in filter(None, (f.decode() for f in files)):
+        source = ROOT / name
+        if source.is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, clone / name)
+    assert not (tmp_path / "shared").exists()
+    proc = subprocess.run([need("fish"), "-c", setup_block(README.read_text())], cwd=clone,
+                          capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Unknown command" not in proc.stderr and "../shared" not in proc.stderr
+    python = clone / "venv" / "bin" / "python"
+    assert subprocess.run([python, "-c", "import sys; sys.exit(sys._is_gil_enabled())"]
+                          ).returncode == 0, "the venv is not free-threaded"
+    assert "GIL enabled" not in proc.stderr
+    modified = list((clone / "demo_out").rglob("*"))
+    assert len([p for p in modified if p.is_file()]) == 24
+    assert "modified:" in (clone / "dicom_sar.log").read_text()
+    version = subprocess.run([clone / "venv" / "bin" / "dicom_sar", "--version"],
+                             capture_output=True, text=True)
+    assert version.returncode == 0 and "free-threaded: yes" in version.stdout
+    helped = subprocess.run([clone / "venv" / "bin" / "dicom_sar", "--help"],
+                            capture_output=True, text=True).stdout
+    assert helped.startswith("usage: dicom_sar [")
 
 
 if __name__ == "__main__":

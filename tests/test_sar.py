@@ -494,6 +494,14 @@ def test_sigkill_at_ten_random_moments(five_hundred: tuple[Path, Path], tmp_path
                 replaced += 1
                 assert (work / "backup" / path.name).read_bytes() == originals[path.name]
         replaced_total += replaced
+        resumed = run_tool("--sar", "--inplace", "--tag", "PatientID", *GENHOSP, "--resume",
+                           "--backup-dir", work / "backup", "--path", tree, cwd=work)
+        if proc.returncode == 0:  # the run had finished before the kill: nothing to resume
+            assert resumed.code == 2 and "nothing to resume" in resumed.err
+            continue
+        assert resumed.code == 0, resumed.err
+        assert sorted(p.name for p in tree.iterdir()) == sorted(modified)  # no litter
+        assert all((tree / name).read_bytes() == data for name, data in modified.items())
     assert 0 < replaced_total < 5000  # the kills really landed in the middle of runs
 
 
@@ -516,17 +524,27 @@ def test_resume_never_applies_a_change_twice(five_hundred: tuple[Path, Path],
     again = run_tool("--sar", "--inplace", "--no-backup", "--tag", "PatientID", *GENHOSP,
                      "--path", tree, cwd=tmp_path)
     assert again.code == 2 and "--resume" in again.err  # refuses to double-apply silently
+    journal = next(tmp_path.glob("dicom_sar-*.journal"))
+    key = journal.stem.removeprefix("dicom_sar-")
+    ours = f"{dicom_sar_temp_prefix()}{key}-"
+    # what a kill inside a write leaves (made certain here), and another run's leftover
+    (tree / f"{ours}0123456789abcdef").write_bytes(b"cut short")
+    (tree / f"{dicom_sar_temp_prefix()}0000000000000000-0123456789abcdef").write_bytes(b"x")
+    leftovers = len(list(tree.glob(ours + "*")))
     resumed = run_tool("--sar", "--inplace", "--no-backup", "--resume", "--tag", "PatientID",
                        *GENHOSP, "--path", tree, "--summary-json", tmp_path / "s.json",
                        cwd=tmp_path)
     assert resumed.code == 0, resumed.err
     s = json.loads((tmp_path / "s.json").read_text())
-    leftovers = len(list(tree.glob(dicom_sar_temp_prefix() + "*")))  # reported, not input
-    assert s["skipped_other"] >= 59 and s["modified"] + s["skipped_other"] == 500 + leftovers
+    # the interrupted run's temporary files are removed, and said so; another's stays
+    assert s["temporary_files_removed"] == leftovers >= 1
+    assert f"removed {leftovers} temporary files" in resumed.err
+    assert [p.name for p in tree.glob(dicom_sar_temp_prefix() + "*")] == \
+        [f"{dicom_sar_temp_prefix()}0000000000000000-0123456789abcdef"]
+    assert s["skipped_other"] >= 60 and s["modified"] + s["skipped_other"] == 501
     for path in tree.iterdir():
         if not path.name.startswith(dicom_sar_temp_prefix()):
             assert path.read_bytes() == (ref / path.name).read_bytes(), path.name
-    journal = next(tmp_path.glob("dicom_sar-*.journal"))
     assert oct(journal.stat().st_mode & 0o777) == "0o600"
 
 
@@ -1004,3 +1022,117 @@ def test_property_on_damaged_files_raw_planning_decides_as_pydicom_planning(
         if a.status == "modified":
             assert (Path(tmp) / "fast" / "f").read_bytes() == \
                    (Path(tmp) / "slow" / "f").read_bytes()
+
+
+def damaged_real_copies(real_files: list[Path], where: Path) -> dict[str, str]:
+    """Damaged copies of real files, by name: cut short, a length made huge, a sequence
+    delimiter removed; each with a string element for --force to change."""
+    import dicom_sar
+    where.mkdir()
+    made: dict[str, str] = {}
+    sources = [p for p in real_files if p.stat().st_size < 4_000_000
+               and dicom_sar.unreadable(p) is None and b"\xfe\xff\xdd\xe0" in p.read_bytes()
+               and p.read_bytes()[128:132] == b"DICM"][:6]
+    assert len(sources) >= 4
+    for i, src in enumerate(sources):
+        data = src.read_bytes()
+        (where / f"cut{i}").write_bytes(data[:len(data) * 2 // 3])
+        made[f"cut{i}"] = "cut short"
+        at = data.index(b"\xfe\xff\xdd\xe0")
+        (where / f"nodelim{i}").write_bytes(data[:at] + data[at + 8:])
+        made[f"nodelim{i}"] = "delimiter removed"
+        huge = bytearray(data)
+        item = data.index(b"\xfe\xff\x00\xe0")
+        huge[item + 4:item + 8] = struct.pack("<I", 1735296451)
+        (where / f"huge{i}").write_bytes(bytes(huge))
+        made[f"huge{i}"] = "length made huge"
+    return made
+
+
+def test_a_sar_never_modifies_a_file_it_cannot_read_to_its_end(real_files: list[Path],
+                                                               tmp_path: Path) -> None:
+    """--force reads every string element: damaged copies of real files are refused,
+    untouched, with the reason, and --dump reports the same files unreadable."""
+    tree = tmp_path / "in"
+    made = damaged_real_copies(real_files, tree)
+    before = tree_digest(tree)
+    run = run_tool("--sar", "--force", "--inplace", "--no-backup", "--regex_search", "A",
+                   "--regex_replace", "B", "--path", tree, "--summary-json",
+                   tmp_path / "s.json", cwd=tmp_path)
+    assert run.code == 1, run.err
+    assert tree_digest(tree) == before  # not one byte changed
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["modified"] == 0 and s["errors"] == len(made)
+    refused = {line.split(": ")[0].rsplit("/", 1)[-1] for line in
+               (tmp_path / "errors.log").read_text().splitlines()}
+    assert refused == set(made)
+    dump = run_tool("--dump", "--path", tree, "--summary-json", tmp_path / "d.json",
+                    cwd=tmp_path)
+    assert dump.code == 1
+    assert json.loads((tmp_path / "d.json").read_text())["errors"] == len(made)
+
+
+def test_an_output_tree_from_read_only_sources_is_writable(generated: Path, manifest: dict,
+                                                          tmp_path: Path) -> None:
+    tree = tmp_path / "ro"
+    for i, e in enumerate(instances(manifest, scenario="multi_patient")[:6]):
+        (tree / f"d{i}").mkdir(parents=True)
+        shutil.copy(generated / e["path"], tree / f"d{i}" / f"f{i}")
+    odd = tree / "d0" / "f0"
+    ds = read(odd)
+    ds.PatientID = "NOMATCH"  # unmodified: copied by --copy-unmodified
+    ds.save_as(odd)
+    for path in tree.rglob("*"):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    (tree / "d1" / "f1").chmod(0o440)
+    run = run_tool("--sar", "--tag", "PatientID", "--regex_search", "^PAT", "--regex_replace",
+                   "GEN", "--copy-unmodified", "--path", tree, "--output", tmp_path / "out",
+                   cwd=tmp_path)
+    assert run.code == 0, run.err
+    out = tmp_path / "out"
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) == 6
+    for path in files:
+        mode = path.stat().st_mode & 0o777
+        source = (tree / path.relative_to(out)).stat().st_mode & 0o777
+        assert mode == source | 0o200, path
+    assert all(p.stat().st_mode & 0o300 == 0o300 for p in out.rglob("*") if p.is_dir())
+    inplace = tmp_path / "inplace"
+    shutil.copytree(tree, inplace)
+    (inplace / "d2" / "f2").chmod(0o444)
+    run = run_tool("--sar", "--inplace", "--no-backup", "--tag", "PatientID",
+                   "--regex_search", "^PAT", "--regex_replace", "GEN", "--path", inplace,
+                   cwd=tmp_path)
+    assert run.code == 0, run.err
+    assert (inplace / "d2" / "f2").stat().st_mode & 0o777 == 0o444  # kept exactly
+    assert read(inplace / "d2" / "f2").PatientID.startswith("GEN")
+
+
+def test_without_linux_only_calls_the_output_is_the_same(generated: Path, manifest: dict,
+                                                         tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No copy_file_range, listxattr, F_SETSIG or F_SETLEASE (macOS): slower, same bytes."""
+    import fcntl
+
+    import dicom_sar
+    dicom_sar.configure_pydicom()
+    sources = [generated / e["path"] for e in instances(manifest, scenario="multi_patient")[:4]]
+
+    def sar(tree: Path, *extra: str) -> dict[str, str]:
+        tree.mkdir()
+        for i, src in enumerate(sources):
+            shutil.copy(src, tree / f"f{i}")
+        args = ["--sar", "--tag", "PatientID", *GENHOSP, "--path", str(tree), "-j", "1",
+                "--log-dir", str(tree.parent / (tree.name + "_logs")), "--no-progress", *extra]
+        assert dicom_sar.main(args) == 0
+        return tree_digest(tree if "--inplace" in extra else tree.parent / (tree.name + "_o"))
+
+    normal_tree = sar(tmp_path / "a", "--output", str(tmp_path / "a_o"))
+    normal_inplace = sar(tmp_path / "b", "--inplace", "--no-backup")
+    for name in ("copy_file_range", "listxattr"):
+        monkeypatch.delattr(os, name, raising=False)
+    for name in ("F_SETSIG", "F_SETLEASE"):
+        monkeypatch.delattr(fcntl, name, raising=False)
+    monkeypatch.setattr(shutil, "_copyxattr", lambda *a, **k: None)  # shutil's, without them
+    assert sar(tmp_path / "c", "--output", str(tmp_path / "c_o")) == normal_tree
+    assert sar(tmp_path / "d", "--inplace", "--no-backup") == normal_inplace

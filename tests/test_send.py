@@ -196,7 +196,10 @@ FAKE_SCP = textwrap.dedent("""
 
     def on_store(event):
         time.sleep(opts.get("delay", 0))
-        if opts.get("stall"):
+        with lock:
+            state.setdefault("tries", []).append(event.request.AffectedSOPInstanceUID)
+            dump()
+        if opts.get("stall") or event.request.AffectedSOPInstanceUID == opts.get("stall_uid"):
             time.sleep(3600)
         with lock:
             state["stores"] += 1
@@ -276,7 +279,25 @@ def test_silent_receiver_times_out(ns, fake_scp, generated: Path, manifest: dict
     assert code == 1
     assert summary["successful_transfers"] == 0 == len(state()["stored"])
     assert summary["failed_transfers"] == 4
-    assert "association lost" in summary["failed_files"][0]["reason"]
+    assert summary["failed_files"][0]["reason"].startswith(
+        "no response within --dimse-timeout 1 s while this file was sent; not sent again")
+    assert len(state()["tries"]) == 4  # each file once: none is sent first again
+
+
+def test_a_file_the_receiver_stalls_on_fails_alone(ns, fake_scp, generated: Path,
+                                                   manifest: dict, tmp_path: Path) -> None:
+    tree = tree_of(generated, manifest, tmp_path, "ct")  # one study of 16 slices
+    files = sorted(p for p in tree.rglob("*") if p.is_file())
+    victim = str(read(files[3]).SOPInstanceUID)
+    state = fake_scp(stall_uid=victim)
+    code, summary, _ = send(ns, tree, tmp_path, "--dimse-timeout", "1", called="FAKESCP")
+    assert code == 1
+    assert (summary["successful_transfers"], summary["failed_transfers"]) == (15, 1)
+    assert state()["tries"].count(victim) == 1 and len(state()["stored"]) == 15
+    (failed,) = [f for f in summary["files"] if f["outcome"] == "failed"]
+    assert failed["sop_instance_uid"] == victim and failed["status"] is None
+    assert {f["sop_instance_uid"] for f in summary["files"] if f["outcome"] == "sent"} == \
+        set(state()["stored"])
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -306,23 +327,34 @@ def test_a_stopped_send_finishes_the_file_on_the_wire_and_summarises(
 
 @pytest.fixture
 def orthanc(ns: Namespace, tmp_path: Path):
-    """Orthanc with its own storage, called AE checked, answering C-FIND."""
-    config = {"Name": "dicom_sar_test", "StorageDirectory": str(tmp_path / "orthanc"),
-              "IndexDirectory": str(tmp_path / "orthanc"), "DicomAet": "ORTHANC",
-              "DicomPort": PORT, "HttpPort": HTTP_PORT, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
-              "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
-              "DicomAlwaysAllowEcho": True, "Plugins": []}
-    path = tmp_path / "orthanc.json"
-    path.write_text(json.dumps(config))
-    ns.start(need("Orthanc"), path, log=tmp_path / "orthanc.log")
-    ns.wait_for_port(HTTP_PORT)
-    ns.wait_for_port(PORT)
+    """Orthanc with its own storage, called AE checked, answering C-FIND; rest(url) reads
+    its REST API, rest.restart(lua=FILE) starts it again with a Lua script."""
+    running: list[subprocess.Popen[bytes]] = []
+
+    def start(lua: Path | None = None) -> None:
+        config = {"Name": "dicom_sar_test", "StorageDirectory": str(tmp_path / "orthanc"),
+                  "IndexDirectory": str(tmp_path / "orthanc"), "DicomAet": "ORTHANC",
+                  "DicomPort": PORT, "HttpPort": HTTP_PORT, "RemoteAccessAllowed": False,
+                  "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
+                  "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+                  "DicomAlwaysAllowEcho": True, "Plugins": [],
+                  "LuaScripts": [str(lua)] if lua else []}
+        path = tmp_path / "orthanc.json"
+        path.write_text(json.dumps(config))
+        running.append(ns.start(need("Orthanc"), path, log=tmp_path / "orthanc.log"))
+        ns.wait_for_port(HTTP_PORT)
+        ns.wait_for_port(PORT)
+
+    def restart(lua: Path | None = None) -> None:
+        ns.stop(running.pop())
+        start(lua)
 
     def rest(url: str) -> object:
         return json.loads(ns.python("import urllib.request; print(urllib.request.urlopen("
                                     f"'http://127.0.0.1:{HTTP_PORT}{url}').read().decode())"))
 
+    start()
+    rest.restart = restart  # type: ignore[attr-defined]
     return rest
 
 
@@ -341,19 +373,34 @@ def test_orthanc_holds_exactly_what_was_sent(ns, orthanc, generated: Path, manif
     assert len(orthanc("/studies")) == stats["CountStudies"]
 
 
-def test_verify_reports_a_missing_instance(ns, orthanc, generated: Path, manifest: dict,
-                                           tmp_path: Path) -> None:
+def test_verify_is_per_instance(ns, orthanc, generated: Path, manifest: dict,
+                                tmp_path: Path) -> None:
+    """A study the PACS already held gives no mismatch; an instance it acknowledged and then
+    did not keep (deleted by an Orthanc Lua script right after storing it, as a filtering
+    PACS does) is named by file."""
     tree = tree_of(generated, manifest, tmp_path, "default")
-    assert send(ns, tree, tmp_path, called="ORTHANC")[0] == 0
-    (study,) = orthanc("/studies")
-    instance = orthanc(f"/studies/{study}/instances")[0]["ID"]
-    ns.python("import urllib.request; urllib.request.urlopen(urllib.request.Request("
-              f"'http://127.0.0.1:{HTTP_PORT}/instances/{instance}', method='DELETE'))")
+    files = sorted(p for p in tree.rglob("*") if p.is_file())
+    code, _, err = send(ns, tree, tmp_path, "--verify", called="ORTHANC")
+    assert code == 0 and "verify:" not in err, err
     one = tmp_path / "one"
     one.mkdir()
-    shutil.copy(next(p for p in tree.rglob("*") if p.is_file()), one / "x")
+    shutil.copy(files[0], one / "x")  # its study is complete on the PACS already
     code, _, err = send(ns, one, tmp_path, "--verify", called="ORTHANC")
-    assert code == 1 and "verify: study" in err and "acknowledged" in err
+    assert code == 0 and "verify:" not in err, err
+    victim = str(read(files[1]).SOPInstanceUID)
+    (tmp_path / "drop.lua").write_text(
+        "function OnStoredInstance(instanceId, tags, metadata, origin)\n"
+        f"  if tags['SOPInstanceUID'] == '{victim}' then\n"
+        "    RestApiDelete('/instances/' .. instanceId)\n  end\nend\n")
+    for study in orthanc("/studies"):
+        ns.python("import urllib.request; urllib.request.urlopen(urllib.request.Request("
+                  f"'http://127.0.0.1:{HTTP_PORT}/studies/{study}', method='DELETE'))")
+    orthanc.restart(lua=tmp_path / "drop.lua")
+    code, summary, err = send(ns, tree, tmp_path, "--verify", called="ORTHANC")
+    assert code == 1 and summary["successful_transfers"] == 4
+    (line,) = [x for x in err.splitlines() if x.startswith("verify:")]
+    assert line == f"verify: {files[1]}: acknowledged (status 0x0000) but not held by the " \
+                   "receiver"
 
 
 def test_nobody_listening_fails_fast_and_says_so(ns, generated: Path, manifest: dict,
@@ -441,3 +488,252 @@ def test_raw_index_agrees_with_pydicom_on_every_file(generated: Path, fuzz_tree:
         dicom_sar.RawScanError("forced")))
     assert raw == index_all()
     assert used > len(files) // 2  # the raw path really answers for most files
+
+
+def bad_files(generated: Path, manifest: dict, where: Path) -> dict[str, Path]:
+    """One file of each class that stalls a receiver when sent as it is, made with pydicom
+    from generated ones: deflated, file meta against the dataset, cut short, a wrong item
+    length, no SOPClassUID in the dataset."""
+    where.mkdir(parents=True, exist_ok=True)
+    plain = [generated / e["path"] for e in instances(manifest, scenario="nested_sequences")]
+    made = {"deflated": where / "deflated"}
+    shutil.copy(generated / instances(manifest, scenario="deflated")[0]["path"],
+                made["deflated"])
+    ds = read(plain[0])
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(where / "meta_mismatch")
+    made["meta_mismatch"] = where / "meta_mismatch"
+    data = plain[1].read_bytes()
+    (where / "cut_short").write_bytes(data[:len(data) - 100])
+    made["cut_short"] = where / "cut_short"
+    at = data.index(b"\xfe\xff\x00\xe0")  # the first item (OtherPatientIDsSequence)
+    (where / "item_length").write_bytes(data[:at + 4] + b"\x00\x10\x00\x00" + data[at + 8:])
+    made["item_length"] = where / "item_length"
+    ds = read(plain[2])
+    del ds.SOPClassUID
+    ds.save_as(where / "no_sop_class")
+    made["no_sop_class"] = where / "no_sop_class"
+    return made
+
+
+@pytest.mark.parametrize("receiver", ["orthanc", "storescp"])
+def test_real_archive_bad_files_fail_alone_and_fast(receiver: str, request, ns, generated: Path,
+                                                    manifest: dict, tmp_path: Path) -> None:
+    """Good files among one of each bad class: every good file is stored, deflate inflated,
+    the dataset's own UIDs sent; broken files are refused locally with their reason; no
+    DIMSE timeout and no retry is spent on any of them (the log says so)."""
+    tree = tree_of(generated, manifest, tmp_path, "default", "multi_patient")
+    made = bad_files(generated, manifest, tree / "bad")
+    if receiver == "orthanc":
+        rest = request.getfixturevalue("orthanc")
+        called = "ORTHANC"
+    else:
+        request.getfixturevalue("storescp")()
+        called = "STORESCP"
+    code, summary, err = send(ns, tree, tmp_path, "-t", "2", "--dimse-timeout", "20",
+                              called=called)
+    assert code == 1, err  # the broken files are errors
+    errors = (tmp_path / "logs" / "errors.log").read_text()
+    for name in ("cut_short", "item_length", "no_sop_class"):
+        assert f"bad/{name}:" in errors, name
+    assert "cannot send without SOPClassUID in the dataset" in errors
+    assert "SendFailed" not in errors  # refused here, never sent
+    assert "bad/cut_short: TruncatedFileError: PixelData declares" in errors
+    assert "bad/item_length: UnreadableFileError: item length does not add up" in errors
+    by_path = {Path(f["path"]).name: f for f in summary["files"]}
+    assert by_path["deflated"]["outcome"] == "sent"
+    assert by_path["meta_mismatch"]["outcome"] == "sent"
+    assert by_path["meta_mismatch"]["sop_instance_uid"] == str(read(made["meta_mismatch"])
+                                                               .SOPInstanceUID)
+    assert summary["failed_transfers"] == 0 and summary["successful_transfers"] == 28 + 2
+    log = next((tmp_path / "logs").glob("dicom_sender_*.log")).read_text()
+    assert "no response within" not in log and "association lost" not in log
+    assert "file meta disagrees with the dataset" in log and "meta_mismatch" in log
+    assert "converted: " in log and "deflated: Deflated Explicit VR Little Endian -> " in log
+    if receiver == "orthanc":
+        assert rest("/statistics")["CountInstances"] == 30
+        for f in summary["files"]:
+            found = json.loads(ns.python(
+                "import urllib.request, json; print(urllib.request.urlopen("
+                f"urllib.request.Request('http://127.0.0.1:{HTTP_PORT}/tools/lookup', "
+                f"data=b'{f['sop_instance_uid']}', method='POST')).read().decode())"))
+            assert [x["Type"] for x in found] == ["Instance"], f
+
+
+def test_real_files_all_stored_that_dcmtk_stores(ns, orthanc, real_files: list[Path],
+                                                 tmp_path: Path) -> None:
+    """pydicom's test files and the corpus (vendors, syntaxes, damage): no file stalls the
+    run, and Orthanc holds every file the summary says it acknowledged."""
+    tree = tmp_path / "real"
+    tree.mkdir()
+    for i, src in enumerate(real_files):
+        shutil.copy(src, tree / f"{i:03d}")
+    code, summary, err = send(ns, tree, tmp_path, "-t", "2", "--dimse-timeout", "20",
+                              called="ORTHANC")
+    assert code == 1 and "Traceback" not in err  # the corpus holds broken files on purpose
+    log = next((tmp_path / "logs").glob("dicom_sender_*.log")).read_text()
+    assert "no response within" not in log  # nothing was left for the receiver to stall on
+    held = {x["MainDicomTags"]["SOPInstanceUID"] for x in orthanc("/instances?expand")}
+    acknowledged = {f["sop_instance_uid"] for f in summary["files"] if f["outcome"] == "sent"}
+    assert acknowledged <= held and len(held) >= 95
+
+
+# ── DICOM TLS ────────────────────────────────────────────────────────────────────────────
+
+def openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run([need("openssl"), *map(str, args)], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost, one for another host,
+    a client certificate, and a second CA nobody uses."""
+    d = tmp_path_factory.mktemp("certs")
+    for ca in ("ca", "other_ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                f"/CN=dicom_sar test {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    for name, san in (("server", "DNS:localhost,IP:127.0.0.1"), ("wronghost",
+                                                                 "DNS:elsewhere.invalid"),
+                      ("client", "DNS:client.invalid")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
+                f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        usage = "clientAuth" if name == "client" else "serverAuth"
+        (d / f"{name}.ext").write_text(
+            f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage={usage}\nauthorityKeyIdentifier=keyid,issuer\n"
+            "subjectKeyIdentifier=hash\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out",
+                f"{name}.crt", cwd=d)
+    return d
+
+
+@pytest.fixture
+def tls_storescp(ns: Namespace, tmp_path: Path, certs: Path):
+    """DCMTK storescp speaking DICOM TLS on PORT with a certificate of ours."""
+    rx = tmp_path / "rx_tls"
+    rx.mkdir()
+
+    def start(cert: str = "server", *extra: str) -> None:
+        ns.start(need("storescp"), "--fork", "-aet", "STORESCP", "-od", rx, "+tls",
+                 certs / f"{cert}.key", certs / f"{cert}.crt", "+cf", certs / "ca.crt",
+                 *(extra or ["-vc"]), PORT, log=tmp_path / "storescp.log")
+        ns.wait_for_port(PORT)
+
+    start.rx = rx  # type: ignore[attr-defined]
+    return start
+
+
+def test_tls_send_arrives_whole_and_says_encrypted(ns, tls_storescp, certs: Path,
+                                                  generated: Path, manifest: dict,
+                                                  tmp_path: Path) -> None:
+    tls_storescp()
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    code, summary, err = send(ns, tree, tmp_path, "--tls-ca", certs / "ca.crt")
+    assert code == 0, err
+    assert summary["successful_transfers"] == 4 == len(received(tls_storescp.rx))
+    assert summary["tls"]["encrypted"] is True and summary["tls"]["verified"] is True
+    assert summary["tls"]["protocol"] in ("TLSv1.2", "TLSv1.3")
+    log = next((tmp_path / "logs").glob("dicom_sender_*.log")).read_text()
+    assert f"transport: encrypted, {summary['tls']['protocol']}" in log
+    echo = run_tool("--echo", "-H", "127.0.0.1", "-p", PORT, "-a", "STORESCP", "--tls-ca",
+                    certs / "ca.crt", cwd=tmp_path, prefix=ns.prefix)
+    assert echo.code == 0 and "success" in echo.out and "TLSv1." in echo.out
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("wrong_ca", "the receiver's certificate is not accepted"),
+    ("wrong_host", "the receiver's certificate is not accepted: IP address mismatch"),
+    ("no_client_cert", "or does it want a client certificate (--tls-cert, --tls-key)?"),
+    ("plain_receiver", "does the receiver speak TLS on this port?"),
+    ("tls_receiver_plain_sender", "or does it speak TLS only (--tls)?"),
+])
+def test_tls_failures_are_clear_and_nothing_is_sent(case: str, expected: str, ns,
+                                                    tls_storescp, storescp, certs: Path,
+                                                    generated: Path, manifest: dict,
+                                                    tmp_path: Path) -> None:
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    args: list[str | Path] = ["--tls-ca", certs / "ca.crt", "--retries", "0"]
+    if case == "wrong_ca":
+        tls_storescp()
+        args[1] = certs / "other_ca.crt"
+    elif case == "wrong_host":
+        tls_storescp("wronghost")
+    elif case == "no_client_cert":
+        tls_storescp("server", "-rc")
+    elif case == "plain_receiver":
+        storescp()
+    else:
+        tls_storescp()
+        args = ["--retries", "0"]
+    code, summary, err = send(ns, tree, tmp_path, *args)
+    assert code == 1, err
+    assert summary["successful_transfers"] == 0 and summary["failed_transfers"] == 4
+    assert all(expected in f["reason"] for f in summary["failed_files"]), \
+        summary["failed_files"][0]["reason"]
+
+
+def test_tls_client_certificate_and_missing_key(ns, tls_storescp, certs: Path,
+                                               generated: Path, manifest: dict,
+                                               tmp_path: Path) -> None:
+    tls_storescp("server", "-rc")
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    code, summary, err = send(ns, tree, tmp_path, "--tls-ca", certs / "ca.crt", "--tls-cert",
+                              certs / "client.crt", "--tls-key", certs / "client.key")
+    assert code == 0 and summary["successful_transfers"] == 4, err
+    missing = run_tool("--send", "--path", tree, "-H", "127.0.0.1", "-p", PORT, "-a",
+                       "STORESCP", "--tls-cert", certs / "client.crt", "--tls-key",
+                       tmp_path / "nowhere.key", cwd=tmp_path, prefix=ns.prefix)
+    assert missing.code == 1 and "cannot set up TLS" in missing.err
+    assert "nothing sent" in missing.err and "nowhere.key" in missing.err
+
+
+RELAY = textwrap.dedent("""
+    # A TCP relay that records every byte from the client to the server.
+    import socket, sys, threading
+    listen, target, record = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    lock = threading.Lock()
+
+    def pump(src, dst, keep):
+        while data := src.recv(65536):
+            if keep:
+                with lock, open(record, "ab") as f:
+                    f.write(data)
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+
+    server = socket.create_server(("127.0.0.1", listen))
+    while True:
+        client, _ = server.accept()
+        upstream = socket.create_connection(("127.0.0.1", target))
+        threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
+        threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+""")
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_tls_bytes_on_the_wire_are_encrypted(tls: bool, ns, tls_storescp, storescp,
+                                             certs: Path, generated: Path, manifest: dict,
+                                             tmp_path: Path) -> None:
+    """A relay records what crosses loopback: the PatientName marker never shows with
+    --tls, and does without it."""
+    tls_storescp() if tls else storescp()
+    script, record = tmp_path / "relay.py", tmp_path / "wire.bin"
+    script.write_text(RELAY)
+    ns.start(sys.executable, script, PORT + 1, PORT, record)
+    ns.wait_for_port(PORT + 1)
+    tree = tmp_path / "one"
+    tree.mkdir()
+    ds = read(generated / instances(manifest, scenario="default")[0]["path"])
+    ds.PatientName = "MARKER^UNIQUE7731"
+    ds.save_as(tree / "x")
+    args = ["--tls-ca", certs / "ca.crt"] if tls else []
+    code, summary, err = send(ns, tree, tmp_path, *args, port=PORT + 1)
+    assert code == 0 and summary["successful_transfers"] == 1, err
+    wire = record.read_bytes()
+    assert len(wire) > 1000
+    assert (b"MARKER^UNIQUE7731" in wire) is not tls
