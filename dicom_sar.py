@@ -61,7 +61,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.tag import BaseTag
-from tqdm import tqdm
 
 if _GC_WAS_ENABLED:
     gc.enable()
@@ -159,6 +158,10 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
     modes.add_argument("--generate", action="store_true", help="write a synthetic DICOM tree")
     modes.add_argument("--send", action="store_true", help="C-STORE the tree, study by study")
     modes.add_argument("--echo", action="store_true", help="C-ECHO the destination, send nothing")
+    modes.add_argument("--check-ingest", metavar="MANIFEST",
+                       help="C-FIND what a PACS kept of a generated tree, against its manifest")
+    modes.add_argument("--ingest-test", action="store_true",
+                       help="generate -> send -> wait for the PACS -> --check-ingest, in one run")
     modes.add_argument("--list-scenarios", action="store_true", help="list --generate presets")
     modes.add_argument("--version", action="store_true", help="print versions for a bug report")
     modes.add_argument("--completions", choices=("fish", "bash", "zsh"),
@@ -254,6 +257,9 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
                       help="timeout for a silent connection (default 60 s)")
     send.add_argument("--max-pdu", type=int, default=0, metavar="BYTES",
                       help="largest PDU we receive, 0 = no limit (default)")
+    send.add_argument("--settle-timeout", type=float, default=60, metavar="S",
+                      help="--ingest-test: wait this long at most for the PACS to settle "
+                           "(default 60 s)")
     send.add_argument("--tls", action="store_true",
                       help="DICOM TLS (TLS 1.2+, the system's trust store, host name checked)")
     send.add_argument("--tls-ca", metavar="FILE",
@@ -296,6 +302,7 @@ class Options:
     copy_unmodified: bool = False
     fsync: bool = True
     generate: Any = None
+    manifest: Path | None = None  # --check-ingest
     send: Any = None
     resume: bool = False
     restart: bool = False
@@ -310,10 +317,11 @@ class Options:
 
 def options_from_args(ns: argparse.Namespace) -> Options:
     """Validate the parsed command line into Options; raise UsageError with advice."""
-    mode = next((m for m in ("dump", "sar", "generate", "send", "echo") if getattr(ns, m)), None)
+    mode = next((m for m in ("dump", "sar", "generate", "send", "echo", "check_ingest",
+                             "ingest_test") if getattr(ns, m)), None)
     if mode is None:
-        raise UsageError("choose a mode: --dump, --sar, --generate, --send or --echo "
-                         "(see --help)")
+        raise UsageError("choose a mode: --dump, --sar, --generate, --send, --echo, "
+                         "--check-ingest or --ingest-test (see --help)")
     specs = tuple(s for text in (ns.tag or ()) for s in parse_tag_specs(text))
     workers = ns.workers if ns.workers is not None else default_workers()
     if workers < 1:
@@ -323,7 +331,7 @@ def options_from_args(ns: argparse.Namespace) -> Options:
                          f"not {ns.time_limit:g}")
     paths = tuple(Path(p) for p in (ns.path or ["."]))
     for path in paths:
-        if not path.exists() and not path.is_symlink() and mode != "generate":
+        if not path.exists() and not path.is_symlink() and mode in ("dump", "sar", "send"):
             raise UsageError(f"--path {path}: no such file or directory")
     common = dict(
         mode=mode, paths=paths, specs=specs, glob=ns.glob, workers=workers,
@@ -345,6 +353,18 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         return Options(**common, **sar_options(ns, specs))
     if mode in ("send", "echo"):
         return Options(**common, send=send_options(ns))
+    if mode == "check_ingest":
+        manifest = Path(ns.check_ingest)
+        if not manifest.is_file():
+            raise UsageError(f"--check-ingest {manifest}: no such file (the manifest.json of "
+                             "a --generate tree)")
+        return Options(**common, send=send_options(ns), manifest=manifest)
+    if mode == "ingest_test":
+        if not ns.output:
+            raise UsageError("--ingest-test needs --output DIR (new or empty: the generated "
+                             "tree goes there)")
+        return Options(**common, send=send_options(ns), output=Path(ns.output),
+                       generate=generate_plan_from_args(ns))
     return Options(**common, output=Path(ns.output) if ns.output else None,
                    generate=generate_plan_from_args(ns))
 
@@ -3662,7 +3682,7 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal) ->
         print(f"dry run: would write {sum(p.expect != 'absent' for p in plans)} files "
               f"to {output}", file=sys.stderr)
         return stop.exit_status() or EXIT_OK
-    reporter = Reporter(opts, out)
+    reporter = Reporter(opts, out, total=len(plans))
     cands = (Candidate(Path(p.relpath), output) for p in plans)
     by_path = {p.relpath: p for p in plans}
     for result in run_ordered(
@@ -3707,6 +3727,7 @@ class SendTarget:
     tls_key: str | None = None
     tls_verify: bool = True
     context: Any = None  # the run's one ssl.SSLContext (see tls_context)
+    settle_timeout: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3764,7 +3785,7 @@ def valid_ae(title: str, flag: str) -> str:
 def send_options(ns: argparse.Namespace) -> SendTarget:
     """Validate the destination and timeouts of --send / --echo."""
     if not ns.host or not ns.port:
-        raise UsageError("--send needs -H/--host and -p/--port (and -a/--ae-title), "
+        raise UsageError("the receiver needs -H/--host and -p/--port (and -a/--ae-title), "
                          "e.g. -H 127.0.0.1 -p 11112 -a STORESCP")
     if not 1 <= ns.port <= 65535:
         raise UsageError(f"--port {ns.port}: use 1-65535")
@@ -3775,7 +3796,7 @@ def send_options(ns: argparse.Namespace) -> SendTarget:
                       valid_ae(ns.calling_ae, "--calling-ae"), max(0, ns.retries),
                       ns.acse_timeout, ns.dimse_timeout, ns.network_timeout, ns.max_pdu,
                       ns.verify, ns.echo, tls, ns.tls_ca, ns.tls_cert, ns.tls_key,
-                      not ns.tls_no_verify)
+                      not ns.tls_no_verify, settle_timeout=ns.settle_timeout)
 
 
 class TLSSetupError(Exception):
@@ -3804,6 +3825,25 @@ def tls_context(target: SendTarget) -> Any:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def with_tls(target: SendTarget) -> SendTarget | None:
+    """target with the run's TLS context (once per run, before any association); None,
+    after saying why, when it cannot be built."""
+    if target.context is not None:
+        return target
+    try:
+        target = dataclasses.replace(target, context=tls_context(target))
+    except TLSSetupError as exc:
+        print(f"{paint('error:', RED)} {exc}; nothing sent", file=sys.stderr)
+        errlog.error("TLSSetup: %s", exc)
+        return None
+    if target.tls and not target.tls_verify:
+        log.warning("TLS without certificate verification (--tls-no-verify): anyone on the "
+                    "path can pose as the receiver")
+        print("warning: --tls-no-verify: the receiver's certificate is not checked (test "
+              "setups only)", file=sys.stderr)
+    return target
 
 
 def tls_problem(target: SendTarget) -> str:
@@ -4183,17 +4223,9 @@ def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int
     target: SendTarget = opts.send
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream files; set once, before any thread
     _config.LOG_HANDLER_LEVEL = "standard" if opts.verbose else "none"
-    try:
-        target = dataclasses.replace(target, context=tls_context(target))
-    except TLSSetupError as exc:
-        print(f"{paint('error:', RED)} {exc}; nothing sent", file=sys.stderr)
-        errlog.error("TLSSetup: %s", exc)
+    target = with_tls(target)
+    if target is None:
         return EXIT_FAILURES
-    if target.tls and not target.tls_verify:
-        log.warning("TLS without certificate verification (--tls-no-verify): anyone on the "
-                    "path can pose as the receiver")
-        print("warning: --tls-no-verify: the receiver's certificate is not checked (test "
-              "setups only)", file=sys.stderr)
     opts = dataclasses.replace(opts, send=target)
     if target.echo_only:
         ok, message = echo(target)
@@ -4202,9 +4234,10 @@ def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int
     sid = str(uuid.uuid4())
     session = Session(sid, datetime.now(UTC), time.perf_counter(), session_logger(opts, sid))
     print(f"session {sid}", file=sys.stderr)
-    reporter = Reporter(opts, out)
+    excluded = excluded_locations(opts, [])
+    reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if opts.progress else None)
     studies: dict[str, list[Indexed]] = {}
-    for result in run_ordered(discover(opts, excluded_locations(opts, [])),
+    for result in run_ordered(discover(opts, excluded),
                               lambda c: index_task(c, opts), opts.workers, stop.event,
                               opts.time_limit):
         reporter.handle(result)
@@ -4214,7 +4247,7 @@ def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int
                 session.log.warning("%s: %s", result.path, result.record.note)
                 log.warning("%s: %s", result.path, result.record.note)
                 print(f"warning: {result.path}: {result.record.note}", file=sys.stderr)
-    reporter.bar.close()
+    reporter.close_bar()
     return send_studies(studies, opts, out, reporter, stop, session)
 
 
@@ -4262,8 +4295,7 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
 
     events: queue.SimpleQueue[Sent] = queue.SimpleQueue()
     total = sum(f.size for files in studies.values() for f in files)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-               disable=not opts.progress, desc="sending")
+    bar = progress_bar(opts, total, desc="sending ", in_bytes=True)
     sent: list[Sent] = []
     with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix=PROG) as pool:
         unreachable = threading.Event()  # shared like stop: see send_study
@@ -4342,6 +4374,170 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
         "files": [{"path": str(s.path), "sop_instance_uid": s.sop_instance,
                    "outcome": s.outcome, "status": s.status, "reason": s.reason,
                    **({"converted": s.converted} if s.converted else {})} for s in sent]}
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --check-ingest: ask the PACS (C-FIND, IMAGE level, Study Root) which instances of a
+# generated tree it holds and compare with what the manifest expects; --ingest-test runs
+# generate -> send -> settle -> check in one go
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
+
+
+def held_by_series(target: SendTarget, keys: list[SeriesKey], workers: int
+                   ) -> tuple[dict[SeriesKey, set[str] | None], str]:
+    """What the receiver holds of each series: one association per worker, each querying
+    its share; (held by key, None where it did not answer; why an association failed)."""
+    shares = [keys[i::workers] for i in range(min(workers, len(keys)) or 1)]
+
+    def query(share: list[SeriesKey]) -> tuple[dict[SeriesKey, set[str] | None], str]:
+        tried = open_association(target, find_contexts())
+        if tried.assoc is None:
+            return dict.fromkeys(share), tried.why
+        try:
+            return {key: held_instances(tried.assoc, *key) for key in share}, ""
+        finally:
+            if tried.assoc.is_established:
+                tried.assoc.release()
+
+    held: dict[SeriesKey, set[str] | None] = {}
+    why = ""
+    with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix=PROG) as pool:
+        for part, problem in pool.map(query, shares):
+            held |= part
+            why = why or problem
+    return held, why
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """The instances of a --generate manifest (a usage error for anything else)."""
+    try:
+        instances = json.loads(path.read_text(encoding="utf-8"))["instances"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--check-ingest {path}: not a --generate manifest.json ({exc})") \
+            from None
+    return instances
+
+
+def compare_with_manifest(instances: list[dict[str, Any]],
+                          held: dict[SeriesKey, set[str] | None]) -> dict[str, Any]:
+    """Per scenario and expectation, how many instances the receiver holds; every mismatch.
+
+    accept must be held; reject and absent must not be. A rejected instance that shares its
+    SOP Instance UID with an accepted one (duplicate_sop) cannot be told apart by C-FIND.
+    """
+    accepted = {e["sop_uid"] for e in instances if e["expect"] == "accept"}
+    table: dict[str, dict[str, dict[str, int]]] = {}
+    mismatches, unanswered, indistinguishable = [], [], []
+    for e in instances:
+        row = table.setdefault(e["scenario"], {}).setdefault(
+            e["expect"], {"expected": 0, "held": 0, "mismatches": 0})
+        row["expected"] += 1
+        got = held.get((e["study_uid"], e["series_uid"]))
+        brief = {k: e.get(k) for k in ("scenario", "fault", "path", "sop_uid", "expect")}
+        if got is None:
+            unanswered.append(brief)
+            continue
+        is_held = e["sop_uid"] in got
+        row["held"] += is_held
+        if e["expect"] != "accept" and e["sop_uid"] in accepted:
+            indistinguishable.append(brief)
+        elif is_held != (e["expect"] == "accept"):
+            mismatches.append({**brief, "held": is_held})
+            row["mismatches"] += 1
+    return {"scenarios": table, "mismatches": mismatches, "unanswered": unanswered,
+            "indistinguishable": indistinguishable}
+
+
+def run_check(opts: Options, out: Callable[[str], None]) -> int:
+    """--check-ingest: query, compare, report; exit 1 on any mismatch."""
+    assert opts.manifest is not None
+    target = with_tls(opts.send)
+    if target is None:
+        return EXIT_FAILURES
+    instances = read_manifest(opts.manifest)
+    keys = list(dict.fromkeys((e["study_uid"], e["series_uid"]) for e in instances))
+    held, why = held_by_series(target, keys, opts.workers)
+    report = compare_with_manifest(instances, held)
+    report = {"manifest": str(opts.manifest), "destination": f"{target.host}:{target.port}",
+              "instances": len(instances), **report}
+    for line in render_check(report):
+        out(line)
+    if why:
+        print(f"{paint('error:', RED)} {why}", file=sys.stderr)
+    log.info("check-ingest: %d instances, %d mismatches, %d unanswered", len(instances),
+             len(report["mismatches"]), len(report["unanswered"]))
+    for m in report["mismatches"]:
+        errlog.error("%s: IngestMismatch: expected %s (%s, fault %s), the PACS %s it",
+                     m["path"], m["expect"], m["scenario"], m["fault"],
+                     "holds" if m["held"] else "does not hold")
+    if opts.summary_json:
+        write_bytes_atomic((json.dumps(report, indent=2) + "\n").encode(), opts.summary_json,
+                           fsync=False)
+    return EXIT_FAILURES if report["mismatches"] or report["unanswered"] else EXIT_OK
+
+
+def render_check(report: dict[str, Any]) -> Iterator[str]:
+    """The report: a table per scenario, then every mismatch with its scenario, fault, file."""
+    width = max([len(s) for s in report["scenarios"]] + [8])
+    yield f"{'scenario':<{width}}  expect  files  held  mismatches"
+    for scenario, rows in report["scenarios"].items():
+        for expect, row in sorted(rows.items()):
+            yield (f"{scenario:<{width}}  {expect:<6}  {row['expected']:5d}  {row['held']:4d}  "
+                   f"{row['mismatches'] or '':>10}")
+    for m in report["mismatches"]:
+        found = "the PACS holds it" if m["held"] else "the PACS does not hold it"
+        yield (f"mismatch: {m['scenario']} (fault {m['fault'] or '-'}) {m['path']}: expected "
+               f"{m['expect']}, {found}")
+    for m in report["indistinguishable"]:
+        yield (f"note: {m['scenario']} (fault {m['fault']}) {m['path']}: shares its SOP "
+               "Instance UID with an accepted instance; C-FIND cannot tell them apart")
+    for m in report["unanswered"]:
+        yield f"unanswered: {m['scenario']} {m['path']}: the PACS did not answer for its series"
+    verdict = "the PACS behaved exactly as the manifest expects" if not (
+        report["mismatches"] or report["unanswered"]) else \
+        f"{len(report['mismatches'])} mismatches, {len(report['unanswered'])} unanswered"
+    yield f"{report['instances']} instances checked: {verdict}"
+
+
+def run_ingest_test(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int:
+    """generate into a fresh directory, send it, wait until the PACS settles, check."""
+    assert opts.output is not None
+    if opts.output.exists() and any(opts.output.iterdir()):
+        raise UsageError(f"--output {opts.output}: --ingest-test generates into a new or empty "
+                         "directory")
+    print(f"== generate into {opts.output}", file=sys.stderr)
+    if run_generate(dataclasses.replace(opts, mode="generate"), out, stop) not in (0, 1) \
+            or stop.signum:
+        return stop.exit_status() or EXIT_FAILURES
+    print(f"== send to {opts.send.called}@{opts.send.host}:{opts.send.port}", file=sys.stderr)
+    run_send(dataclasses.replace(opts, mode="send", paths=(opts.output,)), out, stop)
+    if stop.signum:
+        return stop.exit_status()
+    manifest = opts.output / "manifest.json"
+    print("== wait until the PACS settles", file=sys.stderr)
+    settle(opts, read_manifest(manifest))
+    print("== check what it kept against the manifest", file=sys.stderr)
+    return run_check(dataclasses.replace(opts, mode="check_ingest", manifest=manifest), out)
+
+
+def settle(opts: Options, instances: list[dict[str, Any]]) -> None:
+    """Poll the held count until it stops changing (a PACS may store asynchronously), at
+    most --settle-timeout seconds."""
+    target = with_tls(opts.send)
+    if target is None:
+        return
+    keys = list(dict.fromkeys((e["study_uid"], e["series_uid"]) for e in instances))
+    deadline, last = time.monotonic() + target.settle_timeout, -1
+    while time.monotonic() < deadline:
+        held, _ = held_by_series(target, keys, opts.workers)
+        count = sum(len(h) for h in held.values() if h is not None)
+        if count == last:
+            return
+        last = count
+        time.sleep(1.0)
+    log.warning("the PACS did not settle within --settle-timeout")
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -4527,13 +4723,48 @@ def paint(text: str, code: str, *, first_line_only: bool = False) -> str:
 
 
 def render_summary(data: dict[str, Any]) -> str:
-    """A compact, aligned table of the summary."""
-    width = max(len(k) for k in data)
+    """A compact, aligned table of the summary, sizes and times in human units (the JSON
+    keeps the raw numbers under the same keys)."""
     rows = []
     for key, value in data.items():
-        shown = ("yes" if value else "no") if isinstance(value, bool) else value
-        rows.append(f"  {key.replace('_', ' '):<{width}}  {shown}")
-    return "summary\n" + "\n".join(rows)
+        label, show = HUMAN.get(key, (key.replace("_", " "), None))
+        if show is not None:
+            rows.append((label, show(value)))
+        else:
+            rows.append((label, ("yes" if value else "no") if isinstance(value, bool) else value))
+    width = max(len(label) for label, _ in rows)
+    return "summary\n" + "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
+
+
+def human_size(n: float) -> str:
+    """2.34 GB (decimal units, as disks and networks count)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
+        n /= 1000
+    return ""
+
+
+def human_time(seconds: float) -> str:
+    """0.42 s, 2 min 15 s, 1 h 02 min."""
+    if seconds < 60:
+        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {s} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+HUMAN: dict[str, tuple[str, Callable[[Any], str]]] = {  # summary key: console label, format
+    "total_seconds": ("total time", human_time),
+    "total_time_ms": ("total time", lambda ms: human_time(ms / 1000)),
+    "total_bytes": ("total size", human_size),
+    "mb_per_second": ("throughput", lambda v: f"{v:.1f} MB/s"),
+    "throughput_mbps": ("throughput", lambda v: f"{v:.1f} MB/s"),
+    "avg_ms_per_file": ("avg per file", lambda v: f"{v:.2f} ms"),
+    "average_transfer_time_ms": ("avg per file", lambda v: f"{v:.2f} ms"),
+    "files_per_second": ("files per second", lambda v: f"{v:,.1f}"),
+}
 
 
 def setup_logging(opts: Options) -> list[Path]:
@@ -4573,21 +4804,103 @@ def configure_pydicom() -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
+# One bar style for every mode: files as words, or bytes, with the total once it is known
+OPEN_FILES = "{desc}{n:,} files [{elapsed}, {rate_fmt}]"
+KNOWN_FILES = ("{desc}{percentage:3.0f}%|{bar}| {n:,}/{total:,} files "
+               "[{elapsed}<{remaining}, {rate_fmt}]")
+KNOWN_BYTES = ("{desc}{percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
+               "[{elapsed}<{remaining}, {rate_fmt}]")
+
+
+class NullBar:
+    """What stands for the bar when none is shown (a pipe, a log, -q): tqdm is not loaded."""
+
+    n, total = 0, None
+
+    def update(self, n: int = 1) -> None:
+        """Nothing to show."""
+
+    clear = close = refresh = update
+    learn_total = update
+
+
+class Bar:
+    """A tqdm bar on stderr (a terminal only), open-ended until it learns its total."""
+
+    def __init__(self, total: int | None, desc: str, in_bytes: bool):
+        from tqdm import tqdm
+
+        fmt = KNOWN_BYTES if in_bytes else KNOWN_FILES if total is not None else OPEN_FILES
+        self.tqdm = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                         leave=False, bar_format=fmt, unit="B" if in_bytes else " files",
+                         unit_scale=in_bytes, unit_divisor=1000)
+        self.update, self.clear, self.refresh = (self.tqdm.update, self.tqdm.clear,
+                                                 self.tqdm.refresh)
+
+    @property
+    def n(self) -> int:
+        return self.tqdm.n
+
+    @property
+    def total(self) -> int | None:
+        return self.tqdm.total
+
+    def learn_total(self, total: int) -> None:
+        """The walk's count is in: n/total, the percentage and the time left from now on."""
+        self.tqdm.total = max(total, self.tqdm.n)
+        self.tqdm.bar_format = KNOWN_FILES
+        self.tqdm.refresh()
+
+    def close(self) -> None:
+        """The last frame reads total/total (the walk may have raced a change), then goes."""
+        if self.tqdm.total is not None and self.tqdm.n != self.tqdm.total:
+            self.tqdm.total = self.tqdm.n
+        self.tqdm.refresh()
+        self.tqdm.close()
+
+
+def progress_bar(opts: Options, total: int | None = None, desc: str = "",
+                 in_bytes: bool = False) -> Bar | NullBar:
+    """The run's bar, or nothing when stderr is not a terminal (or --no-progress, -q)."""
+    return Bar(total, desc, in_bytes) if opts.progress else NullBar()
+
+
+class WalkCount:
+    """A second, cheap walk of the same tree in a thread of its own, counting what the real
+    walk will yield, so the bar learns its total while the real walk streams. It holds two
+    numbers (never paths); only the main thread reads them."""
+
+    def __init__(self, opts: Options, excluded: list[Path]):
+        self.count, self.done = 0, False
+        self.thread = threading.Thread(target=self.run, args=(opts, excluded), daemon=True,
+                                       name=f"{PROG}-count")
+        self.thread.start()
+
+    def run(self, opts: Options, excluded: list[Path]) -> None:
+        for _ in discover(opts, excluded):
+            self.count += 1
+        self.done = True
+
+
 class Reporter:
     """Consumes results in the main thread: output, logs, counters and progress."""
 
-    def __init__(self, opts: Options, out: Callable[[str], None]):
+    def __init__(self, opts: Options, out: Callable[[str], None], total: int | None = None,
+                 count: WalkCount | None = None):
         self.opts, self.out = opts, out
         self.stats = Stats()
         self.counter: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.bar = tqdm(unit="file", file=sys.stderr, dynamic_ncols=True, leave=False,
-                        disable=not opts.progress)
+        self.bar = progress_bar(opts, total)
+        self.count = count if total is None else None
         self.last_status = time.monotonic()
 
     def handle(self, r: FileResult) -> None:
         """Account for one finished file."""
         self.stats.add(r)
         self.bar.update(1)
+        if self.count is not None and self.count.done:
+            self.bar.learn_total(self.count.count)
+            self.count = None
         if r.status == "not-dicom":
             log.debug("skipped (not DICOM): %s", r.path)
         elif r.status == "skipped":
@@ -4627,9 +4940,18 @@ class Reporter:
         self.bar.clear()
         print(f"{paint('error:', RED)} {line}", file=sys.stderr)
 
+    def close_bar(self) -> None:
+        """The walk is over: its count is due any moment, for the last frame."""
+        if self.count is not None:
+            self.count.thread.join(timeout=1.0)
+            if self.count.done:
+                self.bar.learn_total(self.count.count)
+            self.count = None
+        self.bar.close()
+
     def finish(self) -> dict[str, Any]:
         """Close the bar, print --count output and the summary; return the summary."""
-        self.bar.close()
+        self.close_bar()
         if self.opts.count:
             render_count(self.counter, self.out)
         data = self.stats.summary(self.opts)
@@ -4651,7 +4973,8 @@ def exit_status(stats: Stats) -> int:
 # Shell completions: generated from the parser itself, so they cannot drift from --help
 # ════════════════════════════════════════════════════════════════════════════════════════
 
-MODE_FLAGS = ("--dump", "--sar", "--generate", "--send", "--echo", "--list-scenarios",
+MODE_FLAGS = ("--dump", "--sar", "--generate", "--send", "--echo", "--check-ingest",
+              "--ingest-test", "--list-scenarios",
               "--version", "--completions")
 DIRECTORY_OPTIONS = ("--path", "--output", "--log-dir", "--backup-dir")
 
@@ -4799,13 +5122,18 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
         return run_generate(opts, out, stop)
     if opts.mode in ("send", "echo"):
         return run_send(opts, out, stop)
+    if opts.mode == "check_ingest":
+        return run_check(opts, out)
+    if opts.mode == "ingest_test":
+        return run_ingest_test(opts, out, stop)
     task = {"dump": dump_task, "sar": sar_task}[opts.mode]
     journal = open_journal(opts) if opts.mode == "sar" and not opts.dry_run else None
     if journal is not None:
         opts = dataclasses.replace(opts, journal=journal)
         log_paths.append(journal.path)
-    reporter = Reporter(opts, out)
-    candidates = discover(opts, excluded_locations(opts, log_paths))
+    excluded = excluded_locations(opts, log_paths)
+    reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if opts.progress else None)
+    candidates = discover(opts, excluded)
     litter = Litter(journal.key) if journal is not None and (opts.resume or opts.restart) \
         else None
     for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event,

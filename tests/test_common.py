@@ -417,3 +417,56 @@ def test_pydicom_is_configured_once_and_other_warnings_still_show(tmp_path: Path
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "from another library" in proc.stderr and "from pydicom" not in proc.stderr
+
+
+def under_a_terminal(args: list[str | Path], cwd: Path, columns: int = 120) -> str:
+    """Run the tool with stderr on a pseudo-terminal of that width (stdout discarded): all
+    it drew there, frames as tqdm wrote them."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, str(TOOL), *map(str, args)], cwd=cwd,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
+                            env={**os.environ, "COLUMNS": str(columns)})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(timeout=300)
+    os.close(master)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_the_progress_bar_knows_its_total(tmp_path: Path) -> None:
+    """Under a terminal: n/total files with the time left once the walk has counted, and
+    the last frame total/total; in a pipe, no bar at all."""
+    import re
+    tree = tmp_path / "t"
+    made = run_tool("--generate", "--scenario", "multi_patient", "--patients", "375",
+                    "--studies", "1", "--size", "16x16", "--layout", "flat", "--output", tree,
+                    "--no-progress", "-j", "2", cwd=tmp_path)
+    assert made.code == 0, made.err
+    (tree / "manifest.json").unlink()
+    drawn = under_a_terminal(["--dump", "--tag", "PatientID", "-j", "1", "--path", tree],
+                             tmp_path)
+    frames = [f for f in re.split(r"[\r\n]", drawn) if " files" in f]
+    known = [f for f in frames if re.search(r"\d[\d,]*/1,500 files \[[\d:]+<[\d:?]+, ", f)]
+    assert known, frames[-5:]
+    assert re.search(r"100%\|.*\| 1,500/1,500 files", known[-1]), known[-1]
+    assert "files/s" in known[-1]
+    assert re.search(r"total time +\d", drawn)  # the summary in human units
+    piped = run_tool("--dump", "--tag", "PatientID", "--path", tree, cwd=tmp_path)
+    assert " files [" not in piped.err and "files/s" not in piped.err
+    generated = under_a_terminal(["--generate", "--scenario", "default", "--output",
+                                  tmp_path / "g"], tmp_path)
+    assert re.search(r"4/4 files", generated)

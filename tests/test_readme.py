@@ -95,9 +95,8 @@ def render(text: str, cwd: Path) -> str:
     return text[:block.start()] + "```\n" + help_text() + "```\n" + text[block.end():]
 
 
-VOLATILE = re.compile(r"^(  (?:avg ms per file|total seconds|files per second|mb per second|"
-                      r"workers|free threaded|session id|start time|end time|total time ms|"
-                      r"average transfer time ms|throughput mbps)\s+|session ).*$"
+VOLATILE = re.compile(r"^(  (?:avg per file|total time|files per second|throughput|"
+                      r"workers|free threaded|session id|start time|end time)\s+|session ).*$"
                       r"|^warning: this Python has the GIL.*\n", re.M)
 
 

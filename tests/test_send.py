@@ -737,3 +737,125 @@ def test_tls_bytes_on_the_wire_are_encrypted(tls: bool, ns, tls_storescp, stores
     wire = record.read_bytes()
     assert len(wire) > 1000
     assert (b"MARKER^UNIQUE7731" in wire) is not tls
+
+
+# ── the ingestion check: generate -> send -> settle -> check against the manifest ─────────
+
+STRICT_SCP = textwrap.dedent("""
+    # A strict ingestion system: refuses what the manifest marks reject, keeps the rest (but
+    # for keep_uid, kept though it should be refused, and drop_uid, acknowledged and lost),
+    # and answers C-FIND (Study Root, IMAGE level) from what it kept.
+    import json, sys, threading
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt, AllStoragePresentationContexts, _config
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+    _config.LOG_HANDLER_LEVEL = "none"
+    opts = json.loads(sys.argv[1])
+    refuse = {e["sop_uid"] for e in json.load(open(opts["manifest"]))["instances"]
+              if e["expect"] == "reject" and e["fault"] != "duplicate_sop"}
+    kept, lock = {}, threading.Lock()
+
+    def on_store(event):
+        ds = event.dataset
+        uid = str(ds.SOPInstanceUID)
+        with lock:
+            if (uid in refuse or uid in kept) and uid != opts.get("keep_uid"):
+                return 0xC000  # a fault, or a second instance with a UID it holds
+            if uid != opts.get("drop_uid"):
+                kept[uid] = (str(ds.StudyInstanceUID), str(ds.get("SeriesInstanceUID", "")))
+        return 0x0000
+
+    def on_find(event):
+        q = event.identifier
+        for uid, (study, series) in list(kept.items()):
+            if study == q.StudyInstanceUID and series == q.get("SeriesInstanceUID", series):
+                ident = Dataset()
+                ident.QueryRetrieveLevel = "IMAGE"
+                ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
+                ident.SOPInstanceUID = uid
+                yield 0xFF00, ident
+        yield 0x0000, None
+
+    ae = AE(ae_title="STRICT")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.start_server(("127.0.0.1", opts["port"]), block=True,
+                    evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_C_FIND, on_find)])
+""")
+
+INGEST_SCENARIOS = ["default", "cu_bits_mismatch", "pr_missing_dicom", "cu_duplicate_sop",
+                    "cu_no_pixel_data", "truncated", "not_dicom"]
+
+
+def ingest_test(ns, tmp_path: Path, called: str, *scenarios: str) -> tuple[int, dict, str]:
+    args = [x for s in scenarios for x in ("--scenario", s)]
+    run = run_tool("--ingest-test", *args, "--seed", "5", "--output", tmp_path / "gen",
+                   "-H", "127.0.0.1", "-p", PORT, "-a", called, "--settle-timeout", "20",
+                   "--log-dir", tmp_path / "logs", "--no-progress",
+                   "--summary-json", tmp_path / "check.json", cwd=tmp_path, prefix=ns.prefix,
+                   timeout=300)
+    report = json.loads((tmp_path / "check.json").read_text())
+    return run.code, report, run.out
+
+
+def test_ingest_test_against_a_strict_system(ns, tmp_path: Path) -> None:
+    """A receiver that refuses exactly what the manifest marks reject: no mismatch, exit
+    0; then one kept that should have been refused and one lost that should have been
+    kept: both reported, exit 1."""
+    code, report, out = ingest_test_with_strict(ns, tmp_path / "a", {})
+    assert code == 0, out
+    assert report["mismatches"] == [] and report["unanswered"] == []
+    assert "the PACS behaved exactly as the manifest expects" in out
+    assert {m["scenario"] for m in report["indistinguishable"]} == {"cu_duplicate_sop"}
+    manifest = json.loads((tmp_path / "a" / "gen" / "manifest.json").read_text())
+    reject = next(e for e in manifest["instances"] if e["fault"] == "bits_mismatch")
+    accept = next(e for e in manifest["instances"] if e["scenario"] == "default")
+    code, report, out = ingest_test_with_strict(ns, tmp_path / "b", {
+        "keep_uid": reject["sop_uid"], "drop_uid": accept["sop_uid"]})
+    assert code == 1
+    found = {(m["sop_uid"], m["expect"], m["held"]) for m in report["mismatches"]}
+    assert found == {(reject["sop_uid"], "reject", True), (accept["sop_uid"], "accept", False)}
+    assert f"mismatch: cu_bits_mismatch (fault bits_mismatch) {reject['path']}: expected " \
+           "reject, the PACS holds it" in out
+    assert report["scenarios"]["default"]["accept"] == {"expected": 4, "held": 3,
+                                                        "mismatches": 1}
+
+
+def ingest_test_with_strict(ns, tmp_path: Path, faults: dict) -> tuple[int, dict, str]:
+    tmp_path.mkdir()
+    script = tmp_path / "strict.py"
+    script.write_text(STRICT_SCP)
+    # the SCP needs the manifest before the send: plan it with a dry run of the same options
+    plan = tmp_path / "plan"
+    made = run_tool("--generate", *[x for s in INGEST_SCENARIOS for x in ("--scenario", s)],
+                    "--seed", "5", "--output", plan, "--no-progress", cwd=tmp_path)
+    assert made.code == 0, made.err
+    proc = ns.start(sys.executable, script, json.dumps(
+        {"port": PORT, "manifest": str(plan / "manifest.json"), **faults}),
+        log=tmp_path / "strict.log")
+    ns.wait_for_port(PORT)
+    try:
+        return ingest_test(ns, tmp_path, "STRICT", *INGEST_SCENARIOS)
+    finally:
+        ns.stop(proc)
+        ns.procs.remove(proc)
+
+
+def test_ingest_test_against_orthanc_reports_what_it_kept(ns, orthanc, tmp_path: Path) -> None:
+    """Orthanc is lenient: it keeps most files the manifest marks reject. The report names
+    exactly those it holds, checked against its REST API; a normal scenario passes."""
+    code, report, out = ingest_test(ns, tmp_path, "ORTHANC", *INGEST_SCENARIOS)
+    assert code == 1 and report["unanswered"] == []
+    held = {x["MainDicomTags"]["SOPInstanceUID"] for x in orthanc("/instances?expand")}
+    manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
+    accepted = {e["sop_uid"] for e in manifest["instances"] if e["expect"] == "accept"}
+    expected = {e["sop_uid"] for e in manifest["instances"]
+                if (e["sop_uid"] in held) != (e["expect"] == "accept")
+                and not (e["expect"] != "accept" and e["sop_uid"] in accepted)}
+    assert {m["sop_uid"] for m in report["mismatches"]} == expected
+    assert any(m["fault"] == "bits_mismatch" for m in report["mismatches"])  # Orthanc kept it
+    assert report["scenarios"]["default"]["accept"]["mismatches"] == 0
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    code, report, out = ingest_test(ns, normal, "ORTHANC", "multi_patient")
+    assert code == 0 and report["mismatches"] == [], out
