@@ -162,6 +162,8 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
                        help="C-FIND what a PACS kept of a generated tree, against its manifest")
     modes.add_argument("--ingest-test", action="store_true",
                        help="generate -> send -> wait for the PACS -> --check-ingest, in one run")
+    modes.add_argument("--merge-summaries", nargs="+", metavar="FILE",
+                       help="sum the --summary-json files of --shard runs into one")
     modes.add_argument("--list-scenarios", action="store_true", help="list --generate presets")
     modes.add_argument("--version", action="store_true", help="print versions for a bug report")
     modes.add_argument("--completions", choices=("fish", "bash", "zsh"),
@@ -174,6 +176,14 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
                         help="10,20 | (0010, 0020) | 00100020 | PatientID | "
                              "Seq[*].Tag | (0029,\"CREATOR\",10); comma lists; repeatable")
     common.add_argument("--glob", metavar="PATTERN", help="only file names matching this pattern")
+    common.add_argument("--files-from", metavar="FILE",
+                        help="work on the files listed in FILE (- for stdin), one per line, "
+                             "below a --path root")
+    common.add_argument("-0", "--null", action="store_true",
+                        help="--files-from is NUL-separated (find -print0)")
+    common.add_argument("--shard", metavar="I/N",
+                        help="take only slice I of N of the files (a stable hash of each "
+                             "path below its root): for parallel, Slurm arrays")
     common.add_argument("--workers", "--threads", "-j", "-t", type=int, metavar="N",
                         help="worker threads (default: max(1, usable CPUs - 4))")
     common.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT, metavar="S",
@@ -303,6 +313,10 @@ class Options:
     fsync: bool = True
     generate: Any = None
     manifest: Path | None = None  # --check-ingest
+    files_from: str | None = None  # a path, or "-" for stdin
+    null: bool = False
+    shard: tuple[int, int] | None = None  # (I, N), 1 <= I <= N
+    merge: tuple[str, ...] = ()  # --merge-summaries
     send: Any = None
     resume: bool = False
     restart: bool = False
@@ -318,10 +332,10 @@ class Options:
 def options_from_args(ns: argparse.Namespace) -> Options:
     """Validate the parsed command line into Options; raise UsageError with advice."""
     mode = next((m for m in ("dump", "sar", "generate", "send", "echo", "check_ingest",
-                             "ingest_test") if getattr(ns, m)), None)
+                             "ingest_test", "merge_summaries") if getattr(ns, m)), None)
     if mode is None:
         raise UsageError("choose a mode: --dump, --sar, --generate, --send, --echo, "
-                         "--check-ingest or --ingest-test (see --help)")
+                         "--check-ingest, --ingest-test or --merge-summaries (see --help)")
     specs = tuple(s for text in (ns.tag or ()) for s in parse_tag_specs(text))
     workers = ns.workers if ns.workers is not None else default_workers()
     if workers < 1:
@@ -333,14 +347,24 @@ def options_from_args(ns: argparse.Namespace) -> Options:
     for path in paths:
         if not path.exists() and not path.is_symlink() and mode in ("dump", "sar", "send"):
             raise UsageError(f"--path {path}: no such file or directory")
+    shard = parse_shard(ns.shard) if ns.shard else None
+    if ns.files_from and ns.files_from != "-" and not Path(ns.files_from).is_file():
+        raise UsageError(f"--files-from {ns.files_from}: no such file")
+    if ns.null and not ns.files_from:
+        raise UsageError("-0/--null goes with --files-from")
+    summary_json = Path(ns.summary_json) if ns.summary_json else None
+    if shard and summary_json is None and mode in ("dump", "sar", "send"):
+        summary_json = Path(ns.log_dir) / f"dicom_sar-summary.{shard_tag(shard)}.json"
     common = dict(
         mode=mode, paths=paths, specs=specs, glob=ns.glob, workers=workers,
         time_limit=ns.time_limit,
         follow_symlinks=ns.follow_symlinks, log_dir=Path(ns.log_dir),
-        summary_json=Path(ns.summary_json) if ns.summary_json else None,
+        summary_json=summary_json,
         progress=not ns.no_progress and not ns.quiet and sys.stderr.isatty(),
         verbose=ns.verbose, quiet=ns.quiet, dry_run=ns.dry_run, resume=ns.resume,
-        restart=ns.restart)
+        restart=ns.restart, files_from=ns.files_from, null=ns.null, shard=shard)
+    if mode == "merge_summaries":
+        return Options(**common, merge=tuple(ns.merge_summaries))
     if mode == "dump":
         if ns.count and not specs:
             raise UsageError("--count needs --tag (e.g. --count --tag PatientID)")
@@ -367,6 +391,19 @@ def options_from_args(ns: argparse.Namespace) -> Options:
                        generate=generate_plan_from_args(ns))
     return Options(**common, output=Path(ns.output) if ns.output else None,
                    generate=generate_plan_from_args(ns))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'3/8' -> (3, 8)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise UsageError(f"--shard {text!r}: use I/N with 1 <= I <= N, e.g. --shard 3/8")
+    return int(m[1]), int(m[2])
+
+
+def shard_tag(shard: tuple[int, int]) -> str:
+    """'shard-3-of-8': in the names of a shard's logs, journal and summary."""
+    return f"shard-{shard[0]}-of-{shard[1]}"
 
 
 def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str, Any]:
@@ -632,7 +669,72 @@ class Candidate:
 
 
 def discover(opts: Options, excluded: Iterable[Path]) -> Iterator[Candidate]:
-    """Yield candidates in deterministic order (sorted names per directory), lazily."""
+    """Yield candidates in deterministic order (sorted names per directory, or the order of
+    --files-from), lazily; with --shard only this shard's."""
+    excluded = list(excluded)
+    found = listed(opts, excluded) if opts.files_from else walked(opts, excluded)
+    if opts.shard is None:
+        yield from found
+        return
+    index, count = opts.shard
+    for cand in found:
+        if shard_of(cand, count) == index:
+            yield cand
+
+
+def shard_of(cand: Candidate, count: int) -> int:
+    """Which of count shards a file belongs to: a stable hash of its path below its --path
+    root, the same whatever the host, its mount point or the order of the walk."""
+    rel = cand.path.name if cand.root == cand.path else os.path.relpath(cand.path, cand.root)
+    digest = hashlib.blake2b(os.fsencode(rel), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count + 1
+
+
+def listed(opts: Options, excluded: list[Path]) -> Iterator[Candidate]:
+    """The files --files-from names (relative to the current directory), each below one of
+    the --path roots (default .), with the walk's rules: content decides, our own files and
+    temporary files are not input, FIFOs and devices are skipped, directories ignored."""
+    roots = [(root, os.path.abspath(root)) for root in opts.paths]
+    ours = [os.path.realpath(p) for p in excluded]
+    for name in listed_names(opts):
+        path = Path(name)
+        absolute = os.path.abspath(path)
+        root = next((r for r, a in roots if absolute == a or absolute.startswith(
+            a.rstrip(os.sep) + os.sep)), None)
+        if root is None:
+            yield Candidate(path, path, "error: not below any --path root (--files-from "
+                                        "lists files inside the tree you name)")
+            continue
+        if path.name.startswith(TEMP_PREFIX):
+            yield Candidate(path, root, "skip: leftover temporary file of an earlier run")
+        elif path.is_dir() or any(is_within(path, place) for place in ours):
+            continue
+        else:
+            yield from _file_candidate(path, root, opts, explicit=False)
+
+
+def listed_names(opts: Options) -> Iterator[str]:
+    """The names in --files-from, one per line or NUL-separated, read as they come."""
+    stream = sys.stdin.buffer if opts.files_from == "-" else open(opts.files_from, "rb")  # noqa: SIM115
+    try:
+        if not opts.null:
+            for line in stream:
+                if line.rstrip(b"\r\n"):
+                    yield os.fsdecode(line.rstrip(b"\r\n"))
+            return
+        pending = b""
+        while chunk := stream.read(1 << 16):
+            *names, pending = (pending + chunk).split(b"\0")
+            yield from (os.fsdecode(n) for n in names if n)
+        if pending:
+            yield os.fsdecode(pending)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def walked(opts: Options, excluded: list[Path]) -> Iterator[Candidate]:
+    """The --path roots, walked."""
     skip = set()
     for place in excluded:  # compared by (device, inode): no realpath() per entry
         with contextlib.suppress(OSError):
@@ -4235,7 +4337,7 @@ def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int
     session = Session(sid, datetime.now(UTC), time.perf_counter(), session_logger(opts, sid))
     print(f"session {sid}", file=sys.stderr)
     excluded = excluded_locations(opts, [])
-    reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if opts.progress else None)
+    reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if countable(opts) else None)
     studies: dict[str, list[Indexed]] = {}
     for result in run_ordered(discover(opts, excluded),
                               lambda c: index_task(c, opts), opts.workers, stop.event,
@@ -4275,8 +4377,12 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
     tls = summary["tls"]
     session.log.info("transport: %s", f"encrypted, {tls['protocol']}" if tls["encrypted"]
                      else "not encrypted" if summary["successful_transfers"] else "nothing sent")
-    path = opts.log_dir / f"dicom_sender_summary_{session.id}.json"
-    write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), path, fsync=False)
+    if opts.shard:
+        summary["shard"] = f"{opts.shard[0]}/{opts.shard[1]}"
+    for path in (opts.log_dir / f"dicom_sender_summary_{session.id}.json", opts.summary_json):
+        if path is not None:
+            write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), path,
+                               fsync=False)
     if not opts.quiet:
         shown = {k: v for k, v in summary.items() if k not in ("failed_files", "files")}
         tls = shown.pop("tls")
@@ -4541,6 +4647,72 @@ def settle(opts: Options, instances: list[dict[str, Any]]) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --merge-summaries: the --summary-json files of --shard runs, added up
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+SLOWEST = ("total_seconds",)  # shards run side by side: the run took as long as the slowest
+
+
+def merge_summaries(summaries: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """(the summed summary, what is wrong: a missing or repeated shard, mixed runs)."""
+    problems = []
+    shards = [s.get("shard") for s in summaries]
+    counts = {str(s).split("/")[-1] for s in shards if s}
+    if None in shards or len(counts) != 1:
+        problems.append("every summary must come from a --shard run of the same N")
+    else:
+        n = int(counts.pop())
+        have = collections.Counter(int(str(s).split("/")[0]) for s in shards)
+        missing = [i for i in range(1, n + 1) if not have[i]]
+        problems += [f"shard {i}/{n} is missing" for i in missing]
+        problems += [f"shard {i}/{n} is given {k} times" for i, k in have.items() if k > 1]
+    if len({s.get("mode") for s in summaries}) > 1:
+        problems.append("the summaries come from different modes")
+    merged: dict[str, Any] = {}
+    for s in summaries:
+        for key, value in s.items():
+            if key == "shard":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                merged.setdefault(key, value)
+            elif key in SLOWEST:
+                merged[key] = max(merged.get(key, 0), value)
+            else:
+                merged[key] = merged.get(key, 0) + value
+    seconds, done = merged.get("total_seconds") or 0, merged.get("processed", 0)
+    merged["avg_ms_per_file"] = round(sum(
+        s.get("avg_ms_per_file", 0) * (s.get("processed", 0) + s.get("errors", 0))
+        for s in summaries) / max(1, done + merged.get("errors", 0)), 3)
+    merged["files_per_second"] = round(done / seconds, 1) if seconds else 0.0
+    merged["mb_per_second"] = round(sum(s.get("mb_per_second", 0) * s.get(
+        "total_seconds", 0) for s in summaries) / seconds, 2) if seconds else 0.0
+    merged["workers"] = sum(s.get("workers", 0) for s in summaries)
+    merged["shards"] = len(summaries)
+    return merged, problems
+
+
+def run_merge(opts: Options, out: Callable[[str], None]) -> int:
+    """Sum the shards' summaries; exit 1 if a shard is missing or any had failures."""
+    summaries = []
+    for name in opts.merge:
+        try:
+            summaries.append(json.loads(Path(name).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--merge-summaries {name}: {exc}") from None
+    merged, problems = merge_summaries(summaries)
+    for problem in problems:
+        print(f"{paint('error:', RED)} {problem}", file=sys.stderr)
+    if opts.summary_json:
+        write_bytes_atomic((json.dumps(merged, indent=2) + "\n").encode(), opts.summary_json,
+                           fsync=False)
+    if not opts.quiet:
+        print(render_summary(merged), file=sys.stderr)
+    failed = merged.get("errors", 0) or merged.get("rejected", 0) or merged.get(
+        "failed_transfers", 0)
+    return EXIT_FAILURES if problems or failed else EXIT_OK
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
 # Journal: what a writing run completed, so --resume never applies a change twice
 # ════════════════════════════════════════════════════════════════════════════════════════
 
@@ -4568,7 +4740,9 @@ class Journal:
                           [s.label() for s in opts.specs], opts.glob,
                           opts.pattern.pattern if opts.pattern else None, opts.replacement,
                           opts.deep, opts.all_strings, opts.inplace,
-                          os.path.realpath(opts.output) if opts.output else None])
+                          os.path.realpath(opts.output) if opts.output else None,
+                          *([opts.shard, opts.files_from] if opts.shard or opts.files_from
+                            else [])])
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return opts.log_dir / f"dicom_sar-{digest}.journal"
 
@@ -4699,6 +4873,8 @@ class Stats:
             "mb_per_second": round(self.nbytes / 1e6 / total, 2) if total > 0 else 0.0,
             "workers": opts.workers, "free_threaded": gil_disabled(),
             "dry_run": opts.dry_run}
+        if opts.shard:
+            data["shard"] = f"{opts.shard[0]}/{opts.shard[1]}"
         if opts.mode == "sar":
             data |= {"modified" if not opts.dry_run else "would_modify": self.modified,
                      "elements_changed": self.elements_changed,
@@ -4770,7 +4946,10 @@ HUMAN: dict[str, tuple[str, Callable[[Any], str]]] = {  # summary key: console l
 def setup_logging(opts: Options) -> list[Path]:
     """dicom_sar.log (INFO/DEBUG) and errors.log in the log dir, mode 0600; libraries quiet."""
     opts.log_dir.mkdir(parents=True, exist_ok=True)
-    paths = [opts.log_dir / LOG_NAME, opts.log_dir / ERROR_LOG_NAME]
+    names = [LOG_NAME, ERROR_LOG_NAME]
+    if opts.shard:  # dicom_sar.shard-3-of-8.log: shards share a log directory
+        names = [n.replace(".log", f".{shard_tag(opts.shard)}.log") for n in names]
+    paths = [opts.log_dir / n for n in names]
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
     for logger, path in zip((log, errlog), paths, strict=True):
         for old in list(logger.handlers):
@@ -4863,6 +5042,11 @@ def progress_bar(opts: Options, total: int | None = None, desc: str = "",
                  in_bytes: bool = False) -> Bar | NullBar:
     """The run's bar, or nothing when stderr is not a terminal (or --no-progress, -q)."""
     return Bar(total, desc, in_bytes) if opts.progress else NullBar()
+
+
+def countable(opts: Options) -> bool:
+    """Whether a counting walk can run ahead (a bar is shown; stdin is read once only)."""
+    return opts.progress and opts.files_from != "-"
 
 
 class WalkCount:
@@ -4974,7 +5158,7 @@ def exit_status(stats: Stats) -> int:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 MODE_FLAGS = ("--dump", "--sar", "--generate", "--send", "--echo", "--check-ingest",
-              "--ingest-test", "--list-scenarios",
+              "--ingest-test", "--merge-summaries", "--list-scenarios",
               "--version", "--completions")
 DIRECTORY_OPTIONS = ("--path", "--output", "--log-dir", "--backup-dir")
 
@@ -5126,13 +5310,15 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
         return run_check(opts, out)
     if opts.mode == "ingest_test":
         return run_ingest_test(opts, out, stop)
+    if opts.mode == "merge_summaries":
+        return run_merge(opts, out)
     task = {"dump": dump_task, "sar": sar_task}[opts.mode]
     journal = open_journal(opts) if opts.mode == "sar" and not opts.dry_run else None
     if journal is not None:
         opts = dataclasses.replace(opts, journal=journal)
         log_paths.append(journal.path)
     excluded = excluded_locations(opts, log_paths)
-    reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if opts.progress else None)
+    reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if countable(opts) else None)
     candidates = discover(opts, excluded)
     litter = Litter(journal.key) if journal is not None and (opts.resume or opts.restart) \
         else None

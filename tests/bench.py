@@ -305,7 +305,8 @@ def real_tree(cache: Path) -> Path | None:
     if not target.exists():
         from pydicom.data import get_charset_files, get_testdata_files
         files = [Path(f) for f in get_testdata_files() + get_charset_files()
-                 if not f.endswith((".txt", ".json", ".gz", ".icc", ".dump", ".py"))]
+                 if not f.endswith((".txt", ".json", ".gz", ".icc", ".dump", ".py"))
+                 and Path(f).is_file()]
         if corpus.is_dir():
             files += [p for p in corpus.rglob("*")
                       if p.is_file() and p.name not in ("README.md", "SOURCES.tsv")]

@@ -7,14 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import dicom_sar
-from conftest import FREE_THREADED_BUILD, TOOL, instances, need, run_tool
+from conftest import FREE_THREADED_BUILD, TOOL, instances, need, property_settings, run_tool
 from dicom_sar import Step, UsageError, parse_tag_specs
 
 PID, PNAME = 0x00100020, 0x00100010
@@ -470,3 +473,97 @@ def test_the_progress_bar_knows_its_total(tmp_path: Path) -> None:
     generated = under_a_terminal(["--generate", "--scenario", "default", "--output",
                                   tmp_path / "g"], tmp_path)
     assert re.search(r"4/4 files", generated)
+
+
+# ── past one machine: --files-from, --shard, --merge-summaries ──────────────────────────
+
+@property_settings(40)
+@given(st.lists(st.text("abcxyz0189._-", min_size=1, max_size=12).filter(
+    lambda s: s not in (".", "..")), min_size=1, max_size=40,
+                unique=True), st.integers(1, 7), st.integers(0, 3))
+def test_property_shards_partition_the_tree(names: list[str], n: int, depth: int) -> None:
+    """For any tree and N: the shards' files are disjoint, together the whole tree, and the
+    same under another mount point."""
+    import dicom_sar
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = [Path(tmp) / "mnt" / "archive", Path(tmp) / "elsewhere"]
+        for tree in trees:
+            for i, name in enumerate(names):
+                path = tree.joinpath(*[f"d{i % (k + 2)}" for k in range(depth)], name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"x")
+        partitions = []
+        for tree in trees:
+            shards = []
+            for i in range(1, n + 1):
+                opts = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
+                    ["--dump", "--path", str(tree), "--shard", f"{i}/{n}"]))
+                shards.append({str(c.path.relative_to(tree)) for c in dicom_sar.discover(opts, [])})
+            everything = [f for s in shards for f in s]
+            assert len(everything) == len(set(everything)) == len(names)  # disjoint, all
+            partitions.append(shards)
+        assert partitions[0] == partitions[1]  # the mount point does not matter
+
+
+def test_files_from_lists_files_with_the_walks_rules(generated: Path, manifest: dict,
+                                                     tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    for i, e in enumerate(instances(manifest, scenario="multi_patient")[:5]):
+        (tree / f"d{i}").mkdir(parents=True)
+        shutil.copy(generated / e["path"], tree / f"d{i}" / f"f {i}")  # a space in the name
+    (tree / "notes").write_text("not DICOM")
+    os.mkfifo(tree / "fifo")
+    names = [f"t/d{i}/f {i}" for i in range(5)] + ["t/notes", "t/fifo", "t/d0", "/etc/passwd"]
+    (tmp_path / "list0").write_bytes(b"\0".join(n.encode() for n in names) + b"\0")
+    run = run_tool("--dump", "--tag", "PatientID", "--files-from", "list0", "-0",
+                   "--with-filename", "--summary-json", "s.json", cwd=tmp_path)
+    assert run.code == 1  # /etc/passwd is not below the --path root (.)
+    assert len(run.out.splitlines()) == 5
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["dicom_files"], s["skipped_not_dicom"], s["skipped_other"], s["errors"]) == \
+        (5, 1, 1, 1)
+    assert "not below any --path root" in (tmp_path / "errors.log").read_text()
+    piped = subprocess.run([sys.executable, str(TOOL), "--dump", "--tag", "PatientID",
+                            "--files-from", "-", "-q"], cwd=tmp_path, capture_output=True,
+                           input="\n".join(names[:5]).encode())
+    assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 5
+
+
+def test_gnu_parallel_shards_add_up_to_one_run(tmp_path: Path) -> None:
+    """4 shards of an in-place SAR under GNU parallel: every file modified exactly once, and
+    the merged summary counts what a single run counts."""
+    tree = tmp_path / "tree"
+    made = run_tool("--generate", "--scenario", "multi_patient", "--patients", "20",
+                    "--size", "16x16", "--output", tree, "--no-progress", cwd=tmp_path)
+    assert made.code == 0, made.err
+    (tree / "manifest.json").unlink()
+    single = tmp_path / "single"
+    shutil.copytree(tree, single)
+    one = run_tool("--sar", "--inplace", "--no-backup", "--tag", "PatientID",
+                   "--regex_search", "^(.*)$", "--regex_replace", r"GENHOSP\1", "--path",
+                   single, "--summary-json", tmp_path / "one.json", "--log-dir",
+                   tmp_path / "onelogs", cwd=tmp_path)
+    assert one.code == 0, one.err
+    command = (f"{sys.executable} {TOOL} --sar --inplace --no-backup --tag PatientID "
+               f"--regex_search '^(.*)$' --regex_replace 'GENHOSP\\1' --path {tree} "
+               f"--log-dir {tmp_path / 'logs'} --no-progress -q --shard {{}}/4")
+    proc = subprocess.run([need("fish"), "-c", f"{need('parallel')} -q {command} ::: (seq 4)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summaries = sorted((tmp_path / "logs").glob("dicom_sar-summary.shard-*-of-4.json"))
+    assert len(summaries) == 4
+    assert len(list((tmp_path / "logs").glob("dicom_sar.shard-*-of-4.log"))) == 4
+    for path in tree.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(tree)
+            assert path.read_bytes() == (single / rel).read_bytes(), rel  # once, not twice
+    merged = run_tool("--merge-summaries", *summaries, "--summary-json", tmp_path / "m.json",
+                      cwd=tmp_path)
+    assert merged.code == 0, merged.err
+    m, o = json.loads((tmp_path / "m.json").read_text()), json.loads(
+        (tmp_path / "one.json").read_text())
+    for key in ("files_seen", "dicom_files", "processed", "errors", "modified",
+                "elements_changed", "rejected", "unchanged"):
+        assert m[key] == o[key], key
+    missing = run_tool("--merge-summaries", *summaries[:3], cwd=tmp_path)
+    assert missing.code == 1 and "shard 4/4 is missing" in missing.err
