@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -567,3 +570,110 @@ def test_gnu_parallel_shards_add_up_to_one_run(tmp_path: Path) -> None:
         assert m[key] == o[key], key
     missing = run_tool("--merge-summaries", *summaries[:3], cwd=tmp_path)
     assert missing.code == 1 and "shard 4/4 is missing" in missing.err
+
+
+@pytest.fixture
+def slurm(tmp_path: Path):
+    """A single-node Slurm of the test's own on localhost: a private munged (its own key and
+    socket), slurmctld and slurmd on free ports, stopped afterwards; yields its environment."""
+    import socket
+    for program in ("munged", "slurmctld", "slurmd", "sbatch"):
+        need(program)
+    d = tmp_path / "slurm"
+    (d / "state").mkdir(parents=True)
+    (d / "spool").mkdir()
+    (d / "munge.key").write_bytes(os.urandom(1024))
+    (d / "munge.key").chmod(0o400)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    host = socket.gethostname()
+    (d / "slurm.conf").write_text(textwrap.dedent(f"""\
+        ClusterName=dsartest
+        SlurmctldHost={host}
+        SlurmUser=root
+        SlurmctldPort={ports[0]}
+        SlurmdPort={ports[1]}
+        AuthType=auth/munge
+        AuthInfo=socket={d}/munge.socket
+        CredType=cred/munge
+        StateSaveLocation={d}/state
+        SlurmdSpoolDir={d}/spool
+        SlurmctldPidFile={d}/slurmctld.pid
+        SlurmdPidFile={d}/slurmd.pid
+        ProctrackType=proctrack/linuxproc
+        TaskPlugin=task/none
+        SelectType=select/cons_tres
+        SelectTypeParameters=CR_Core
+        JobAcctGatherType=jobacct_gather/none
+        MpiDefault=none
+        ReturnToService=2
+        SlurmctldLogFile={d}/slurmctld.log
+        SlurmdLogFile={d}/slurmd.log
+        NodeName={host} CPUs={os.cpu_count()} State=UNKNOWN
+        PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+        """))
+    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
+    subprocess.run([need("munged"), f"--key-file={d}/munge.key", f"--socket={d}/munge.socket",
+                    f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log",
+                    f"--seed-file={d}/munge.seed", "--force"], check=True, env=env)
+    daemons = [subprocess.Popen([need(p), "-D", *extra], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for p, extra in (("slurmctld", ["-i"]), ("slurmd", []))]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True,
+                                   text=True).stdout.strip()
+            if state in ("idle", "mix"):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"Slurm did not come up: {(d / 'slurmctld.log').read_text()[-2000:]}")
+        yield env
+    finally:
+        for proc in daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((d / "munged.pid").read_text()), signal.SIGTERM)
+
+
+def test_the_readme_slurm_array_script_adds_up(slurm: dict, tmp_path: Path) -> None:
+    """tools/dicom_sar.sbatch as an array of 4 on a real (single-node) Slurm: every file
+    modified once, the merged summary as a single run's."""
+    work = tmp_path / "work"
+    (work / "venv" / "bin").mkdir(parents=True)
+    (work / "logs").mkdir()
+    wrapper = work / "venv" / "bin" / "dicom_sar"  # the installed command, for this checkout
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {TOOL} \"$@\"\n")
+    wrapper.chmod(0o755)
+    tree = work / "tree"
+    made = run_tool("--generate", "--scenario", "multi_patient", "--patients", "10",
+                    "--size", "16x16", "--output", tree, "--no-progress", cwd=tmp_path)
+    assert made.code == 0, made.err
+    (tree / "manifest.json").unlink()
+    single = tmp_path / "single"
+    shutil.copytree(tree, single)
+    one = run_tool("--sar", "--inplace", "--no-backup", "--tag", "PatientID",
+                   "--regex_search", "^(.*)$", "--regex_replace", r"GENHOSP\1", "--path",
+                   single, "--summary-json", tmp_path / "one.json", "--log-dir",
+                   tmp_path / "onelogs", cwd=tmp_path)
+    assert one.code == 0, one.err
+    job = subprocess.run(["sbatch", "--wait", "--array=1-4", "--export=ALL,SHARDS=4",
+                          str(TOOL.parent / "tools" / "dicom_sar.sbatch"), str(tree)],
+                         cwd=work, env=slurm, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr + "".join(
+        p.read_text() for p in (work / "logs").glob("slurm-*.out"))
+    for path in tree.rglob("*"):
+        if path.is_file():
+            assert path.read_bytes() == (single / path.relative_to(tree)).read_bytes()
+    summaries = sorted((work / "logs").glob("dicom_sar-summary.shard-*-of-4.json"))
+    merged = run_tool("--merge-summaries", *summaries, "--summary-json", tmp_path / "m.json",
+                      cwd=tmp_path)
+    assert merged.code == 0, merged.err
+    m, o = (json.loads((tmp_path / name).read_text()) for name in ("m.json", "one.json"))
+    assert (m["modified"], m["files_seen"], m["errors"]) == (o["modified"], o["files_seen"], 0)
