@@ -162,6 +162,9 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
                        help="C-FIND what a PACS kept of a generated tree, against its manifest")
     modes.add_argument("--ingest-test", action="store_true",
                        help="generate -> send -> wait for the PACS -> --check-ingest, in one run")
+    modes.add_argument("--ui", action="store_true",
+                       help="serve the generator's wizard on 127.0.0.1 (--port P, else a free "
+                            "one)")
     modes.add_argument("--merge-summaries", nargs="+", metavar="FILE",
                        help="sum the --summary-json files of --shard runs into one")
     modes.add_argument("--list-scenarios", action="store_true", help="list --generate presets")
@@ -317,6 +320,7 @@ class Options:
     null: bool = False
     shard: tuple[int, int] | None = None  # (I, N), 1 <= I <= N
     merge: tuple[str, ...] = ()  # --merge-summaries
+    ui_port: int = 0  # --ui: 0 for a free port
     send: Any = None
     resume: bool = False
     restart: bool = False
@@ -332,10 +336,11 @@ class Options:
 def options_from_args(ns: argparse.Namespace) -> Options:
     """Validate the parsed command line into Options; raise UsageError with advice."""
     mode = next((m for m in ("dump", "sar", "generate", "send", "echo", "check_ingest",
-                             "ingest_test", "merge_summaries") if getattr(ns, m)), None)
+                             "ingest_test", "merge_summaries", "ui") if getattr(ns, m)), None)
     if mode is None:
         raise UsageError("choose a mode: --dump, --sar, --generate, --send, --echo, "
-                         "--check-ingest, --ingest-test or --merge-summaries (see --help)")
+                         "--check-ingest, --ingest-test, --merge-summaries or --ui "
+                         "(see --help)")
     specs = tuple(s for text in (ns.tag or ()) for s in parse_tag_specs(text))
     workers = ns.workers if ns.workers is not None else default_workers()
     if workers < 1:
@@ -365,6 +370,10 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         restart=ns.restart, files_from=ns.files_from, null=ns.null, shard=shard)
     if mode == "merge_summaries":
         return Options(**common, merge=tuple(ns.merge_summaries))
+    if mode == "ui":
+        if ns.port is not None and not 0 <= ns.port <= 65535:
+            raise UsageError(f"--port {ns.port}: use 1-65535, or 0 for a free port")
+        return Options(**common, ui_port=ns.port or 0)
     if mode == "dump":
         if ns.count and not specs:
             raise UsageError("--count needs --tag (e.g. --count --tag PatientID)")
@@ -715,7 +724,8 @@ def listed(opts: Options, excluded: list[Path]) -> Iterator[Candidate]:
 
 def listed_names(opts: Options) -> Iterator[str]:
     """The names in --files-from, one per line or NUL-separated, read as they come."""
-    stream = sys.stdin.buffer if opts.files_from == "-" else open(opts.files_from, "rb")  # noqa: SIM115
+    stream = sys.stdin.buffer if opts.files_from == "-" else \
+        open(opts.files_from, "rb")  # noqa: SIM115 (closed below, unless it is stdin)
     try:
         if not opts.null:
             for line in stream:
@@ -3132,6 +3142,12 @@ def load_config(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise UsageError(f"--config {path}: malformed JSON at line {exc.lineno} column "
                          f"{exc.colno}: {exc.msg}") from None
+    return check_config(config, path)
+
+
+def check_config(config: Any, path: Path | str) -> dict[str, Any]:
+    """Validate a config object (from a file, or from the --ui page); errors name the JSON
+    path of the problem (exit 2)."""
     if not isinstance(config, dict):
         raise UsageError(f"--config {path}: the top level must be an object")
     allowed = {"outputDir", "seed", "patient", "current_study", "internal_priors",
@@ -3162,7 +3178,7 @@ def load_config(path: Path) -> dict[str, Any]:
 PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate")
 
 
-def check_study_config(study: Any, where: str, path: Path) -> None:
+def check_study_config(study: Any, where: str, path: Path | str) -> None:
     """Validate one study object of the config, naming the JSON path of any problem."""
     if not isinstance(study, dict):
         raise UsageError(f"--config {path}: {where}: must be an object")
@@ -3186,7 +3202,7 @@ def check_study_config(study: Any, where: str, path: Path) -> None:
             config_tag_value(key, value, f"{here}.tags.{key}", path, deliberate=bool(fault))
 
 
-def config_tag_value(key: str, value: Any, where: str, path: Path, *,
+def config_tag_value(key: str, value: Any, where: str, path: Path | str, *,
                      deliberate: bool) -> tuple[int, str]:
     """Resolve a config tag (keyword or hex) and check its value against the VR."""
     try:
@@ -3771,16 +3787,23 @@ def check_generate_output(output: Path) -> None:
                          "choose a new or empty directory")
 
 
-def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int:
-    """Plan, then encode and write on the pool in plan order; manifest last."""
+def plan_line(p: InstancePlan) -> str:
+    """One planned file, as a dry run (and the --ui preview) shows it."""
+    return (f"{p.scenario}  {p.patient.patient_id}  {p.study.role}  {p.modality}  "
+            f"#{p.number}  {p.fault or '-'}  {p.expect}  {p.relpath}")
+
+
+def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal,
+                 watch: Callable[[FileResult, int], None] | None = None) -> int:
+    """Plan, then encode and write on the pool in plan order; manifest last. watch(result,
+    total) hears of each file (the --ui page's progress)."""
     req: GenerateRequest = opts.generate
     output = opts.output or Path((req.config or {}).get("outputDir") or DEFAULT_GENERATED)
     check_generate_output(output)
     plans = plan_generation(req)
     if opts.dry_run:
         for p in plans:
-            out(f"{p.scenario}  {p.patient.patient_id}  {p.study.role}  {p.modality}  "
-                f"#{p.number}  {p.fault or '-'}  {p.expect}  {p.relpath}")
+            out(plan_line(p))
         print(f"dry run: would write {sum(p.expect != 'absent' for p in plans)} files "
               f"to {output}", file=sys.stderr)
         return stop.exit_status() or EXIT_OK
@@ -3791,6 +3814,8 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal) ->
             cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
             opts.workers, stop.event, opts.time_limit):
         reporter.handle(result)
+        if watch is not None:
+            watch(result, len(plans))
     path = write_manifest(output, req, plans)
     log.info("generated %d planned instances into %s; manifest %s", len(plans), output, path)
     reporter.finish()
@@ -5154,11 +5179,530 @@ def exit_status(stats: Stats) -> int:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --ui: the generator's "power customize" wizard as a page served on loopback; its
+# JSON API calls the same functions as the command line (options, config, plan, generate,
+# echo, send, check)
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """A generate or send the page started, in a thread of its own; the page polls it."""
+
+    kind: str
+    total: int = 0
+    done: int = 0
+    finished: bool = False
+    code: int | None = None
+    summary: dict[str, Any] | None = None
+    error: str = ""
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def state(self) -> dict[str, Any]:
+        """What the page shows."""
+        with self.lock:
+            return {"kind": self.kind, "total": self.total, "done": self.done,
+                    "finished": self.finished, "code": self.code, "summary": self.summary,
+                    "error": self.error}
+
+
+def wizard_generate_options(request: dict[str, Any], base: Options) -> Options:
+    """A --generate run exactly as the command line would make it from the page's request:
+    the same argparse, the same option checks, the same --config checks (UsageError)."""
+    argv = ["--generate", "--output", str(request.get("output") or "")]
+    for name in request.get("scenarios") or []:
+        argv += ["--scenario", str(name)]
+    for flag in ("seed", "patients", "studies", "series", "instances", "modality", "size",
+                 "layout"):
+        value = request.get(flag)
+        if value not in (None, ""):
+            argv += [f"--{flag}", str(value)]
+    if not request.get("output"):
+        raise UsageError("choose an output directory (new or empty)")
+    parser = build_parser()
+    parser.exit_on_error = False
+    try:
+        ns = parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise UsageError(str(exc) or "invalid options") from None
+    opts = options_from_args(ns)
+    config = request.get("config")
+    if config:
+        checked = check_config(config, "ui")
+        req = dataclasses.replace(opts.generate, config=checked, config_name="ui",
+                                  scenarios=opts.generate.scenarios if request.get(
+                                      "scenarios") else ())
+        opts = dataclasses.replace(opts, generate=req)
+    return dataclasses.replace(opts, log_dir=base.log_dir, progress=False, quiet=True,
+                               workers=base.workers)
+
+
+def wizard_send_options(request: dict[str, Any], base: Options, mode: str) -> Options:
+    """--send / --echo / --check-ingest options from the page's Send section."""
+    argv = [f"--{mode.replace('_', '-')}"]
+    if mode == "check_ingest":
+        argv.append(str(Path(request.get("output") or ".") / "manifest.json"))
+    argv += ["-H", str(request.get("host") or ""), "-p", str(request.get("port") or 0),
+             "-a", str(request.get("called") or "ANY-SCP"),
+             "-c", str(request.get("calling") or "DICOM_SAR")]
+    if mode == "send":
+        argv += ["--path", str(request.get("output") or "")]
+    parser = build_parser()
+    parser.exit_on_error = False
+    try:
+        ns = parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise UsageError(str(exc) or "invalid options") from None
+    opts = options_from_args(ns)
+    return dataclasses.replace(opts, log_dir=base.log_dir, progress=False, quiet=True,
+                               workers=base.workers)
+
+
+def hmac_equal(a: str, b: str) -> bool:
+    """Compare tokens in constant time."""
+    import hmac
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def config_where(message: str) -> str:
+    """The JSON path a --config error names ('current_study.images[0].tags.StudyDate')."""
+    m = re.match(r"--config [^:]*: ([\w.\[\]]+):", message)
+    return m[1] if m else ""
+
+
+def wizard_server(port: int, opts: Options) -> Any:
+    """The --ui HTTP server (its classes are made here: http.server is imported only by the
+    runs that serve the page)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class WizardHandler(BaseHTTPRequestHandler):
+        """The page and its JSON API; every request must carry the run's token."""
+
+        server: Any
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("ui: " + format, *args)
+
+        def authorised(self) -> bool:
+            from urllib.parse import parse_qs, urlsplit
+            token = self.headers.get("X-Token") or parse_qs(urlsplit(self.path).query).get(
+                "token", [""])[0]
+            if hmac_equal(token, self.server.token):
+                return True
+            self.reply(403, {"error": "forbidden: this page needs the token from its URL"})
+            return False
+
+        def reply(self, code: int, body: dict[str, Any] | str, kind: str = "application/json"
+                  ) -> None:
+            data = (body if isinstance(body, str) else json.dumps(body)).encode("utf-8")
+            self.send_response(code)
+            self.send_header("Content-Type", f"{kind}; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if not self.authorised():
+                return
+            path = self.path.split("?", 1)[0]
+            if path == "/":
+                self.reply(200, WIZARD_PAGE, "text/html")
+            elif path == "/api/catalogue":
+                self.reply(200, {"scenarios": scenario_catalogue(), "faults": FAULTS,
+                                 "modalities": list(DEFAULT_SIZES), "layouts": ["tree", "flat"]})
+            elif path.startswith("/api/jobs/"):
+                job = self.server.jobs.get(path.rsplit("/", 1)[-1])
+                self.reply(200, job.state()) if job else self.reply(404, {"error": "no such job"})
+            else:
+                self.reply(404, {"error": "not found"})
+
+        def do_POST(self) -> None:
+            if not self.authorised():
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                request = json.loads(self.rfile.read(min(length, 1 << 22)) or b"{}")
+                if not isinstance(request, dict):
+                    raise UsageError("the request must be a JSON object")
+                self.reply(200, self.server.answer(self.path.split("?", 1)[0], request))
+            except UsageError as exc:
+                self.reply(400, {"error": str(exc), "where": config_where(str(exc))})
+            except ValueError as exc:
+                self.reply(400, {"error": f"not JSON: {exc}"})
+
+
+    class WizardServer(ThreadingHTTPServer):
+        """The --ui server: loopback only, one token, the jobs the page started."""
+
+        daemon_threads = True
+
+        def __init__(self, port: int, opts: Options):
+            super().__init__(("127.0.0.1", port), WizardHandler)
+            import secrets
+            self.token, self.opts = secrets.token_urlsafe(24), opts
+            self.jobs: dict[str, Job] = {}
+
+        def answer(self, path: str, request: dict[str, Any]) -> dict[str, Any]:
+            """The JSON API: what each POST does, through the command line's own functions."""
+            if path == "/api/validate":
+                wizard_generate_options(request, self.opts)
+                return {"ok": True}
+            if path == "/api/plan":
+                opts = wizard_generate_options(request, self.opts)
+                check_generate_output(opts.output or Path(DEFAULT_GENERATED))
+                plans = plan_generation(opts.generate)
+                return {"lines": [plan_line(p) for p in plans],
+                        "files": sum(p.expect != "absent" for p in plans)}
+            if path == "/api/generate":
+                opts = wizard_generate_options(request, self.opts)
+                check_generate_output(opts.output or Path(DEFAULT_GENERATED))
+                return {"job": self.start("generate", opts)}
+            if path == "/api/echo":
+                target = with_tls(wizard_send_options(request, self.opts, "echo").send)
+                if target is None:
+                    raise UsageError("TLS cannot be set up (see the server's log)")
+                ok, message = echo(target)
+                return {"ok": ok, "message": message}
+            if path == "/api/send":
+                return {"job": self.start("send", wizard_send_options(request, self.opts, "send"))}
+            if path == "/api/check":
+                opts = wizard_send_options(request, self.opts, "check_ingest")
+                report = self.opts.log_dir / f"dicom_sar-ui-check-{os.getpid()}.json"
+                code = run_check(dataclasses.replace(opts, summary_json=report), lambda _: None)
+                return {"code": code, "report": json.loads(report.read_text())}
+            raise UsageError(f"no such API: {path}")
+
+        def start(self, kind: str, opts: Options) -> str:
+            """Run a generate or a send in a thread; the page polls /api/jobs/<id>."""
+            import uuid
+            job_id, job = uuid.uuid4().hex, Job(kind)
+            self.jobs[job_id] = job
+            summary = self.opts.log_dir / f"dicom_sar-ui-{kind}-{job_id}.json"
+            opts = dataclasses.replace(opts, summary_json=summary)
+
+            def watch(result: FileResult, total: int) -> None:
+                with job.lock:
+                    job.done += 1 if kind == "generate" else result.nbytes
+                    job.total = total
+
+            def run_job() -> None:
+                stop = StopSignal(handlers=False)
+                try:
+                    code = (run_generate(opts, lambda _: None, stop, watch) if kind == "generate"
+                            else run_send(opts, lambda _: None, stop))
+                    data = json.loads(summary.read_text()) if summary.exists() else None
+                    with job.lock:
+                        job.code, job.summary = code, data
+                except Exception as exc:
+                    with job.lock:
+                        job.error = f"{type(exc).__name__}: {exc}"
+                finally:
+                    with job.lock:
+                        job.finished = True
+
+            threading.Thread(target=run_job, daemon=True, name=f"{PROG}-ui-{kind}").start()
+            return job_id
+
+    return WizardServer(port, opts)
+
+
+def run_ui(opts: Options, stop: StopSignal) -> int:
+    """Serve the wizard until Ctrl-C (or SIGTERM); print its URL (with the token), open a
+    browser where there is a screen."""
+    server = wizard_server(opts.ui_port, opts)
+    url = f"http://127.0.0.1:{server.server_address[1]}/?token={server.token}"
+    print(f"dicom_sar wizard: {url}", flush=True)
+    print("(Ctrl-C stops it)", file=sys.stderr, flush=True)
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or \
+            os.environ.get("BROWSER"):
+        import webbrowser
+        with contextlib.suppress(Exception):
+            webbrowser.open(url)
+    threading.Thread(target=lambda: (stop.event.wait(), server.shutdown()), daemon=True,
+                     name=f"{PROG}-ui-stop").start()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    return stop.exit_status()
+
+
+WIZARD_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dicom_sar wizard</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f6f8;color:#1d2733}
+header{background:#1d3557;color:#fff;padding:10px 18px}header h1{font-size:18px;margin:0}
+main{display:grid;grid-template-columns:minmax(300px,1fr) minmax(360px,1.4fr);gap:14px;padding:14px}
+section{background:#fff;border:1px solid #d6dde4;border-radius:6px;padding:12px}
+h2{font-size:15px;margin:0 0 8px}label{display:inline-block;margin:3px 10px 3px 0}
+input[type=text],input[type=number],select{padding:3px 5px;border:1px solid #b8c2cc;
+  border-radius:3px}
+input[type=number]{width:70px}
+#scenarios{max-height:260px;overflow:auto;border:1px solid #e2e7ec;padding:4px}
+#scenarios div{padding:1px 0}#scenarios small{color:#5a6b7b}
+button{background:#1d6fb8;color:#fff;border:0;border-radius:3px;padding:5px 11px;
+  margin:4px 6px 4px 0;cursor:pointer}
+button.light{background:#e7edf3;color:#1d2733}
+.study{border:1px solid #e2e7ec;border-radius:4px;padding:6px;margin:6px 0}
+.image{margin:4px 0 4px 14px;padding:4px;border-left:3px solid #c9d6e3}
+.err{color:#b00020;font-size:12px;margin-left:6px}
+pre{background:#0f1720;color:#d7e3ee;padding:8px;max-height:240px;overflow:auto;font-size:12px;
+  white-space:pre-wrap}
+progress{width:100%;height:16px}
+.full{grid-column:1/-1}
+table{border-collapse:collapse}
+td{padding:1px 10px 1px 0}
+</style></head><body>
+<header><h1>dicom_sar &mdash; generate test data, power customize, send</h1></header>
+<main>
+<section><h2>Scenarios</h2>
+<input id="search" type="text" placeholder="search scenarios" style="width:95%">
+<div id="scenarios"></div></section>
+<section><h2>Options</h2>
+<label>patients <input id="patients" type="number" min="1"></label>
+<label>studies <input id="studies" type="number" min="1"></label>
+<label>series <input id="series" type="number" min="1"></label>
+<label>instances <input id="instances" type="number" min="1"></label><br>
+<label>modality <select id="modality"><option value="">default</option></select></label>
+<label>size <input id="size" type="text" placeholder="64x64" size="8"></label>
+<label>layout <select id="layout"></select></label>
+<label>seed <input id="seed" type="number" value="0"></label><br>
+<label>output <input id="output" type="text" size="40" placeholder="a new or empty directory">
+</label>
+<span class="err" data-where="options"></span></section>
+<section class="full"><h2>Power customize</h2>
+<div id="groups"></div>
+<button class="light" id="load-btn">Load config JSON</button>
+<input id="load" type="file" accept=".json" hidden>
+<button class="light" id="save">Save config JSON</button>
+<span class="err" data-where="config"></span></section>
+<section><h2>Plan and generate</h2>
+<button id="preview">Preview</button><button id="generate">Generate</button>
+<progress id="progress" value="0" max="1"></progress><div id="status"></div>
+<pre id="plan"></pre><div id="summary"></div></section>
+<section><h2>Send (optional)</h2>
+<label>host <input id="host" type="text" value="127.0.0.1"></label>
+<label>port <input id="port" type="number" value="4242"></label>
+<label>called AE <input id="called" type="text" value="ORTHANC" size="12"></label>
+<label>calling AE <input id="calling" type="text" value="DICOM_SAR" size="12"></label><br>
+<button class="light" id="echo">Echo</button>
+<button id="send">Send</button>
+<button id="check">Check ingestion</button>
+<div id="send-status"></div><pre id="report"></pre></section>
+</main>
+<script>
+"use strict";
+const token = new URLSearchParams(location.search).get("token") || "";
+const $ = id => document.getElementById(id);
+let catalogue = {scenarios: {}, faults: {}};
+async function api(path, body) {
+  const r = await fetch(path, body === undefined ? {headers: {"X-Token": token}} :
+    {method: "POST", headers: {"X-Token": token, "Content-Type": "application/json"},
+     body: JSON.stringify(body)});
+  return [r.status, await r.json()];
+}
+function el(tag, attrs = {}, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "on") for (const [ev, f] of Object.entries(v)) e.addEventListener(ev, f);
+    else if (k in e && k !== "list") e[k] = v; else e.setAttribute(k, v);
+  }
+  for (const k of kids) e.append(k);
+  return e;
+}
+const GROUPS = [["current_study", "Current study", false], ["internal_priors",
+    "Internal priors", true],
+                ["external_priors", "External priors", true]];
+const state = {current_study: null, internal_priors: [], external_priors: []};
+function newStudy() { return {count: 4, cancerous: false, description: "", images: []}; }
+function faultSelect(image) {
+  const s = el("select", {on: {change: e => { image.fault = e.target.value || undefined;
+      changed(); }}},
+               el("option", {value: ""}, "no fault"));
+  for (const [name, what] of Object.entries(catalogue.faults))
+    s.append(el("option", {value: name, title: what, selected: image.fault === name}, name));
+  return s;
+}
+function renderGroups() {
+  const root = $("groups"); root.textContent = "";
+  for (const [key, title, many] of GROUPS) {
+    const box = el("div", {}, el("h3", {style: "font-size:14px;margin:6px 0"}, title));
+    const studies = many ? state[key] : (state[key] ? [state[key]] : []);
+    studies.forEach((study, i) => {
+      const where = many ? `${key}[${i}]` : key;
+      const div = el("div", {className: "study"},
+        el("label", {}, "count ", el("input", {type: "number", min: 0, value: study.count,
+          on: {change: e => { study.count = parseInt(e.target.value || "0"); changed(); }}})),
+        el("span", {className: "err", "data-where": `${where}.count`}),
+        el("label", {}, el("input", {type: "checkbox", checked: !!study.cancerous,
+          on: {change: e => { study.cancerous = e.target.checked; changed(); }}}), " cancerous"),
+        el("label", {}, "description ", el("input", {type: "text", value: study.description || "",
+          on: {change: e => { study.description = e.target.value; changed(); }}})),
+        el("span", {className: "err", "data-where": `${where}.description`}),
+        el("button", {className: "light", on: {click: () => { study.images.push({tags: {}});
+            changed(true); }}},
+           "add image"),
+        el("button", {className: "light", on: {click: () => {
+          if (many) state[key].splice(i, 1); else state[key] = null; changed(true); }}},
+              "remove study"));
+      study.images.forEach((image, j) => {
+        const iw = `${where}.images[${j}]`;
+        const keyword = el("input", {type: "text", placeholder: "tag keyword", size: 16,
+            className: "new-tag"});
+        const row = el("div", {className: "image"}, `image ${j + 1} `, faultSelect(image),
+            keyword,
+          el("button", {className: "light add-tag", on: {click: () => {
+            const k = keyword.value.trim(); if (k) { image.tags[k] = ""; changed(true); } }}},
+                "add tag"),
+          el("button", {className: "light", on: {click: () => { study.images.splice(j, 1);
+              changed(true); }}},
+            "remove"), el("span", {className: "err", "data-where": iw}));
+        for (const tag of Object.keys(image.tags)) {
+          row.append(el("div", {}, el("label", {}, tag + " ", el("input", {type: "text",
+              value: image.tags[tag],
+            "data-tag": tag, on: {change: e => { image.tags[tag] = e.target.value; changed();
+                }}})),
+            el("span", {className: "err", "data-where": `${iw}.tags.${tag}`})));
+        }
+        div.append(row);
+      });
+      box.append(div);
+    });
+    if (many || !state[key])
+      box.append(el("button", {className: "light", id: `add-${key}`, on: {click: () => {
+        if (many) state[key].push(newStudy()); else state[key] = newStudy(); changed(true); }}},
+        `add ${many ? "a prior" : "the current study"}`));
+    root.append(box);
+  }
+}
+function config() {
+  const c = {};
+  if (state.current_study) c.current_study = state.current_study;
+  if (state.internal_priors.length) c.internal_priors = state.internal_priors;
+  if (state.external_priors.length) c.external_priors = state.external_priors;
+  return Object.keys(c).length ? c : null;
+}
+function request() {
+  const r = {scenarios: [...document.querySelectorAll("#scenarios input:checked")]
+               .map(i => i.value),
+             config: config(), output: $("output").value.trim()};
+  for (const k of ["patients", "studies", "series", "instances", "modality", "size", "layout",
+      "seed"])
+    if ($(k).value !== "") r[k] = $(k).value;
+  return r;
+}
+function showError(body) {
+  document.querySelectorAll(".err").forEach(e => e.textContent = "");
+  if (!body || !body.error) return;
+  const target = document.querySelector(`.err[data-where="${body.where}"]`) ||
+                 document.querySelector(body.where ? '.err[data-where="config"]'
+                                                   : '.err[data-where="options"]');
+  target.textContent = body.error;
+}
+let timer = null;
+function changed(rerender) {
+  if (rerender) renderGroups();
+  clearTimeout(timer);
+  timer = setTimeout(async () => { const [, b] = await api("/api/validate", request());
+      showError(b); }, 250);
+}
+async function poll(job, onDone, status, bar) {
+  const [, s] = await api(`/api/jobs/${job}`);
+  bar.max = s.total || 1; bar.value = s.done;
+  status.textContent = s.kind === "send"
+    ? `${(s.done / 1e6).toFixed(2)} / ${(s.total / 1e6).toFixed(2)} MB`
+    : `${s.done.toLocaleString()} / ${s.total.toLocaleString()} files`;
+  if (!s.finished) { setTimeout(() => poll(job, onDone, status, bar), 250); return; }
+  onDone(s);
+}
+function summaryTable(summary) {
+  const t = el("table", {id: "summary-table"});
+  for (const [k, v] of Object.entries(summary || {}))
+    if (typeof v !== "object") t.append(el("tr", {}, el("td", {}, k.replaceAll("_", " ")),
+        el("td", {}, String(v))));
+  return t;
+}
+async function init() {
+  const [code, c] = await api("/api/catalogue");
+  if (code !== 200) { document.body.textContent = "forbidden: open the URL with its token";
+      return; }
+  catalogue = c;
+  for (const [name, what] of Object.entries(c.scenarios))
+    $("scenarios").append(el("div", {}, el("label", {title: what}, el("input",
+        {type: "checkbox", value: name,
+      id: `sc-${name}`, on: {change: () => changed()}}), ` ${name} `, el("small", {}, what))));
+  for (const m of c.modalities) $("modality").append(el("option", {value: m}, m));
+  for (const l of c.layouts) $("layout").append(el("option", {value: l}, l));
+  for (const k of ["patients", "studies", "series", "instances", "modality", "size", "layout",
+      "seed", "output"])
+    $(k).addEventListener("change", () => changed());
+  $("search").addEventListener("input", e => {
+    const q = e.target.value.toLowerCase();
+    for (const d of $("scenarios").children)
+      d.hidden = q && !d.textContent.toLowerCase().includes(q);
+  });
+  $("load-btn").addEventListener("click", () => $("load").click());
+  $("load").addEventListener("change", async e => {
+    const c = JSON.parse(await e.target.files[0].text());
+    state.current_study = c.current_study || null;
+    state.internal_priors = c.internal_priors || [];
+        state.external_priors = c.external_priors || [];
+    changed(true);
+  });
+  $("save").addEventListener("click", () => {
+    const a = el("a", {href: URL.createObjectURL(new Blob([JSON.stringify(config() || {}, null,
+        1)],
+                  {type: "application/json"})), download: "dicom_sar_config.json"});
+    a.click();
+  });
+  $("preview").addEventListener("click", async () => {
+    const [code, b] = await api("/api/plan", request());
+    showError(code === 200 ? null : b);
+    $("plan").textContent = code === 200
+      ? b.lines.join("\\n") + `\\n\\n${b.files} files would be written` : "";
+  });
+  $("generate").addEventListener("click", async () => {
+    const [code, b] = await api("/api/generate", request());
+    showError(code === 200 ? null : b);
+    if (code !== 200) return;
+    $("summary").textContent = "";
+    poll(b.job, s => { $("summary").append(s.error ? s.error : summaryTable(s.summary)); },
+        $("status"), $("progress"));
+  });
+  const send = () => ({host: $("host").value, port: $("port").value, called: $("called").value,
+                       calling: $("calling").value, output: $("output").value.trim()});
+  $("echo").addEventListener("click", async () => {
+    const [code, b] = await api("/api/echo", send());
+        $("send-status").textContent = b.message || b.error; });
+  $("send").addEventListener("click", async () => {
+    const [code, b] = await api("/api/send", send());
+    if (code !== 200) { $("send-status").textContent = b.error; return; }
+    poll(b.job, s => { $("send-status").textContent = s.error ||
+      `sent ${s.summary.successful_transfers}, failed ${s.summary.failed_transfers}`; },
+      $("send-status"), $("progress"));
+  });
+  $("check").addEventListener("click", async () => {
+    const [code, b] = await api("/api/check", send());
+    $("report").textContent = code !== 200 ? b.error : JSON.stringify(b.report.scenarios, null,
+        1) +
+      `\\nmismatches: ${b.report.mismatches.length}`;
+  });
+  renderGroups();
+}
+init();
+</script></body></html>
+"""
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
 # Shell completions: generated from the parser itself, so they cannot drift from --help
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 MODE_FLAGS = ("--dump", "--sar", "--generate", "--send", "--echo", "--check-ingest",
-              "--ingest-test", "--merge-summaries", "--list-scenarios",
+              "--ingest-test", "--merge-summaries", "--ui", "--list-scenarios",
               "--version", "--completions")
 DIRECTORY_OPTIONS = ("--path", "--output", "--log-dir", "--backup-dir")
 
@@ -5312,6 +5856,8 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
         return run_ingest_test(opts, out, stop)
     if opts.mode == "merge_summaries":
         return run_merge(opts, out)
+    if opts.mode == "ui":
+        return run_ui(opts, stop)
     task = {"dump": dump_task, "sar": sar_task}[opts.mode]
     journal = open_journal(opts) if opts.mode == "sar" and not opts.dry_run else None
     if journal is not None:
@@ -5383,11 +5929,12 @@ class StopSignal:
     """SIGINT/SIGTERM set an event: no new files are taken, in-flight files finish. So does
     a closed stdout (`--dump ... | head`), as SIGPIPE would stop dcmdump."""
 
-    def __init__(self) -> None:
+    def __init__(self, handlers: bool = True) -> None:
         self.event = threading.Event()
         self.signum = 0
+        # handlers=False: a --ui job's thread (signals belong to the main thread)
         self._old = {sig: signal.signal(sig, self._handle)
-                     for sig in (signal.SIGINT, signal.SIGTERM)}
+                     for sig in (signal.SIGINT, signal.SIGTERM)} if handlers else {}
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signum = self.signum or signum

@@ -309,6 +309,43 @@ def ns():
         subprocess.run(["ip", "netns", "del", space.name], check=False)
 
 
+PORT, HTTP_PORT = 11112, 18042  # inside a test's own network namespace
+
+
+@pytest.fixture
+def orthanc(ns: Namespace, tmp_path: Path):
+    """Orthanc with its own storage, called AE checked, answering C-FIND; rest(url) reads
+    its REST API, rest.restart(lua=FILE) starts it again with a Lua script."""
+    running: list[subprocess.Popen[bytes]] = []
+
+    def start(lua: Path | None = None) -> None:
+        config = {"Name": "dicom_sar_test", "StorageDirectory": str(tmp_path / "orthanc"),
+                  "IndexDirectory": str(tmp_path / "orthanc"), "DicomAet": "ORTHANC",
+                  "DicomPort": PORT, "HttpPort": HTTP_PORT, "RemoteAccessAllowed": False,
+                  "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
+                  "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+                  "DicomAlwaysAllowEcho": True, "Plugins": [],
+                  "LuaScripts": [str(lua)] if lua else []}
+        path = tmp_path / "orthanc.json"
+        path.write_text(json.dumps(config))
+        running.append(ns.start(need("Orthanc"), path, log=tmp_path / "orthanc.log"))
+        ns.wait_for_port(HTTP_PORT)
+        ns.wait_for_port(PORT)
+
+    def restart(lua: Path | None = None) -> None:
+        ns.stop(running.pop())
+        start(lua)
+
+    def rest(url: str) -> object:
+        return json.loads(ns.python("import urllib.request; print(urllib.request.urlopen("
+                                    f"'http://127.0.0.1:{HTTP_PORT}{url}').read().decode())"))
+
+    start()
+    rest.restart = restart  # type: ignore[attr-defined]
+    return rest
+
+
+
 # ── Random DICOM files for the property tests (hypothesis) ──────────────────────────────
 
 def property_settings(examples: int) -> settings:

@@ -18,9 +18,17 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import FREE_THREADED_BUILD, TOOL, Namespace, instances, need, read, run_tool
-
-PORT, HTTP_PORT = 11112, 18042
+from conftest import (
+    FREE_THREADED_BUILD,
+    HTTP_PORT,
+    PORT,
+    TOOL,
+    Namespace,
+    instances,
+    need,
+    read,
+    run_tool,
+)
 
 
 @pytest.fixture
@@ -323,39 +331,6 @@ def test_a_stopped_send_finishes_the_file_on_the_wire_and_summarises(
     assert summary["failed_transfers"] == 0
     assert summary["not_sent_stopped"] == 24 - stored
     assert b"summary" in err and b"files not sent" in err
-
-
-@pytest.fixture
-def orthanc(ns: Namespace, tmp_path: Path):
-    """Orthanc with its own storage, called AE checked, answering C-FIND; rest(url) reads
-    its REST API, rest.restart(lua=FILE) starts it again with a Lua script."""
-    running: list[subprocess.Popen[bytes]] = []
-
-    def start(lua: Path | None = None) -> None:
-        config = {"Name": "dicom_sar_test", "StorageDirectory": str(tmp_path / "orthanc"),
-                  "IndexDirectory": str(tmp_path / "orthanc"), "DicomAet": "ORTHANC",
-                  "DicomPort": PORT, "HttpPort": HTTP_PORT, "RemoteAccessAllowed": False,
-                  "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
-                  "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
-                  "DicomAlwaysAllowEcho": True, "Plugins": [],
-                  "LuaScripts": [str(lua)] if lua else []}
-        path = tmp_path / "orthanc.json"
-        path.write_text(json.dumps(config))
-        running.append(ns.start(need("Orthanc"), path, log=tmp_path / "orthanc.log"))
-        ns.wait_for_port(HTTP_PORT)
-        ns.wait_for_port(PORT)
-
-    def restart(lua: Path | None = None) -> None:
-        ns.stop(running.pop())
-        start(lua)
-
-    def rest(url: str) -> object:
-        return json.loads(ns.python("import urllib.request; print(urllib.request.urlopen("
-                                    f"'http://127.0.0.1:{HTTP_PORT}{url}').read().decode())"))
-
-    start()
-    rest.restart = restart  # type: ignore[attr-defined]
-    return rest
 
 
 def test_orthanc_holds_exactly_what_was_sent(ns, orthanc, generated: Path, manifest: dict,
