@@ -128,12 +128,17 @@ def setup_block(text: str) -> str:
 
 
 def test_fish_blocks_check_a_command_before_calling_it() -> None:
-    # the user's rule: `missing-command; or ...` prints "Unknown command" in fish
+    """The user's rule: a command that may not exist is checked (`command -q X; and X`,
+    `type -q X; and X`) before it is called: `missing-command; or ...` prints "Unknown
+    command" in fish."""
+    optional = ("../", "python3.13t", "uv", "python3", "parallel", "sbatch", "Orthanc")
     for block in (b[2] for b in blocks(README.read_text()) if b[1] == "fish"):
         for line in block.splitlines():
-            first = line.removeprefix("and ").split()[0] if line.strip() else ""
-            if first.startswith("../") or first in ("python3.13t", "uv", "python3"):
-                raise AssertionError(f"unchecked command in a README block: {line}")
+            for part in re.split(r";\s*(?:and|or)?\s*|\band\s+|&&", line):
+                words = part.split()
+                if words and words[0].startswith(optional) and not re.search(
+                        rf"(command|type) -q {re.escape(words[0])}\b", line):
+                    raise AssertionError(f"unchecked command in a README block: {line}")
 
 
 def test_nothing_points_at_the_shared_folder() -> None:
