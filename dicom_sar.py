@@ -5219,13 +5219,7 @@ def wizard_generate_options(request: dict[str, Any], base: Options) -> Options:
             argv += [f"--{flag}", str(value)]
     if not request.get("output"):
         raise UsageError("choose an output directory (new or empty)")
-    parser = build_parser()
-    parser.exit_on_error = False
-    try:
-        ns = parser.parse_args(argv)
-    except (argparse.ArgumentError, SystemExit) as exc:
-        raise UsageError(str(exc) or "invalid options") from None
-    opts = options_from_args(ns)
+    opts = wizard_run_options(argv, base)
     config = request.get("config")
     if config:
         checked = check_config(config, "ui")
@@ -5233,8 +5227,7 @@ def wizard_generate_options(request: dict[str, Any], base: Options) -> Options:
                                   scenarios=opts.generate.scenarios if request.get(
                                       "scenarios") else ())
         opts = dataclasses.replace(opts, generate=req)
-    return dataclasses.replace(opts, log_dir=base.log_dir, progress=False, quiet=True,
-                               workers=base.workers)
+    return opts
 
 
 def wizard_send_options(request: dict[str, Any], base: Options, mode: str) -> Options:
@@ -5247,15 +5240,20 @@ def wizard_send_options(request: dict[str, Any], base: Options, mode: str) -> Op
              "-c", str(request.get("calling") or "DICOM_SAR")]
     if mode == "send":
         argv += ["--path", str(request.get("output") or "")]
+    return wizard_run_options(argv, base)
+
+
+def wizard_run_options(argv: list[str], base: Options) -> Options:
+    """Options from a command line the page's request made, through the CLI's own parser
+    and checks (a UsageError, never an exit); logs and workers as the --ui run's."""
     parser = build_parser()
     parser.exit_on_error = False
     try:
         ns = parser.parse_args(argv)
     except (argparse.ArgumentError, SystemExit) as exc:
         raise UsageError(str(exc) or "invalid options") from None
-    opts = options_from_args(ns)
-    return dataclasses.replace(opts, log_dir=base.log_dir, progress=False, quiet=True,
-                               workers=base.workers)
+    return dataclasses.replace(options_from_args(ns), log_dir=base.log_dir, progress=False,
+                               quiet=True, workers=base.workers)
 
 
 def hmac_equal(a: str, b: str) -> bool:

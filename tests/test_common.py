@@ -532,11 +532,10 @@ def test_files_from_lists_files_with_the_walks_rules(generated: Path, manifest: 
     assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 5
 
 
-def test_gnu_parallel_shards_add_up_to_one_run(tmp_path: Path) -> None:
-    """4 shards of an in-place SAR under GNU parallel: every file modified exactly once, and
-    the merged summary counts what a single run counts."""
-    tree = tmp_path / "tree"
-    made = run_tool("--generate", "--scenario", "multi_patient", "--patients", "20",
+def tree_and_single_run(tree: Path, tmp_path: Path, patients: int) -> tuple[Path, Path]:
+    """A generated tree to shard, and a copy of it after one unsharded in-place SAR (its
+    summary in tmp_path/one.json): what the shards must add up to."""
+    made = run_tool("--generate", "--scenario", "multi_patient", "--patients", str(patients),
                     "--size", "16x16", "--output", tree, "--no-progress", cwd=tmp_path)
     assert made.code == 0, made.err
     (tree / "manifest.json").unlink()
@@ -547,6 +546,13 @@ def test_gnu_parallel_shards_add_up_to_one_run(tmp_path: Path) -> None:
                    single, "--summary-json", tmp_path / "one.json", "--log-dir",
                    tmp_path / "onelogs", cwd=tmp_path)
     assert one.code == 0, one.err
+    return tree, single
+
+
+def test_gnu_parallel_shards_add_up_to_one_run(tmp_path: Path) -> None:
+    """4 shards of an in-place SAR under GNU parallel: every file modified exactly once, and
+    the merged summary counts what a single run counts."""
+    tree, single = tree_and_single_run(tmp_path / "tree", tmp_path, patients=20)
     command = (f"{sys.executable} {TOOL} --sar --inplace --no-backup --tag PatientID "
                f"--regex_search '^(.*)$' --regex_replace 'GENHOSP\\1' --path {tree} "
                f"--log-dir {tmp_path / 'logs'} --no-progress -q --shard {{}}/4")
@@ -651,18 +657,7 @@ def test_the_readme_slurm_array_script_adds_up(slurm: dict, tmp_path: Path) -> N
     wrapper = work / "venv" / "bin" / "dicom_sar"  # the installed command, for this checkout
     wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {TOOL} \"$@\"\n")
     wrapper.chmod(0o755)
-    tree = work / "tree"
-    made = run_tool("--generate", "--scenario", "multi_patient", "--patients", "10",
-                    "--size", "16x16", "--output", tree, "--no-progress", cwd=tmp_path)
-    assert made.code == 0, made.err
-    (tree / "manifest.json").unlink()
-    single = tmp_path / "single"
-    shutil.copytree(tree, single)
-    one = run_tool("--sar", "--inplace", "--no-backup", "--tag", "PatientID",
-                   "--regex_search", "^(.*)$", "--regex_replace", r"GENHOSP\1", "--path",
-                   single, "--summary-json", tmp_path / "one.json", "--log-dir",
-                   tmp_path / "onelogs", cwd=tmp_path)
-    assert one.code == 0, one.err
+    tree, single = tree_and_single_run(work / "tree", tmp_path, patients=10)
     job = subprocess.run(["sbatch", "--wait", "--array=1-4", "--export=ALL,SHARDS=4",
                           str(TOOL.parent / "tools" / "dicom_sar.sbatch"), str(tree)],
                          cwd=work, env=slurm, capture_output=True, text=True, timeout=300)
