@@ -1046,7 +1046,7 @@ class Pool:
 
 def run_batch(task: Callable[[Candidate], FileResult], b: Batch) -> list[FileResult]:
     """One pool task: a few files, each guarded on its own, stamped for the time limit."""
-    _current_batch.value, _current_batch.spare = b, Spare()
+    _current_batch.value = b
     try:
         for cand in b.files:
             with b.lock:
@@ -1060,8 +1060,7 @@ def run_batch(task: Callable[[Candidate], FileResult], b: Batch) -> list[FileRes
                 b.done.append(result)
                 b.started = 0.0
     finally:
-        _current_batch.spare.drop()
-        _current_batch.value = _current_batch.spare = None
+        _current_batch.value = None
     return b.done
 
 
@@ -2437,17 +2436,14 @@ def open_temp(directory: Path, tag: str = "") -> tuple[int, Path]:
 def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *, fsync: bool,
                  like: Path | None = None,
                  before_replace: Callable[[Path], None] | None = None,
-                 recycle: bool = False, tag: str = "", writable: bool = False) -> None:
+                 tag: str = "", writable: bool = False) -> None:
     """produce() writes a temporary file beside target, which then replaces target.
 
     like: the file takes like's mode and times (writable: plus owner write, for a new file
     in an output tree the user will work on; a source on read-only media has none).
     fsync: the file's data is on disk before the rename (power-loss safe).
-    recycle: the temporary file may be the worker's spare, and target's old inode becomes
-    the next spare (see Spare); only for a replace in place with no other link to keep.
     """
-    spare = Spare.of_this_task() if recycle else None
-    fd, tmp = (spare and spare.reuse(target.parent)) or open_temp(target.parent, tag)
+    fd, tmp = open_temp(target.parent, tag)
     try:
         with open(fd, "wb", buffering=0) as out:  # unbuffered: see buffered_reader
             produce(out)
@@ -2462,148 +2458,11 @@ def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *, fsync: bo
         def replace() -> None:
             if before_replace is not None:
                 before_replace(tmp)
-            if spare is not None:
-                spare.keep(target, tag)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                if spare is not None:
-                    spare.drop()
-                raise
+            os.replace(tmp, target)
         commit(replace)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-FS_IOC_SETVERSION = 0x40087602  # _IOW('v', 2, long): set an inode's generation number
-
-
-class Spare:
-    """The original a worker last replaced in place, kept alive by a second link so that
-    its inode becomes the worker's next temporary file. One per pool task.
-
-    Why: without a journal, ext4 skips every recently deleted inode when it allocates one,
-    so after many replaces each new temporary file scans past all the inodes they freed
-    (the bench's in-place SAR of 2,000 CT files: 2.64 s before, 1.9-2.3 s after). A
-    recycled inode is neither allocated nor freed. It is written to only when nothing else
-    can reach the old bytes (private_inode): nobody who held the old file ever reads
-    another file's data through it.
-    """
-
-    def __init__(self) -> None:
-        self.path: Path | None = None
-        self.refused = False  # this filesystem (or owner) does not allow it: stop trying
-
-    @staticmethod
-    def of_this_task() -> Spare | None:
-        """The spare of the pool task running on this thread (None outside a task)."""
-        return getattr(_current_batch, "spare", None)
-
-    def keep(self, target: Path, tag: str = "") -> None:
-        """Just before target is replaced: link its inode under a temporary name."""
-        self.drop()
-        if self.refused:
-            return
-        spare = temp_path(target.parent, tag)
-        try:
-            os.link(target, spare, follow_symlinks=False)
-            self.path = spare
-        except OSError:
-            self.refused = True
-
-    def reuse(self, directory: Path) -> tuple[int, Path] | None:
-        """The spare, emptied, as a temporary file in directory; None (and the spare
-        deleted) when it is elsewhere or anything else could still see its bytes."""
-        spare, self.path = self.path, None
-        if spare is None or spare.parent != directory:  # inodes stay in their directory
-            unlink_quietly(spare)
-            return None
-        try:
-            fd = os.open(spare, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            unlink_quietly(spare)
-            return None
-        try:
-            if private_inode(fd):
-                empty_in_place(fd)
-                return fd, spare
-        except (OSError, AttributeError):  # no leases, generations or xattrs here (not Linux)
-            self.refused = True
-        os.close(fd)
-        unlink_quietly(spare)
-        return None
-
-    def drop(self) -> None:
-        """Delete the spare (the task ends, or its replace failed)."""
-        spare, self.path = self.path, None
-        unlink_quietly(spare)
-
-
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE = 0x01, 0x10
-
-
-def empty_in_place(fd: int) -> None:
-    """Make every byte of a recycled file read as zero, keeping its blocks allocated; the
-    next file is written over it from offset 0 and finish() cuts it to its own length.
-
-    Why not truncate: on ext4 that frees the blocks (on a disk mounted with `discard`, a
-    synchronous discard each time), the next file allocates new ones, and its close starts
-    writeback at once (ext4's auto_da_alloc, for truncate-then-rewrite). Zeroing the range
-    only marks the extents unwritten: on a journalled ext4, a power loss before the new data
-    is on disk shows zeros, never the previous file's bytes (as after a truncate; without a
-    journal ext4 orders no metadata, either way). Truncates where it cannot zero.
-    """
-    try:
-        fallocate = libc_fallocate()
-        if fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 0,
-                     os.fstat(fd).st_size) == 0:
-            return
-    except (OSError, AttributeError):  # no libc fallocate here
-        pass
-    os.ftruncate(fd, 0)
-
-
-@functools.cache
-def libc_fallocate() -> Callable[[int, int, int, int], int]:
-    """libc's fallocate(2) with its modes (os.posix_fallocate has none), loaded once."""
-    import ctypes
-
-    function = ctypes.CDLL(None).fallocate
-    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    return function
-
-
-def private_inode(fd: int) -> bool:
-    """True when only fd reaches this inode, and it gets a new generation number.
-
-    One link, our own owner, no extended attributes (ACLs and labels would carry over to
-    the next file); a write lease, which Linux grants only while no one else anywhere has
-    the file open or mapped; and a new generation, so NFS and open-by-handle references to
-    the old file go stale instead of reading the next one. Raises OSError where the
-    filesystem has no leases or generations (then the task stops recycling).
-    """
-    import fcntl
-
-    st = os.fstat(fd)
-    if (st.st_nlink != 1 or (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid())
-            or os.listxattr(fd)):
-        return False
-    fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)  # were the lease broken: a signal we ignore
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-    except BlockingIOError:  # someone has it open: not this one, but keep recycling
-        return False
-    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    fcntl.ioctl(fd, FS_IOC_SETVERSION, struct.pack("=Ixxxx", int.from_bytes(os.urandom(4))))
-    return True
-
-
-def unlink_quietly(path: Path | None) -> None:
-    """Delete a temporary file if there is one; a failure leaves a visible leftover."""
-    if path is not None:
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def write_dataset(ds: Dataset, out: BinaryIO) -> None:
@@ -2643,10 +2502,8 @@ def copy_file_atomic(source: Path, target: Path, *, fsync: bool, tag: str = "",
 
 
 def finish(fp: Any, fsync: bool) -> None:
-    """After produce(): flush, end the file where the writing ended (a recycled temporary
-    file starts as long as the file it was: see empty_in_place), fsync if wanted."""
+    """After produce(): flush, fsync if wanted (the file's data on disk before the rename)."""
     fp.flush()
-    os.ftruncate(fp.fileno(), fp.tell())
     if fsync:
         os.fsync(fp.fileno())
 
@@ -2784,7 +2641,7 @@ def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[BinaryIO
     st = cand.path.stat()
     try:
         write_atomic(cand.path, produce, fsync=opts.fsync, like=cand.path, tag=run_tag(opts),
-                     before_replace=before_replace, recycle=linked is None)
+                     before_replace=before_replace)
     except BaseException:
         if linked is not None:  # a link left behind would share the live file's inode
             linked.unlink(missing_ok=True)

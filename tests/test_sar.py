@@ -26,7 +26,6 @@ from conftest import (
     DAMAGE,
     FREE_THREADED_BUILD,
     TOOL,
-    as_part10,
     damaged,
     dcmdump,
     dicom_files,
@@ -576,99 +575,10 @@ def test_resume_knows_every_file_name_it_journaled(generated: Path, manifest: di
         assert read(tree / name).PatientID == "GENHOSP" + read(source).PatientID
 
 
-def generations_can_change(directory: Path) -> bool:
-    """Whether this filesystem lets an owner set an inode's generation (ext4 without
-    metadata_csum): only there does an in-place SAR recycle the inodes it replaces."""
-    import fcntl
-    import struct
-
-    import dicom_sar
-
-    probe = directory / "generation-probe"
-    fd = os.open(probe, os.O_CREAT | os.O_WRONLY, 0o600)
-    try:
-        fcntl.ioctl(fd, dicom_sar.FS_IOC_SETVERSION, struct.pack("=Ixxxx", 7))
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-        probe.unlink()
-
-
-def test_a_replaced_original_becomes_the_next_temporary_file(tmp_path: Path) -> None:
-    import dicom_sar
-
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.write_bytes(b"old a")
-    b.write_bytes(b"old b")
-    old_a = a.stat().st_ino
-    spare = dicom_sar._current_batch.spare = dicom_sar.Spare()  # what run_batch sets up
-    try:
-        dicom_sar.write_atomic(a, lambda out: out.write(b"new a"), fsync=False, like=a,
-                               recycle=True)
-        assert spare.path is not None and spare.path.stat().st_ino == old_a
-        assert spare.path.read_bytes() == b"old a" and spare.path.parent == tmp_path
-        dicom_sar.write_atomic(b, lambda out: out.write(b"b"), fsync=False, like=b,
-                               recycle=True)
-    finally:
-        spare.drop()
-        dicom_sar._current_batch.spare = None
-    assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"b")  # cut to its own length
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
-    if generations_can_change(tmp_path):  # elsewhere b's temporary file is a new one
-        assert b.stat().st_ino == old_a
-
-
-def test_emptying_a_recycled_file_leaves_none_of_its_bytes_readable(tmp_path: Path) -> None:
-    """The spare is zeroed in place (its blocks stay allocated: nothing freed, no discard),
-    or truncated where the filesystem cannot; either way no old byte can be read."""
-    import dicom_sar
-
-    path = tmp_path / "spare"
-    path.write_bytes(b"\xab" * 65536)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-        blocks = os.fstat(fd).st_blocks
-        dicom_sar.empty_in_place(fd)
-        st = os.fstat(fd)
-        assert os.pread(fd, 1 << 17, 0) == bytes(st.st_size)
-        if generations_can_change(tmp_path):  # ext4: zeroed, not freed
-            assert (st.st_size, st.st_blocks) == (65536, blocks)
-    finally:
-        os.close(fd)
-
-
-def test_a_recycled_file_is_cut_to_the_length_of_the_new_one(tmp_path: Path) -> None:
-    """Shrinking values over files of falling sizes in one directory: each new file lands
-    in the larger inode of the one before it, and must be exactly the reference output."""
-    from pydicom.dataset import Dataset
-
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    for i, size in enumerate([40000, 400, 4000]):
-        ds = Dataset()
-        ds.PatientID, ds.PatientName = f"LONG-PATIENT-ID-{i}-" + "X" * 30, "DOE^JANE"
-        ds.SOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
-        ds.SOPInstanceUID = pydicom.uid.generate_uid()
-        ds.PixelData = bytes(size)
-        ds["PixelData"].VR = "OB"
-        (tree / f"f{i}").write_bytes(as_part10(ds))
-    shrink = ["--tag", "PatientID", "--regex_search", "^(.).*$", "--regex_replace", r"\1",
-              "-j", "1"]
-    run = run_tool("--sar", *shrink, "--path", tree, "--output", tmp_path / "ref",
-                   cwd=tmp_path)
-    assert run.code == 0, run.err
-    run = run_tool("--sar", *shrink, "--inplace", "--no-backup", "--path", tree, cwd=tmp_path)
-    assert run.code == 0, run.err
-    for i in range(3):
-        assert (tree / f"f{i}").read_bytes() == (tmp_path / "ref" / f"f{i}").read_bytes()
-    assert read(tree / "f1").PatientID == "L"
-
-
-def test_recycled_inodes_never_show_a_reader_another_files_bytes(
+def test_a_reader_of_a_replaced_file_keeps_its_bytes(
         five_hundred: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every temporary file is new: a reader that had the original open reads it whole,
+    and no inode that held an original is ever written to."""
     orig, ref = five_hundred
     tree = tmp_path / "tree"
     shutil.copytree(orig, tree)
@@ -690,7 +600,7 @@ def test_recycled_inodes_never_show_a_reader_another_files_bytes(
     assert not set(after.values()) & {before[n] for n in held}  # never written to
 
 
-def test_recycling_carries_no_owner_or_attribute_to_the_next_file(
+def test_a_replace_in_place_carries_no_owner_or_attribute_to_another_file(
         five_hundred: tuple[Path, Path], tmp_path: Path) -> None:
     orig, _ = five_hundred
     tree = tmp_path / "tree"
@@ -1111,9 +1021,7 @@ def test_an_output_tree_from_read_only_sources_is_writable(generated: Path, mani
 def test_without_linux_only_calls_the_output_is_the_same(generated: Path, manifest: dict,
                                                          tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """No copy_file_range, listxattr, F_SETSIG or F_SETLEASE (macOS): slower, same bytes."""
-    import fcntl
-
+    """No copy_file_range or listxattr (macOS): slower, the same bytes."""
     import dicom_sar
     dicom_sar.configure_pydicom()
     sources = [generated / e["path"] for e in instances(manifest, scenario="multi_patient")[:4]]
@@ -1131,8 +1039,6 @@ def test_without_linux_only_calls_the_output_is_the_same(generated: Path, manife
     normal_inplace = sar(tmp_path / "b", "--inplace", "--no-backup")
     for name in ("copy_file_range", "listxattr"):
         monkeypatch.delattr(os, name, raising=False)
-    for name in ("F_SETSIG", "F_SETLEASE"):
-        monkeypatch.delattr(fcntl, name, raising=False)
     monkeypatch.setattr(shutil, "_copyxattr", lambda *a, **k: None)  # shutil's, without them
     assert sar(tmp_path / "c", "--output", str(tmp_path / "c_o")) == normal_tree
     assert sar(tmp_path / "d", "--inplace", "--no-backup") == normal_inplace
