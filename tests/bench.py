@@ -161,6 +161,9 @@ def format_row(row: dict) -> str:
 
 
 def main() -> None:
+    # as users run it: an imported module's bytecode is cached (an environment that turns
+    # the cache off would charge every run of the installed command a compile)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small corpora, under 2 minutes")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
