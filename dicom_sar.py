@@ -327,11 +327,6 @@ class Options:
     journal: Any = None  # Journal of a writing run (set by run())
     fast: bool = False  # plain public --tag (text dump, or SAR): the raw scanner may read
 
-    @property
-    def writes(self) -> bool:
-        """True when this run may create or replace files."""
-        return self.mode in ("sar", "generate") and not self.dry_run
-
 
 def options_from_args(ns: argparse.Namespace) -> Options:
     """Validate the parsed command line into Options; raise UsageError with advice."""
@@ -921,7 +916,6 @@ class Slot:
 
 _current_batch = threading.local()  # the Batch a worker thread is running, for commit()
 STOP_GRACE = 10.0  # seconds a file in flight may still take after Ctrl-C or SIGTERM
-STUCK_WORKERS = threading.Event()  # set once a worker had to be abandoned (see leave)
 
 
 def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
@@ -969,6 +963,7 @@ class Pool:
         self.workers, self.task, self.time_limit, self.stop = workers, task, time_limit, stop
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG)
         self.retired: list[ThreadPoolExecutor] = []
+        self.stuck = False  # a worker had to be abandoned: close() cannot wait for it
         self.slots: collections.deque[Slot] = collections.deque()
 
     def start(self, files: list[Candidate]) -> tuple[Batch, Future[list[FileResult]] | None]:
@@ -1026,7 +1021,7 @@ class Pool:
 
     def replace_executor(self) -> None:
         """A fresh executor takes the queued batches; the old one keeps its stuck thread."""
-        STUCK_WORKERS.set()
+        self.stuck = True
         old, self.executor = self.executor, ThreadPoolExecutor(
             max_workers=self.workers, thread_name_prefix=PROG)
         self.retired.append(old)
@@ -1041,7 +1036,7 @@ class Pool:
             if slot.future is not None:
                 slot.future.cancel()
         for executor in [*self.retired, self.executor]:
-            executor.shutdown(wait=not STUCK_WORKERS.is_set())
+            executor.shutdown(wait=not self.stuck)
 
 
 def run_batch(task: Callable[[Candidate], FileResult], b: Batch) -> list[FileResult]:
@@ -4199,15 +4194,24 @@ class Session:
 
 
 def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int:
-    """Index, group by study, send study by study over the pool; log and summarise."""
-    import uuid
-
+    """Index, group by study, send study by study over the pool; log and summarise.
+    pynetdicom's settings are ours for the run, before any thread, and restored after."""
     from pynetdicom import _config
 
-    target: SendTarget = opts.send
-    _config.STORE_SEND_CHUNKED_DATASET = True  # stream files; set once, before any thread
+    saved = _config.STORE_SEND_CHUNKED_DATASET, _config.LOG_HANDLER_LEVEL
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream files
     _config.LOG_HANDLER_LEVEL = "standard" if opts.verbose else "none"
-    target = with_tls(target)
+    try:
+        return send_run(opts, out, stop)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET, _config.LOG_HANDLER_LEVEL = saved
+
+
+def send_run(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int:
+    """run_send's work: echo, or index, then send_studies."""
+    import uuid
+
+    target = with_tls(opts.send)
     if target is None:
         return EXIT_FAILURES
     opts = dataclasses.replace(opts, send=target)
@@ -4232,7 +4236,12 @@ def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int
                 log.warning("%s: %s", result.path, result.record.note)
                 print(f"warning: {result.path}: {result.record.note}", file=sys.stderr)
     reporter.close_bar()
-    return send_studies(studies, opts, out, reporter, stop, session)
+    try:
+        return send_studies(studies, opts, out, reporter, stop, session)
+    finally:
+        for handler in list(session.log.handlers):  # the session's log is closed with it
+            session.log.removeHandler(handler)
+            handler.close()
 
 
 def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable[[str], None],

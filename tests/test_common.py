@@ -369,17 +369,17 @@ def test_time_limit_gives_up_on_a_stuck_file_and_commits_nothing_for_it(tmp_path
             dicom_sar.write_bytes_atomic(b"late", tmp_path / "f05.out", fsync=False)
         return dicom_sar.FileResult(cand.path, "ok")
 
+    t0 = time.monotonic()
     try:
         cands = (dicom_sar.Candidate(tmp_path / n, tmp_path) for n in names)
         results = list(dicom_sar.run_ordered(cands, task, 2, dicom_sar.threading.Event(),
                                              time_limit=0.5, batch=4))
+        assert time.monotonic() - t0 < 30  # the pool did not wait for the stuck thread (60 s)
     finally:
         release.set()  # the abandoned worker wakes up and must not commit its write
     assert [r.path.name for r in results] == names
     assert [r.path.name for r in results if r.status == "error"] == ["f05"]
     assert results[5].error_type == "TimeLimit" and "left as it was" in results[5].message
-    assert dicom_sar.STUCK_WORKERS.is_set()
-    dicom_sar.STUCK_WORKERS.clear()
     time.sleep(0.3)
     assert not (tmp_path / "f05.out").exists()
     assert not list(tmp_path.glob(".dicom_sar-tmp-*"))
@@ -408,7 +408,6 @@ def test_after_a_stop_a_stuck_file_is_given_up_on_within_the_grace(tmp_path: Pat
     assert [r.status for r in results[:4]] == ["ok", "ok", "error", "ok"]
     assert "after the stop signal" in results[2].message
     assert len(results) < 100  # no new files were taken after the stop
-    dicom_sar.STUCK_WORKERS.clear()
     time.sleep(0.3)
     assert not (tmp_path / "f02.out").exists()
 
