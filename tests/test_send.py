@@ -69,7 +69,10 @@ def tree_of(generated: Path, manifest: dict, tmp_path: Path, *scenarios: str) ->
 
 
 def received(rx: Path) -> dict[str, pydicom.Dataset]:
-    return {str(ds.SOPInstanceUID): ds for ds in (read(p) for p in rx.iterdir() if p.is_file())}
+    """The instances a receiver stored, by SOP Instance UID (a file that a receiver killed
+    mid-transfer left behind, cut short before its UID, is not one)."""
+    stored = (read(p) for p in rx.iterdir() if p.is_file())
+    return {str(ds.SOPInstanceUID): ds for ds in stored if "SOPInstanceUID" in ds}
 
 
 def test_everything_arrives_intact_at_storescp(ns, storescp, generated: Path, manifest: dict,
