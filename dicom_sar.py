@@ -699,7 +699,6 @@ def listed(opts: Options, excluded: list[Path]) -> Iterator[Candidate]:
     the --path roots (default .), with the walk's rules: content decides, our own files and
     temporary files are not input, FIFOs and devices are skipped, directories ignored."""
     roots = [(root, os.path.abspath(root)) for root in opts.paths]
-    ours = [os.path.realpath(p) for p in excluded]
     for name in listed_names(opts):
         path = Path(name)
         absolute = os.path.abspath(path)
@@ -711,7 +710,7 @@ def listed(opts: Options, excluded: list[Path]) -> Iterator[Candidate]:
             continue
         if path.name.startswith(TEMP_PREFIX):
             yield Candidate(path, root, "skip: leftover temporary file of an earlier run")
-        elif path.is_dir() or any(is_within(path, place) for place in ours):
+        elif path.is_dir() or any(is_within(path, place) for place in excluded):
             continue
         else:
             yield from _file_candidate(path, root, opts, explicit=False)
@@ -1924,19 +1923,23 @@ def raw_scan(path: str | Path, wanted: dict[int, None], keep_top: dict[int, None
     return scan, size
 
 
-def odd_length_element(path: str | Path) -> int:
-    """The first element of odd length in a file (0 for none); the file reads to its end."""
-    scan, _ = raw_scan(path, {})
+def checked_whole(path: str | Path) -> int:
+    """Check that a file reads to its end (every element, item and sequence, the pixel
+    data's fragments and whatever follows them whole and where their lengths say): the
+    first element of odd length (0 for none); raises UnreadableFileError."""
+    try:
+        scan, _ = raw_scan(path, {})
+    except RawScanError as exc:
+        raise UnreadableFileError(str(exc)) from None
     return scan.odd if scan is not None else 0
 
 
 def unreadable(path: str | Path) -> str | None:
-    """Why a DICOM file cannot be read to its end, or None when it can: every element, item
-    and sequence, the pixel data's fragments and whatever follows them must be whole and
-    where their lengths say. SAR writes, and send sends, only files that pass."""
+    """Why a DICOM file cannot be read to its end, or None when it can (see checked_whole).
+    SAR writes, and send sends, only files that pass."""
     try:
-        raw_scan(path, {})
-    except RawScanError as exc:
+        checked_whole(path)
+    except UnreadableFileError as exc:
         return str(exc)
     return None
 
@@ -1962,10 +1965,14 @@ def fast_tagged_lines(path: str | Path, specs: tuple[TagSpec, ...]) -> tuple[lis
     return lines, size
 
 
-def raw_header(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, str | None]:
+Header = tuple[Dataset | None, int, str | None, int]  # read_dataset's, and the first odd tag
+
+
+def raw_header(path: Path, wanted: Iterable[int]) -> Header:
     """The top-level elements wanted of a header, by a raw scan of the whole file:
     (dataset, size, kind) like read_dataset, the dataset holding only the wanted elements,
-    their group lengths, SpecificCharacterSet and the file meta, each raw with its offset.
+    their group lengths, SpecificCharacterSet and the file meta, each raw with its offset;
+    and the first element of odd length in the file (0 for none).
 
     Raises RawScanError when the file should go the pydicom way.
     """
@@ -1973,7 +1980,7 @@ def raw_header(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, 
     scan, size = raw_scan(path, {}, table([*wanted, *(t & 0xFFFF0000 for t in wanted),
                                            0x00080005]))
     if scan is None:
-        return None, size, None
+        return None, size, None, 0
     if scan.kind != "part10":
         raise RawScanError("no file meta: pydicom decides the encoding")
     # from {tag: raw element} dicts, as pydicom's own reader builds them (no per-element
@@ -1981,25 +1988,27 @@ def raw_header(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, 
     ds = Dataset({raw.tag: raw for raw in scan.top.values()})
     ds.file_meta = pydicom.dataset.FileMetaDataset({raw.tag: raw for raw in scan.meta})
     ds.set_original_encoding(scan.implicit, scan.little, None)
-    return ds, size, scan.kind
+    return ds, size, scan.kind, scan.odd
 
 
-def header_with(path: Path, wanted: Iterable[int]) -> tuple[Dataset | None, int, str | None]:
-    """A header holding at least the wanted top-level tags, of a file that reads to its end:
-    raw_header, or pydicom's whole header for anything unusual (pydicom decides, and reports
-    what is wrong with the file). Raises UnreadableFileError for a file cut short or broken."""
+def header_with(path: Path, wanted: Iterable[int]) -> Header:
+    """A header holding at least the wanted top-level tags, of a file that reads to its end,
+    with its first odd-length element: raw_header, or pydicom's whole header for anything
+    unusual (pydicom decides, and reports what is wrong with the file). Raises
+    UnreadableFileError for a file cut short or broken."""
     try:
         return raw_header(path, wanted)
     except RAW_FALLBACK:
-        return whole(path, read_dataset(path, header_only=True))
+        ds, size, kind = read_dataset(path, header_only=True)
+        return ds, size, kind, checked_whole(path) if ds is not None else 0
 
 
 def whole(path: str | Path, read: tuple[Dataset | None, int, str | None]
           ) -> tuple[Dataset | None, int, str | None]:
     """read_dataset's answer for path, once the whole file is known to read to its end (what
     pydicom does not check: it reads sequences lazily and stops at the pixel data)."""
-    if read[0] is not None and (why := unreadable(path)) is not None:
-        raise UnreadableFileError(why)
+    if read[0] is not None:
+        checked_whole(path)
     return read
 
 
@@ -2243,7 +2252,7 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
 def sar_header(path: Path, opts: Options) -> tuple[Dataset | None, int, str | None]:
     """The header for planning: by raw scan for plain top-level tags, else by pydicom."""
     if opts.fast:
-        return header_with(path, [s.leaf.tag for s in opts.specs])
+        return header_with(path, [s.leaf.tag for s in opts.specs])[:3]
     return whole(path, read_dataset(path, header_only=True))
 
 
@@ -3852,7 +3861,7 @@ INDEX_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)  # SOP class, inst
 def index_task(cand: Candidate, opts: Options) -> FileResult:
     """Index one file that reads to its end (a broken one is never sent): its study, SOP
     class and instance (the dataset's own, as DCMTK sends them) and transfer syntax."""
-    ds, size, kind = header_with(cand.path, INDEX_TAGS)
+    ds, size, kind, odd = header_with(cand.path, INDEX_TAGS)
     if ds is None:
         return FileResult(cand.path, "not-dicom", nbytes=size)
     uids = {k: str(ds.get(k) or "").strip() for k in ("SOPClassUID", "SOPInstanceUID",
@@ -3874,7 +3883,7 @@ def index_task(cand: Candidate, opts: Options) -> FileResult:
     note = ("file meta disagrees with the dataset (" + "; ".join(disagree) +
             "): sending the dataset's UIDs") if disagree else ""
     stream = kind == "part10" and not disagree
-    if stream and syntax != DEFLATED and (odd := odd_length_element(cand.path)):
+    if stream and syntax != DEFLATED and odd:
         # as it is, a receiver waits for the byte that would make it even
         note, stream = (f"element {BaseTag(odd)} has an odd length: sending it re-encoded "
                         "(padded even)"), False
@@ -4164,22 +4173,17 @@ def verify_sent(target: SendTarget, sent: list[Sent]) -> list[str]:
             delivered.setdefault((s.study, s.series), []).append(s)
     if not delivered:
         return []
-    tried = open_association(target, find_contexts())
-    if tried.assoc is None:
-        return [f"verify: no association for C-FIND: {tried.why}"]
+    held, why = held_by_series(target, list(delivered), 1)  # one association, as before
+    if why:
+        return [f"verify: no association for C-FIND: {why}"]
     problems = []
-    try:
-        for (study, series), files in delivered.items():
-            held = held_instances(tried.assoc, study, series)
-            if held is None:
-                problems.append(f"verify: the receiver did not answer the C-FIND for study "
-                                f"{study}")
-                continue
-            problems += [f"verify: {s.path}: acknowledged (status 0x{s.status or 0:04X}) but "
-                         f"not held by the receiver" for s in files if s.sop_instance not in held]
-    finally:
-        if tried.assoc.is_established:
-            tried.assoc.release()
+    for (study, series), files in delivered.items():
+        got = held[(study, series)]
+        if got is None:
+            problems.append(f"verify: the receiver did not answer the C-FIND for study {study}")
+            continue
+        problems += [f"verify: {s.path}: acknowledged (status 0x{s.status or 0:04X}) but "
+                     f"not held by the receiver" for s in files if s.sop_instance not in got]
     return problems
 
 
@@ -4407,6 +4411,11 @@ def held_by_series(target: SendTarget, keys: list[SeriesKey], workers: int
     return held, why
 
 
+def series_keys(instances: list[dict[str, Any]]) -> list[SeriesKey]:
+    """The series a manifest's instances are in, each once, in manifest order."""
+    return list(dict.fromkeys((e["study_uid"], e["series_uid"]) for e in instances))
+
+
 def read_manifest(path: Path) -> list[dict[str, Any]]:
     """The instances of a --generate manifest (a usage error for anything else)."""
     try:
@@ -4454,8 +4463,7 @@ def run_check(opts: Options, out: Callable[[str], None]) -> int:
     if target is None:
         return EXIT_FAILURES
     instances = read_manifest(opts.manifest)
-    keys = list(dict.fromkeys((e["study_uid"], e["series_uid"]) for e in instances))
-    held, why = held_by_series(target, keys, opts.workers)
+    held, why = held_by_series(target, series_keys(instances), opts.workers)
     report = compare_with_manifest(instances, held)
     report = {"manifest": str(opts.manifest), "destination": f"{target.host}:{target.port}",
               "instances": len(instances), **report}
@@ -4504,6 +4512,10 @@ def run_ingest_test(opts: Options, out: Callable[[str], None], stop: StopSignal)
     if opts.output.exists() and any(opts.output.iterdir()):
         raise UsageError(f"--output {opts.output}: --ingest-test generates into a new or empty "
                          "directory")
+    target = with_tls(opts.send)  # one TLS context for the send, the settling and the check
+    if target is None:
+        return EXIT_FAILURES
+    opts = dataclasses.replace(opts, send=target)
     print(f"== generate into {opts.output}", file=sys.stderr)
     if run_generate(dataclasses.replace(opts, mode="generate"), out, stop) not in (0, 1) \
             or stop.signum:
@@ -4525,7 +4537,7 @@ def settle(opts: Options, instances: list[dict[str, Any]]) -> None:
     target = with_tls(opts.send)
     if target is None:
         return
-    keys = list(dict.fromkeys((e["study_uid"], e["series_uid"]) for e in instances))
+    keys = series_keys(instances)
     deadline, last = time.monotonic() + target.settle_timeout, -1
     while time.monotonic() < deadline:
         held, _ = held_by_series(target, keys, opts.workers)
