@@ -8,14 +8,6 @@ Runs on free-threaded CPython 3.13t (parallel) and on any CPython >= 3.11 (GIL, 
 
 from __future__ import annotations
 
-import gc
-
-# Importing pydicom allocates ~100k objects (its data dictionaries); left on, the cyclic GC
-# would stop the world a dozen times to scan them: ~30 ms, 10% of a tag dump's start-up.
-# Nothing imported here makes garbage cycles worth collecting meanwhile.
-_GC_WAS_ENABLED = gc.isenabled()
-gc.disable()
-
 import argparse
 import collections
 import contextlib
@@ -23,7 +15,9 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
+import gc
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -44,26 +38,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, NoReturn
 
-import pydicom
-import pydicom.charset
-import pydicom.config
-import pydicom.datadict
-import pydicom.encaps
-import pydicom.filewriter
-import pydicom.uid
-import pydicom.valuerep
-from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
-from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
-from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
-from pydicom.tag import BaseTag
-
-if _GC_WAS_ENABLED:
-    gc.enable()
+if TYPE_CHECKING:  # imported by load_pydicom(), on first need
+    from pydicom.dataelem import DataElement, RawDataElement
+    from pydicom.dataset import Dataset
 
 __version__ = "0.1.0"
 PROG = "dicom_sar"
@@ -81,11 +61,15 @@ def table(items: Iterable[Any]) -> dict[Any, None]:
     return dict.fromkeys(items)
 
 
-STRING_VRS = table("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
-TEXT_VRS = table("SH LO ST LT UC UT PN".split())  # affected by SpecificCharacterSet
-SINGLE_VALUE_VRS = table("LT ST UT UR".split())  # backslash is text, not a delimiter
-BULK_VRS = table("OB OD OF OL OV OW UN".split())
-LONG_LENGTH_VRS = table("OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # 4-byte lengths
+# pydicom.valuerep's tables, retyped because the raw tag dump runs without importing pydicom;
+# tests/test_dump.py proves each equal to pydicom's
+VALID_VRS = table("AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV "
+                  "TM UC UI UL UN UR US UT UV".split())  # STANDARD_VR
+STRING_VRS = table("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())  # STR_VR
+TEXT_VRS = table("SH LO ST LT UC UT PN".split())  # CUSTOMIZABLE_CHARSET_VR
+BULK_VRS = table("OB OD OF OL OV OW UN".split())  # BYTES_VR
+LONG_LENGTH_VRS = table("OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # EXPLICIT_VR_LENGTH_32
+SINGLE_VALUE_VRS = table("LT ST UT UR".split())  # VM 1 by the standard: backslash is text
 
 log = logging.getLogger(PROG)
 errlog = logging.getLogger(PROG + ".errors")
@@ -116,13 +100,134 @@ def default_workers() -> int:
 
 
 def runtime_line() -> str:
-    """One line for logs and summaries: Python version and free-threaded yes/no."""
+    """One line for logs and summaries: Python version, free-threaded yes/no, and pydicom's
+    version once it is imported (a raw tag dump may never import it)."""
+    imported = sys.modules.get("pydicom")
     return (f"Python {sys.version.split()[0]}, free-threaded: {'yes' if gil_disabled() else 'no'}, "
-            f"pydicom {pydicom.__version__}")
+            + (f"pydicom {imported.__version__}" if imported is not None
+               else "pydicom's dictionaries (package not imported)"))
 
 
 class UsageError(Exception):
     """A problem with the command line; reported before any file is touched (exit 2)."""
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# pydicom: its dictionaries at start-up, the package itself on first need
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+def pydicom_table(name: str) -> ModuleType:
+    """One of pydicom's generated table modules (`_dicom_dict`, `_uid_dict`: plain dicts, no
+    imports), loaded from the installed package without running its __init__ (which imports
+    pixel handlers, codecs and importlib.metadata: ~170 ms). pydicom's own import finds it in
+    sys.modules and uses the same objects."""
+    qualified = "pydicom." + name
+    module = sys.modules.get(qualified)
+    if module is None:
+        package = importlib.util.find_spec("pydicom")  # finds, does not import
+        if package is None or not package.submodule_search_locations:
+            raise SystemExit(f"{PROG}: pydicom is not installed (pip install -r requirements.txt)")
+        spec = importlib.util.spec_from_file_location(
+            qualified, os.path.join(package.submodule_search_locations[0], name + ".py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module = sys.modules.setdefault(qualified, module)
+    return module
+
+
+DICOM_DICTIONARY: dict[int, tuple[str, str, str, str, str]] = \
+    pydicom_table("_dicom_dict").DicomDictionary  # tag: (VR, VM, name, retired, keyword)
+UID_DICTIONARY: dict[str, tuple[str, str, str, str, str]] = \
+    pydicom_table("_uid_dict").UID_dictionary  # uid: (name, type, info, retired, keyword)
+UID_BY_KEYWORD = {info[4]: uid for uid, info in UID_DICTIONARY.items() if info[4]}
+IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE, DEFLATED = (UID_BY_KEYWORD[k] for k in (
+    "ImplicitVRLittleEndian", "ExplicitVRLittleEndian", "ExplicitVRBigEndian",
+    "DeflatedExplicitVRLittleEndian"))
+# pydicom.charset's Python names for the character sets most files declare, retyped for the
+# raw tag dump (equal to pydicom's: tests/test_dump.py); any other goes to pydicom
+COMMON_CHARSETS = {"ISO_IR 6": "iso8859", "ISO_IR 100": "latin_1", "ISO_IR 192": "UTF8"}
+DEFAULT_ENCODING = COMMON_CHARSETS["ISO_IR 6"]  # pydicom.charset.default_encoding
+_PYDICOM_LOCK = threading.Lock()
+
+
+def dictionary_entry(tag: int) -> tuple[str, str, str, str, str] | None:
+    """A public tag's entry in pydicom's dictionary, as pydicom.datadict.get_entry finds it:
+    the dictionary, else the repeating groups (curves, overlays); None for an unknown tag."""
+    entry = DICOM_DICTIONARY.get(tag)
+    if entry is None and not (tag >> 16) % 2:
+        entry = repeater_entries().get(tag)
+    return entry
+
+
+@functools.cache
+def repeater_entries() -> dict[int, tuple[str, str, str, str, str]]:
+    """pydicom's repeating-group entries (masks like 60xx3000) spelled out per tag, the first
+    mask matching a tag winning as in pydicom.datadict.mask_match."""
+    entries: dict[int, tuple[str, str, str, str, str]] = {}
+    for mask, entry in pydicom_table("_dicom_dict").RepeatersDictionary.items():
+        digits = ["0123456789ABCDEF" if c == "x" else c for c in mask]
+        for spelled in itertools.product(*digits):
+            entries.setdefault(int("".join(spelled), 16), entry)
+    return entries
+
+
+@functools.cache
+def keyword_tags() -> dict[str, int]:
+    """Keyword -> tag, as pydicom.datadict.keyword_dict."""
+    return {entry[4]: tag for tag, entry in DICOM_DICTIONARY.items()}
+
+
+def python_encodings(terms: list[str]) -> list[str]:
+    """pydicom.charset.convert_encodings of a SpecificCharacterSet's terms; the common single
+    ones without importing pydicom."""
+    if len(terms) == 1 and (terms[0] or "ISO_IR 6") in COMMON_CHARSETS:
+        return [COMMON_CHARSETS[terms[0] or "ISO_IR 6"]]
+    load_pydicom()
+    return pydicom.charset.convert_encodings(terms)
+
+
+def load_pydicom() -> None:
+    """Import pydicom and configure it, once a process, from whichever thread first needs it:
+    every mode but the raw tag dump, before its pool starts; a raw dump when a file is
+    unusual. Binds the module-level names the TYPE_CHECKING block above declares."""
+    global pydicom, DataElement, RawDataElement, Dataset, BaseTag, DicomBytesIO  # noqa: PLW0603
+    global convert_raw_data_element, correct_ambiguous_vr_element, write_data_element  # noqa: PLW0603
+    global generate_fragments, InvalidDicomError  # noqa: PLW0603
+    if "generate_fragments" in globals():
+        return
+    with _PYDICOM_LOCK:
+        if "generate_fragments" in globals():
+            return
+        # Importing pydicom allocates ~100k objects; the cyclic GC would stop the world a
+        # dozen times to scan them meanwhile
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            import pydicom
+            import pydicom.charset
+            import pydicom.config
+            import pydicom.datadict
+            import pydicom.encaps
+            import pydicom.filewriter
+            import pydicom.uid
+            import pydicom.valuerep
+            from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+            from pydicom.dataset import Dataset
+            from pydicom.errors import InvalidDicomError
+            from pydicom.filebase import DicomBytesIO
+            from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
+            from pydicom.tag import BaseTag
+            pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+            pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+            # no warnings of pydicom's from the threads (errors.log tells what is wrong with a
+            # file); other libraries' warnings are left as they are
+            warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+            from pydicom.encaps import generate_fragments
+        finally:
+            if was_enabled:
+                gc.enable()
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -235,7 +340,8 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
     sar.add_argument("--copy-unmodified", action="store_true",
                      help="also copy unmodified DICOM files into the output tree")
     sar.add_argument("--no-fsync", action="store_true",
-                     help="skip fsync before each rename (faster, not power-loss safe)")
+                     help="sar, generate: no flush to disk before the renames (faster; a "
+                     "power cut may then leave files empty)")
 
     gen = p.add_argument_group("generate")
     gen.add_argument("--scenario", action="append", metavar="NAME",
@@ -357,7 +463,7 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         summary_json = Path(ns.log_dir) / f"dicom_sar-summary.{shard_tag(shard)}.json"
     common = dict(
         mode=mode, paths=paths, specs=specs, glob=ns.glob, workers=workers,
-        time_limit=ns.time_limit,
+        time_limit=ns.time_limit, fsync=not ns.no_fsync,
         follow_symlinks=ns.follow_symlinks, log_dir=Path(ns.log_dir),
         summary_json=summary_json,
         progress=not ns.no_progress and not ns.quiet and sys.stderr.isatty(),
@@ -449,7 +555,7 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
                              "--inplace (which keeps a backup)")
     return dict(pattern=pattern, replacement=ns.regex_replace, deep=ns.deep,
                 all_strings=not specs, inplace=ns.inplace, output=output, backup=backup,
-                copy_unmodified=ns.copy_unmodified, fsync=not ns.no_fsync,
+                copy_unmodified=ns.copy_unmodified,
                 fast=bool(specs) and not ns.deep and fast_specs_ok(specs))
 
 
@@ -518,13 +624,10 @@ class TagSpec:
 
     def dictionary_vr(self) -> str | None:
         """The VR pydicom's dictionary gives the leaf, when it is a public tag."""
-        leaf = self.leaf
-        if leaf.creator is not None:
+        entry = dictionary_entry(self.leaf.tag) if self.leaf.creator is None else None
+        if entry is None:
             return None
-        try:
-            vr = pydicom.datadict.dictionary_VR(leaf.tag)
-        except KeyError:
-            return None
+        vr = entry[0]
         return vr if vr in STRING_VRS or " or " not in vr else None
 
     def label(self) -> str:
@@ -599,10 +702,10 @@ def _parse_element(s: str, pos: int) -> tuple[Step, int]:
 
 def tag_for_keyword(keyword: str) -> int:
     """The tag of a dictionary keyword, or a UsageError with a did-you-mean suggestion."""
-    tag = pydicom.datadict.tag_for_keyword(keyword)
+    keywords = keyword_tags()
+    tag = keywords.get(keyword)
     if tag is not None:
-        return int(tag)
-    keywords = pydicom.datadict.keyword_dict
+        return tag
     by_lower = {k.lower(): k for k in keywords}
     guess = by_lower.get(keyword.lower()) or next(
         iter(difflib.get_close_matches(keyword, list(keywords), n=1, cutoff=0.75)), None)
@@ -619,15 +722,16 @@ def keyword_of(tag: int, creator: str | None = None) -> str:
     if (tag >> 16) % 2 == 1:
         if 0x10 <= tag & 0xFFFF <= 0xFF:
             return "PrivateCreator"
+        load_pydicom()
         try:
             words = pydicom.datadict.private_dictionary_description(tag, creator or "")
         except KeyError:
             return "Unknown Tag & Data"
         return "".join(w[:1].upper() + w[1:] for w in re.split(r"[^A-Za-z0-9]+", words))
-    keyword = pydicom.datadict.keyword_for_tag(tag)
-    if not keyword:
+    entry = dictionary_entry(tag)
+    if entry is None or not entry[4]:
         return "Unknown Tag & Data"
-    return "RETIRED_" + keyword if pydicom.datadict.dictionary_is_retired(tag) else keyword
+    return "RETIRED_" + entry[4] if "retired" in entry[3].lower() else entry[4]
 
 
 def creator_of(ds: Dataset, tag: int) -> str | None:
@@ -849,7 +953,7 @@ def sniff_dicom(head: bytes, size: int) -> str | None:
         if group % 2 or not 0x0002 <= group <= 0x0010 or elem > 0x0100:
             continue
         vr = head[4:6].decode("latin-1")
-        if vr in pydicom.valuerep.VR.__members__:
+        if vr in VALID_VRS:
             return "bare"
         (length,) = struct.unpack(order + "I", head[4:8])
         if length < size:
@@ -881,6 +985,7 @@ class FileResult:
     changes: tuple[Change, ...] = ()
     rejections: tuple[str, ...] = ()
     record: Any = None  # --send: what the index found
+    staged: Staged | None = None  # a written file waiting for its batch's commit (Committer)
 
 
 class TimeLimitError(Exception):
@@ -893,8 +998,8 @@ class Batch:
 
     This is the one state a worker shares with the main thread, and only for the per-file
     time limit: the worker appends results and stamps each file's start; the main thread may
-    mark the batch abandoned. Both happen under the lock, as does every commit (rename), so a
-    file reported as timed out was never replaced.
+    mark the batch abandoned. Both happen under the lock: a file reported as timed out is
+    never committed (its staged file is removed).
     """
 
     files: list[Candidate]
@@ -1050,6 +1155,7 @@ def run_batch(task: Callable[[Candidate], FileResult], b: Batch) -> list[FileRes
             result = guarded(task, cand) if cand.problem is None else problem_result(cand)
             with b.lock:
                 if b.abandoned:
+                    discard(result.staged)  # reported as timed out: nobody commits it
                     break
                 b.done.append(result)
                 b.started = 0.0
@@ -1149,7 +1255,7 @@ def header_in_memory(head: bytes, size: int) -> Dataset | None:
     return ds
 
 
-DEFLATED_UID = pydicom.uid.DeflatedExplicitVRLittleEndian.encode()
+DEFLATED_UID = DEFLATED.encode()
 MAX_INFLATED = 1 << 30  # a deflated dataset may not inflate beyond 1 GiB
 
 
@@ -1160,6 +1266,10 @@ def check_inflated_size(fp: Any, size: int) -> None:
     fp.seek(132 + 12 + group_length)
     for _ in inflated(iter(lambda: fp.read(1 << 16), b""), size):
         pass
+
+
+class DeflateBombError(Exception):
+    """A deflated dataset that would inflate far beyond its file's size."""
 
 
 def inflated(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
@@ -1174,8 +1284,8 @@ def inflated(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
         while True:
             total += len(data)
             if total > MAX_INFLATED or total > 2000 * size:
-                raise InvalidDicomError(f"deflated dataset inflates to over {total >> 20} MiB "
-                                        f"from {size} bytes (deflate bomb?)")
+                raise DeflateBombError(f"deflated dataset inflates to over {total >> 20} MiB "
+                                       f"from {size} bytes (deflate bomb?)")
             yield data
             if not inflater.unconsumed_tail:
                 break
@@ -1183,7 +1293,7 @@ def inflated(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     yield inflater.flush()
 
 
-class TruncatedFileError(InvalidDicomError):
+class TruncatedFileError(Exception):
     """The file ends before an element it declares."""
 
 
@@ -1278,17 +1388,23 @@ def decode_text(value: bytes, vr: str, encodings: list[str], padding: bytes = b"
     and spaces too)."""
     value = value.rstrip(padding if vr != "UI" else b"\x00 ")
     if vr in TEXT_VRS:
+        if value.isascii() and b"\x1b" not in value:  # as every charset pydicom knows reads it
+            return value.decode("ascii")
+        load_pydicom()
         delimiters = {0x5C, 0x3D, 0x5E} if vr == "PN" else {0x5C}
         text = pydicom.charset.decode_bytes(value, encodings, delimiters)
         # pydicom hands ISO 2022 IR 58 (GB2312) to Python's codec whole, which keeps its
         # designation ESC $ ) A as text; no escape sequence belongs in a decoded value
-        return ISO2022_ESCAPES.sub("", text) if "\x1b" in text else text
+        return iso2022_escapes().sub("", text) if "\x1b" in text else text
     # ASCII by the standard; other bytes pass through as themselves, as dcmdump prints them
     return value.decode("ascii", "surrogateescape")
 
 
-ISO2022_ESCAPES = re.compile("|".join(re.escape(code.decode("latin-1"))
-                                      for code in pydicom.charset.CODES_TO_ENCODINGS))
+@functools.cache
+def iso2022_escapes() -> re.Pattern[str]:
+    """The ISO 2022 escape sequences pydicom knows, as text."""
+    return re.compile("|".join(re.escape(code.decode("latin-1"))
+                               for code in pydicom.charset.CODES_TO_ENCODINGS))
 
 
 def render_value(raw: RawDataElement, vr: str, encodings: list[str]) -> tuple[str, int]:
@@ -1303,8 +1419,8 @@ def render_value(raw: RawDataElement, vr: str, encodings: list[str]) -> tuple[st
         if not text:
             return "(no value available)", 0
         vm = 1 if vr in SINGLE_VALUE_VRS else text.count("\\") + 1
-        if vr == "UI" and text in pydicom.uid.UID_dictionary:
-            return "=" + (_DCMTK_TS_NAMES.get(text) or pydicom.uid.UID(text).keyword), vm
+        if vr == "UI" and text in UID_DICTIONARY:
+            return "=" + (_DCMTK_TS_NAMES.get(text) or UID_DICTIONARY[text][4]), vm
         if len(text.encode("utf-8", "surrogateescape")) + 2 > LINE_WIDTH:
             return "[" + shorten_bytes(text, LINE_WIDTH - 4) + "...", vm
         return f"[{text}]", vm
@@ -1373,7 +1489,7 @@ def printed_length(raw: RawDataElement, vr: str, encodings: list[str]) -> int:
     converts the value (one with bytes outside ASCII) to UTF-8 (without its trailing spaces,
     padded even)."""
     if vr not in TEXT_VRS or not raw.value or (raw.value.isascii() and b"\x1b" not in raw.value) \
-            or encodings in (["UTF8"], [pydicom.charset.default_encoding]):
+            or encodings in (["UTF8"], [DEFAULT_ENCODING]):
         return raw.length
     text = decode_text(raw.value, vr, encodings, padding=b" ")
     size = len(text.encode("utf-8", "surrogateescape"))
@@ -1552,10 +1668,25 @@ class RawScanError(Exception):
 RAW_FALLBACK = (RawScanError,)
 
 
-IMPLICIT_LE, EXPLICIT_BE = pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRBigEndian
-_VR_CACHE: dict[int, str] = {}
+class RawElement(NamedTuple):
+    """An element as the raw scanner read it: pydicom's RawDataElement's fields (raw_header()
+    hands them to pydicom as such), without importing pydicom."""
+
+    tag: int
+    VR: str
+    length: int
+    value: bytes
+    value_tell: int
+    is_implicit_VR: bool  # noqa: N815 (pydicom's field name)
+    is_little_endian: bool
+
+
+def tag_label(tag: int) -> str:
+    """(GGGG,EEEE), as pydicom's BaseTag prints a tag."""
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
 PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # where stop_before_pixels stops
-VALID_VRS = table(pydicom.valuerep.VR.__members__)  # str keys: lock-free lookups on 3.13t
 SHORT_VRS = table(vr for vr in VALID_VRS if vr not in LONG_LENGTH_VRS)  # 2-byte lengths
 EXPLICIT_LE_HEADER = struct.Struct("<HHHH")  # group, element, VR as a number, 16-bit length
 
@@ -1584,14 +1715,9 @@ def fast_specs_ok(specs: Iterable[TagSpec]) -> bool:
 
 
 def implicit_vr(tag: int, length: int) -> str:
-    """The VR of an implicit-VR element, from the dictionary (cached per tag)."""
-    vr = _VR_CACHE.get(tag)
-    if vr is None:
-        try:
-            vr = pydicom.datadict.dictionary_VR(tag) if (tag >> 16) % 2 == 0 else "UN"
-        except KeyError:
-            vr = "UN"
-        _VR_CACHE[tag] = vr  # a benign race: every thread computes the same value
+    """The VR of an implicit-VR element, from the dictionary."""
+    entry = dictionary_entry(tag) if (tag >> 16) % 2 == 0 else None
+    vr = entry[0] if entry is not None else "UN"
     return "SQ" if length == 0xFFFFFFFF and tag != 0x7FE00010 else vr
 
 
@@ -1614,12 +1740,12 @@ class RawScan:
     def __init__(self, data: bytes, size: int, wanted: dict[int, None],
                  keep_top: dict[int, None] | None = None, fd: int = -1):
         self.data, self.size, self.wanted, self.fd = data, size, wanted, fd
-        self.hits: list[tuple[int, RawDataElement, str, list[str]]] = []
+        self.hits: list[tuple[int, RawElement, str, list[str]]] = []
         self.top_level = 0  # dataset elements seen at the top: none means a broken file
         self.odd = 0  # the first element of odd length (PS3.5 wants even ones), if any
         self.keep_top = keep_top or {}  # top-level tags kept with their file offsets
-        self.top: dict[int, RawDataElement] = {}
-        self.meta: list[RawDataElement] = []  # with keep_top: the file meta, with offsets
+        self.top: dict[int, RawElement] = {}
+        self.meta: list[RawElement] = []  # with keep_top: the file meta, with offsets
         self.kind, self.implicit, self.little = "", False, True
         tags = [t for t in (*self.wanted, *self.keep_top) if t != 0x00080005]
         self.interesting = (min(tags), max(tags)) if tags else (1, 0)  # tags element() needs
@@ -1632,7 +1758,7 @@ class RawScan:
         pos, implicit, little = 0, False, True
         if kind == "part10":
             pos, syntax = self.scan_meta(132)
-            if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            if syntax == DEFLATED:
                 if self.keep_top:  # their offsets would be the inflated data's
                     raise RawScanError("deflated")
                 self.inflate(pos)
@@ -1658,7 +1784,7 @@ class RawScan:
         rest = read_rest(self.fd, self.size - len(self.data)) if self.fd >= 0 else b""
         try:
             body = b"".join(inflated([self.data[pos:], rest], self.size))
-        except InvalidDicomError as exc:
+        except DeflateBombError as exc:
             raise RawScanError(str(exc)) from None
         except Exception as exc:  # zlib.error: not a deflate stream
             raise RawScanError(f"the deflated dataset does not inflate: {exc}") from None
@@ -1687,7 +1813,7 @@ class RawScan:
             (length,), vpos = struct.unpack(order + "I", head[8:12]), pos + 12
         else:
             (length,), vpos = struct.unpack(order + "H", head[6:8]), pos + 8
-        name = keyword_of(tag) or str(BaseTag(tag))
+        name = keyword_of(tag) or tag_label(tag)
         if length != 0xFFFFFFFF:
             if length & 1 and not self.odd:
                 self.odd = tag
@@ -1739,7 +1865,7 @@ class RawScan:
                 if tag == 0x00020010:
                     syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
                 if keep:
-                    self.meta.append(RawDataElement(BaseTag(tag), vr, length, value, vpos,
+                    self.meta.append(RawElement(tag, vr, length, value, vpos,
                                                     False, True))
                 if tag in wanted:
                     self.collect(tag, vr, length, value, True, ["iso8859"])
@@ -1775,7 +1901,7 @@ class RawScan:
 
     def collect(self, tag: int, vr: str, length: int, value: bytes, little: bool,
                 encodings: list[str]) -> None:
-        raw = RawDataElement(BaseTag(tag), vr, length, value, 0, False, little)
+        raw = RawElement(tag, vr, length, value, 0, False, little)
         self.hits.append((tag, raw, vr, encodings))
 
     def scan(self, pos: int, end: int, implicit: bool, little: bool, level: int,
@@ -1811,7 +1937,7 @@ class RawScan:
             if length & 1 and length != 0xFFFFFFFF and not self.odd:
                 self.odd = tag
             if tag == 0xFFFEE000 or (top and tag in delimiters):
-                raise RawScanError(f"an item or delimiter {BaseTag(tag)} outside any sequence")
+                raise RawScanError(f"an item or delimiter {tag_label(tag)} outside any sequence")
             if tag in delimiters:
                 self.top_level += top and pos > start  # elements before the delimiter
                 return vpos
@@ -1837,7 +1963,7 @@ class RawScan:
 
     def overrun(self, tag: int, vpos: int, length: int) -> RawScanError:
         """An element whose value runs past the data (the file's end, in a whole read)."""
-        return RawScanError(f"element {BaseTag(tag)} declares {length} bytes, the data ends "
+        return RawScanError(f"element {tag_label(tag)} declares {length} bytes, the data ends "
                             f"after {len(self.data) - vpos}")
 
     def element(self, tag: int, vr: str, vpos: int, length: int, level: int,
@@ -1845,7 +1971,7 @@ class RawScan:
         """Collect an element if wanted; return the encodings in force after it."""
         if tag == 0x00080005:
             try:
-                encodings = pydicom.charset.convert_encodings(
+                encodings = python_encodings(
                     [v.strip() for v in self.value(vpos, length).decode(
                         "ascii", "replace").split("\\")])
             except (LookupError, ValueError):  # garbage, not a character set: pydicom decides
@@ -1853,7 +1979,7 @@ class RawScan:
         if tag in self.wanted:
             self.collect(tag, vr, length, self.value(vpos, length), self.little, encodings)
         if level == 0 and tag in self.keep_top:
-            self.top[tag] = RawDataElement(BaseTag(tag), vr, length, self.value(vpos, length),
+            self.top[tag] = RawElement(tag, vr, length, self.value(vpos, length),
                                            vpos, self.implicit, self.little)
         return encodings
 
@@ -1944,7 +2070,7 @@ def unreadable(path: str | Path) -> str | None:
     return None
 
 
-class UnreadableFileError(InvalidDicomError):
+class UnreadableFileError(Exception):
     """A DICOM file that cannot be read to its end (see unreadable())."""
 
 
@@ -1965,7 +2091,7 @@ def fast_tagged_lines(path: str | Path, specs: tuple[TagSpec, ...]) -> tuple[lis
     return lines, size
 
 
-Header = tuple[Dataset | None, int, str | None, int]  # read_dataset's, and the first odd tag
+Header = tuple["Dataset | None", int, str | None, int]  # read_dataset's, and the first odd tag
 
 
 def raw_header(path: Path, wanted: Iterable[int]) -> Header:
@@ -1985,8 +2111,10 @@ def raw_header(path: Path, wanted: Iterable[int]) -> Header:
         raise RawScanError("no file meta: pydicom decides the encoding")
     # from {tag: raw element} dicts, as pydicom's own reader builds them (no per-element
     # __setitem__ checks: ~25 µs a file)
-    ds = Dataset({raw.tag: raw for raw in scan.top.values()})
-    ds.file_meta = pydicom.dataset.FileMetaDataset({raw.tag: raw for raw in scan.meta})
+    ds = Dataset({raw.tag: RawDataElement(BaseTag(raw.tag), *raw[1:])
+                  for raw in scan.top.values()})
+    ds.file_meta = pydicom.dataset.FileMetaDataset(
+        {raw.tag: RawDataElement(BaseTag(raw.tag), *raw[1:]) for raw in scan.meta})
     ds.set_original_encoding(scan.implicit, scan.little, None)
     return ds, size, scan.kind, scan.odd
 
@@ -2216,10 +2344,11 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
                           changes=tuple(p.change for p in planned), error_type="InvalidValue",
                           message=rejections[0])
     if not planned:
+        staged = None
         if opts.copy_unmodified and not opts.dry_run and opts.output is not None:
-            copy_file_atomic(cand.path, output_path(cand, opts), fsync=opts.fsync,
-                             tag=run_tag(opts), writable=True)
-        return FileResult(cand.path, "unchanged", nbytes=size)
+            staged = stage_copy(cand.path, output_path(cand, opts), tag=run_tag(opts),
+                                writable=True)
+        return FileResult(cand.path, "unchanged", nbytes=size, staged=staged)
     changes = tuple(p.change for p in planned)
     if opts.dry_run:
         return FileResult(cand.path, "modified", nbytes=size, changes=changes)
@@ -2237,16 +2366,12 @@ def sar_task(cand: Candidate, opts: Options) -> FileResult:
         else:
             write_dataset(ds, out)
 
-    def journal(tmp: Path) -> None:
-        if opts.journal is not None:
-            opts.journal.record(cand.path, tmp)
-
     if opts.inplace:
-        replace_in_place(cand, opts, write, journal)
+        staged = stage_in_place(cand, opts, write)
     else:
-        write_atomic(target, write, fsync=opts.fsync, like=cand.path, before_replace=journal,
-                     tag=run_tag(opts), writable=True)
-    return FileResult(cand.path, "modified", nbytes=size, changes=changes)
+        staged = stage_atomic(target, write, like=cand.path, tag=run_tag(opts), writable=True,
+                              source=cand.path)
+    return FileResult(cand.path, "modified", nbytes=size, changes=changes, staged=staged)
 
 
 def sar_header(path: Path, opts: Options) -> tuple[Dataset | None, int, str | None]:
@@ -2437,36 +2562,220 @@ def open_temp(directory: Path, tag: str = "") -> tuple[int, Path]:
     raise FileExistsError(f"no free temporary file name in {directory}")
 
 
-def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *, fsync: bool,
-                 like: Path | None = None,
-                 before_replace: Callable[[Path], None] | None = None,
-                 tag: str = "", writable: bool = False) -> None:
-    """produce() writes a temporary file beside target, which then replaces target.
+@dataclasses.dataclass(frozen=True)
+class Staged:
+    """A file written whole under a temporary name beside its target, waiting for its
+    batch's commit (Committer): made durable, journalled, then renamed over the target."""
 
-    like: the file takes like's mode and times (writable: plus owner write, for a new file
-    in an output tree the user will work on; a source on read-only media has none).
-    fsync: the file's data is on disk before the rename (power-loss safe).
-    """
+    tmp: Path
+    target: Path
+    inode: int  # the temporary file's, which the rename keeps (the journal records it)
+    nbytes: int
+    source: Path | None = None  # the journal's name for it (a SAR's input file)
+    backup: Path | None = None  # a hard link to the original, which must be durable first
+
+
+def stage_atomic(target: Path, produce: Callable[[BinaryIO], None], *,
+                 like: Path | None = None, tag: str = "", writable: bool = False,
+                 keep_owner: bool = False, source: Path | None = None,
+                 backup: Path | None = None) -> Staged:
+    """produce() writes a temporary file beside target, with like's mode and times, and its
+    owner with keep_owner (writable: plus owner write, for a new file in an output tree the
+    user will work on; a source on read-only media has none); a Committer renames it over
+    target later."""
     fd, tmp = open_temp(target.parent, tag)
     try:
         with open(fd, "wb", buffering=0) as out:  # unbuffered: see buffered_reader
             produce(out)
-            finish(out, fsync)
+            st = os.fstat(fd)
         if like is not None:
             shutil.copystat(like, tmp)  # permissions and timestamps of the original
             if writable:
                 os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) | stat.S_IWUSR)
+            owner = os.stat(like)
+            if keep_owner and (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(OSError):  # keep the owner where we may
+                    os.chown(tmp, owner.st_uid, owner.st_gid)
         else:
             os.chmod(tmp, 0o644)
-
-        def replace() -> None:
-            if before_replace is not None:
-                before_replace(tmp)
-            os.replace(tmp, target)
-        commit(replace)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return Staged(tmp, target, st.st_ino, st.st_size, source, backup)
+
+
+def discard(staged: Staged | None) -> None:
+    """Remove a staged file that will not be committed (and its original's backup link,
+    which would share the live file's inode)."""
+    if staged is not None:
+        staged.tmp.unlink(missing_ok=True)
+        if staged.backup is not None:
+            staged.backup.unlink(missing_ok=True)
+
+
+def write_atomic(target: Path, produce: Callable[[BinaryIO], None], *, fsync: bool,
+                 like: Path | None = None, tag: str = "", writable: bool = False) -> None:
+    """Write one file now, outside any batch: staged, flushed if fsync, renamed over target
+    (the manifest, a summary, a backup copied across filesystems)."""
+    staged = stage_atomic(target, produce, like=like, tag=tag, writable=writable)
+    try:
+        if fsync:
+            fdatasync_path(staged.tmp)
+        commit(lambda: os.replace(staged.tmp, target))
+    except BaseException:
+        discard(staged)
+        raise
+
+
+def fdatasync_path(path: Path) -> None:
+    """A file's data (and what reading it back needs) on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: Path) -> None:
+    """A directory's entries on disk (the renames and links in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def libc_syncfs() -> Callable[[int], int] | None:
+    """syncfs(2) (Linux), which Python's os module lacks; None where there is none."""
+    try:
+        import ctypes
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes, syncfs.restype = [ctypes.c_int], ctypes.c_int
+    return syncfs
+
+
+def sync_filesystem_of(directory: Path) -> None:
+    """Everything written to directory's filesystem on disk: one syncfs for a whole batch."""
+    import ctypes
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if libc_syncfs()(fd) != 0:  # type: ignore[misc]
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno), str(directory))
+    finally:
+        os.close(fd)
+
+
+COMMIT_FILES, COMMIT_BYTES, COMMIT_SECONDS = 256, 256 << 20, 0.25  # whichever comes first
+FLUSH_THREADS = 16  # fdatasync at once where there is no syncfs: the device merges them
+
+
+class Committer:
+    """The main thread's half of every writing mode (group commit).
+
+    Results wait here in their order; those with a staged file are committed by the batch
+    (COMMIT_FILES files, COMMIT_BYTES bytes or COMMIT_SECONDS, whichever first): made
+    durable together (one syncfs per filesystem; fdatasync of each from FLUSH_THREADS where
+    there is no syncfs), journalled and the journal flushed, renamed, the directories
+    flushed; only then reported. A crash at any moment leaves each target old or new and
+    whole, and the journal lists only files whose new version was on disk. Without fsync,
+    the same minus the flushes.
+    """
+
+    def __init__(self, fsync: bool, journal: Journal | None = None):
+        self.fsync, self.journal = fsync, journal
+        if fsync:
+            # before the pool starts: importing ctypes stops the world on 3.13t, which would
+            # wait for a worker stuck in a catastrophic regular expression forever
+            libc_syncfs()
+        self.waiting: list[FileResult] = []
+        self.pending = self.nbytes = 0
+        self.since = 0.0
+
+    def add(self, result: FileResult) -> list[FileResult]:
+        """Take one result; return those ready to report, in order."""
+        self.waiting.append(result)
+        if result.staged is None:
+            return self.flush() if not self.pending else []
+        if not self.pending:
+            self.since = time.monotonic()
+        self.pending += 1
+        self.nbytes += result.staged.nbytes
+        if self.pending >= COMMIT_FILES or self.nbytes >= COMMIT_BYTES or \
+                time.monotonic() - self.since >= COMMIT_SECONDS:
+            return self.flush()
+        return []
+
+    def flush(self) -> list[FileResult]:
+        """Commit the waiting batch; return its results (a file that failed: an error)."""
+        batch, self.waiting, self.pending, self.nbytes = self.waiting, [], 0, 0
+        staged = [r.staged for r in batch if r.staged is not None]
+        if not staged:
+            return batch
+        problem = self.make_durable(staged)
+        if problem is None and self.journal is not None:
+            problem = self.journal.record_all(staged, self.fsync)
+        done, directories = [], {}
+        for r in batch:
+            s = r.staged
+            try:
+                if s is not None:
+                    if problem is not None:
+                        raise OSError(problem)
+                    os.replace(s.tmp, s.target)
+                    directories[s.target.parent] = None
+                done.append(r)
+            except OSError as exc:
+                discard(s)
+                done.append(FileResult(r.path, "error", nbytes=r.nbytes, seconds=r.seconds,
+                                       error_type="OSError",
+                                       message=f"{one_line(str(exc))}; left as it was"))
+        if self.fsync:
+            for directory in directories:
+                try:
+                    fsync_directory(directory)
+                except OSError as exc:
+                    log.warning("%s: the renames may not be on disk yet: %s", directory, exc)
+        return done
+
+    def make_durable(self, staged: list[Staged]) -> str | None:
+        """Every staged file (and the backup links) on disk: None, or why not."""
+        if not self.fsync:
+            return None
+        try:
+            if libc_syncfs() is not None:
+                devices = {}
+                for directory in dict.fromkeys(s.tmp.parent for s in staged):
+                    devices.setdefault(os.stat(directory).st_dev, directory)
+                for directory in devices.values():
+                    sync_filesystem_of(directory)
+            else:
+                with ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="flush") as pool:
+                    list(pool.map(fdatasync_path, [s.tmp for s in staged]))
+                for directory in dict.fromkeys(s.backup.parent for s in staged if s.backup):
+                    fsync_directory(directory)
+        except OSError as exc:
+            return f"could not flush the batch to disk ({exc})"
+        return None
+
+    def abandon(self) -> None:
+        """Remove what was staged and not committed (the run failed before the end)."""
+        for r in self.waiting:
+            discard(r.staged)
+        self.waiting = []
+
+
+def committed(results: Iterable[FileResult], committer: Committer) -> Iterator[FileResult]:
+    """The results, in order, each once its file is committed (see Committer)."""
+    try:
+        for result in results:
+            yield from committer.add(result)
+        yield from committer.flush()
+    finally:
+        committer.abandon()
 
 
 def write_dataset(ds: Dataset, out: BinaryIO) -> None:
@@ -2477,10 +2786,14 @@ def write_dataset(ds: Dataset, out: BinaryIO) -> None:
 
 
 def write_all(out: BinaryIO, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write every byte of chunks to an unbuffered file: one writev, and again for whatever
-    a short write left over (a raw write may take less than it is given)."""
+    """Write every byte of chunks to an unbuffered file (see write_all_fd)."""
+    write_all_fd(out.fileno(), *chunks)
+
+
+def write_all_fd(fd: int, *chunks: bytes | memoryview) -> None:
+    """Write every byte of chunks to fd: one writev, and again for whatever a short write
+    left over (a raw write may take less than it is given)."""
     views = [memoryview(c) for c in chunks if len(c)]
-    fd = out.fileno()
     while views:
         n = os.writev(fd, views[:1024])  # IOV_MAX
         while views and n >= len(views[0]):
@@ -2490,19 +2803,19 @@ def write_all(out: BinaryIO, chunks: Iterable[bytes | memoryview]) -> None:
 
 
 def write_bytes_atomic(data: bytes | list[bytes], target: Path, *, fsync: bool) -> None:
-    """Write bytes (or a list of chunks) to target atomically."""
+    """Write bytes (or a list of chunks) to target atomically, now."""
     def produce(out: BinaryIO) -> None:
         write_all(out, [data] if isinstance(data, bytes) else data)
     write_atomic(target, produce, fsync=fsync)
 
 
-def copy_file_atomic(source: Path, target: Path, *, fsync: bool, tag: str = "",
-                     writable: bool = False) -> None:
-    """Copy source to target (data, mode, times) atomically, with a kernel copy."""
+def stage_copy(source: Path, target: Path, *, tag: str = "", writable: bool = False
+               ) -> Staged:
+    """A copy of source (data by kernel copy, mode, times) staged for target."""
     def produce(out: BinaryIO) -> None:
         with read_fd(source) as src:
             copy_range(src, out.fileno(), 0, os.fstat(src).st_size)
-    write_atomic(target, produce, fsync=fsync, like=source, tag=tag, writable=writable)
+    return stage_atomic(target, produce, like=source, tag=tag, writable=writable)
 
 
 def finish(fp: Any, fsync: bool) -> None:
@@ -2627,9 +2940,9 @@ def write_spliced(source: Path, out: BinaryIO, patches: list[Patch]) -> None:
         copy_range(src, out.fileno(), pos, size)
 
 
-def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[BinaryIO], None],
-                     before_replace: Callable[[Path], None] | None = None) -> None:
-    """Back up the original (unless --no-backup), then atomically replace it."""
+def stage_in_place(cand: Candidate, opts: Options, produce: Callable[[BinaryIO], None]
+                   ) -> Staged:
+    """Back up the original (unless --no-backup), then stage its replacement."""
     if cand.path.is_symlink():
         raise PermissionError("refusing to replace a symlink in place")
     tree = cand.path.parent if cand.root == cand.path else cand.root
@@ -2642,17 +2955,13 @@ def replace_in_place(cand: Candidate, opts: Options, produce: Callable[[BinaryIO
         backup = mirrored(cand, opts.backup, opts)
         linked = backup if backup_original(cand.path, backup, fsync=opts.fsync,
                                            tag=run_tag(opts)) else None
-    st = cand.path.stat()
     try:
-        write_atomic(cand.path, produce, fsync=opts.fsync, like=cand.path, tag=run_tag(opts),
-                     before_replace=before_replace)
+        return stage_atomic(cand.path, produce, like=cand.path, tag=run_tag(opts),
+                            keep_owner=True, source=cand.path, backup=linked)
     except BaseException:
         if linked is not None:  # a link left behind would share the live file's inode
             linked.unlink(missing_ok=True)
         raise
-    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-        with contextlib.suppress(OSError):  # keep the owner where we may
-            os.chown(cand.path, st.st_uid, st.st_gid)
 
 
 def backup_original(source: Path, target: Path, *, fsync: bool, tag: str = "") -> bool:
@@ -2666,7 +2975,10 @@ def backup_original(source: Path, target: Path, *, fsync: bool, tag: str = "") -
     try:
         os.link(source, target, follow_symlinks=False)
     except OSError:
-        copy_file_atomic(source, target, fsync=fsync, tag=tag)
+        def produce(out: BinaryIO) -> None:
+            with read_fd(source) as src:
+                copy_range(src, out.fileno(), 0, os.fstat(src).st_size)
+        write_atomic(target, produce, fsync=fsync, like=source, tag=tag)
         return False
     return True
 
@@ -2731,7 +3043,6 @@ def scenario_catalogue() -> dict[str, str]:
     return names | ENCODING_PRESETS | BROKEN_PRESETS
 
 
-_UID_BY_KEYWORD = {info[4]: uid for uid, info in pydicom.uid.UID_dictionary.items() if info[4]}
 MG_VIEWS = (("RCC", "R", "CC"), ("LCC", "L", "CC"), ("RMLO", "R", "MLO"), ("LMLO", "L", "MLO"))
 VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
 DEFAULT_SIZES = {"MG": (128, 128), "CT": (512, 512), "MR": (256, 256)}
@@ -2741,7 +3052,7 @@ SOP_CLASSES = {"MG": "DigitalMammographyXRayImageStorageForPresentation",
 
 def sop_class(keyword: str) -> str:
     """A SOP class UID by pydicom's keyword."""
-    return _UID_BY_KEYWORD[keyword]
+    return UID_BY_KEYWORD[keyword]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3403,10 +3714,10 @@ CHARSET_NAMES = {
     "charset_japanese": (["", "ISO 2022 IR 87"], "YAMADA^TAROU=山田^太郎=やまだ^たろう"),
 }
 ENCODING_SYNTAX = {
-    "implicit_vr": pydicom.uid.ImplicitVRLittleEndian,
-    "big_endian": pydicom.uid.ExplicitVRBigEndian,
-    "deflated": pydicom.uid.DeflatedExplicitVRLittleEndian,
-    "compressed": pydicom.uid.RLELossless,
+    "implicit_vr": IMPLICIT_LE,
+    "big_endian": EXPLICIT_BE,
+    "deflated": DEFLATED,
+    "compressed": UID_BY_KEYWORD["RLELossless"],
 }
 
 
@@ -3490,7 +3801,7 @@ class SeriesTemplate:
     pixel_length: int  # PixelData's header is in pieces; only its value is per instance
 
 
-PIXEL_TAG = BaseTag(0x7FE00010)
+PIXEL_TAG = 0x7FE00010
 _thread_templates = threading.local()  # each worker keeps its own few templates
 
 
@@ -3579,8 +3890,8 @@ def generate_task(plan: InstancePlan, output: Path, seed: int) -> FileResult:
     if plan.expect == "absent":
         return FileResult(target, "skipped", message="missing_dicom: deliberately not written")
     chunks = instance_chunks(plan, seed)
-    write_bytes_atomic(chunks, target, fsync=False)
-    return FileResult(target, "modified", nbytes=sum(map(len, chunks)))
+    staged = stage_atomic(target, lambda out: write_all(out, chunks))
+    return FileResult(target, "modified", nbytes=staged.nbytes, staged=staged)
 
 
 def manifest_entry(plan: InstancePlan) -> dict[str, Any]:
@@ -3671,9 +3982,9 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal,
     reporter = Reporter(opts, out, total=len(plans))
     cands = (Candidate(Path(p.relpath), output) for p in plans)
     by_path = {p.relpath: p for p in plans}
-    for result in run_ordered(
-            cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
-            opts.workers, stop.event, opts.time_limit):
+    results = run_ordered(cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
+                          opts.workers, stop.event, opts.time_limit)
+    for result in committed(results, Committer(opts.fsync)):
         reporter.handle(result)
         if watch is not None:
             watch(result, len(plans))
@@ -3690,7 +4001,7 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal,
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 AE_REPERTOIRE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # no backslash, no controls
-UNCOMPRESSED = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
+UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE)
 MAX_CONTEXTS = 128
 
 
@@ -3996,8 +4307,7 @@ def accepted_syntaxes(assoc: Any, sop_class: str) -> set[str]:
             if cx.abstract_syntax == sop_class}
 
 
-DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
-CONVERTIBLE = (*UNCOMPRESSED, pydicom.uid.ExplicitVRBigEndian, DEFLATED)
+CONVERTIBLE = (*UNCOMPRESSED, EXPLICIT_BE, DEFLATED)
 
 
 def store_one(assoc: Any, f: Indexed, target: SendTarget) -> Sent | None:
@@ -4028,7 +4338,7 @@ def _store_one(assoc: Any, f: Indexed, target: SendTarget, t0: float) -> Sent:
             if elem.VR in BULK_VRS and isinstance(elem.value, bytes) and len(elem.value) % 2:
                 elem.value += b"\0"
         # the syntax it was decoded from (deflate is undone by reading)
-        source = pydicom.uid.ExplicitVRLittleEndian if f.syntax == DEFLATED else f.syntax
+        source = EXPLICIT_LE if f.syntax == DEFLATED else f.syntax
         dataset.file_meta.TransferSyntaxUID = source
         if f.syntax not in accepted:
             into = source if source in accepted else next(ts for ts in UNCOMPRESSED
@@ -4625,9 +4935,10 @@ JOURNAL_DONE = "# complete"
 class Journal:
     """An append-only list of '["source", inode]' lines (JSON), one per file replaced.
 
-    The line is written just before the rename, with the inode of the temporary file, which
-    the rename keeps: on resume a file counts as done only when its inode still matches, so a
-    crash between the line and the rename leaves that file to be processed again.
+    A batch's lines are written (and flushed, with fsync) after its files are on disk and
+    just before their renames, with the inode of each temporary file, which the rename
+    keeps: on resume a file counts as done only when its inode still matches, so a crash
+    between the line and the rename leaves that file to be processed again.
     """
 
     def __init__(self, path: Path, done: dict[str, int]):
@@ -4665,11 +4976,6 @@ class Journal:
                         continue
                     done[source] = inode
                     finished = False
-                elif line and not line.startswith(b"#"):  # the earlier source<TAB>inode lines
-                    source, _, number = line.decode("utf-8", "surrogateescape").rpartition("\t")
-                    if number.isdigit():
-                        done[source] = int(number)
-                        finished = False
         return done, finished
 
     def completed(self, source: Path, target: Path) -> bool:
@@ -4680,17 +4986,26 @@ class Journal:
         except OSError:
             return False
 
-    def record(self, source: Path, tmp: Path) -> None:
-        """Note, just before the rename, that tmp (by inode) becomes source's new version."""
+    def record_all(self, staged: list[Staged], fsync: bool) -> str | None:
+        """Note, just before their renames, that each staged file (by inode) becomes its
+        source's new version, flushed with fsync: None, or why it could not."""
         # JSON escapes what a file name may hold and a line may not (newlines, U+2028, bytes
         # that are not UTF-8, kept by Python as lone surrogates): one ASCII line per file,
         # read back to the same name
-        line = json.dumps([str(source), os.stat(tmp).st_ino])
-        os.write(self.fd, (line + "\n").encode("ascii"))
+        lines = "".join(json.dumps([str(s.source), s.inode]) + "\n"
+                        for s in staged if s.source is not None).encode("ascii")
+        try:
+            if lines:
+                write_all_fd(self.fd, lines)
+                if fsync:
+                    os.fdatasync(self.fd)
+        except OSError as exc:
+            return f"could not write the journal {self.path} ({exc})"
+        return None
 
     def finish(self) -> None:
         """Mark the run complete."""
-        os.write(self.fd, (JOURNAL_DONE + "\n").encode())
+        write_all_fd(self.fd, (JOURNAL_DONE + "\n").encode())
         os.close(self.fd)
 
 
@@ -4874,16 +5189,6 @@ def log_handler(path: Path, fmt: logging.Formatter) -> logging.FileHandler:
     handler = logging.FileHandler(path, encoding="utf-8", errors="surrogateescape")
     handler.setFormatter(fmt)
     return handler
-
-
-@functools.cache
-def configure_pydicom() -> None:
-    """Once a process, before the pool: lenient reading, strict writing, and no warnings of
-    pydicom's from the threads (errors.log tells what is wrong with a file); other
-    libraries' warnings are left as they are."""
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
 # One bar style for every mode: files as words, or bytes, with the total once it is known
@@ -5614,7 +5919,7 @@ def fish_completions(parser: argparse.ArgumentParser) -> str:
         "    __dicom_sar_cmd; and not __dicom_sar_no_mode",
         "end",
         "function __dicom_sar_keywords",
-        "    printf '%s\\n' " + " ".join(sorted(pydicom.datadict.keyword_dict)),
+        "    printf '%s\\n' " + " ".join(sorted(keyword_tags())),
         "end",
         "for cmd in dicom_sar dicom_sar.py python python3 python3.11 python3.13 python3.13t",
     ]
@@ -5680,6 +5985,7 @@ def print_versions() -> None:
     print(f"dicom_sar {__version__}")
     print(f"Python {sys.version.split()[0]} ({sys.executable}), "
           f"free-threaded: {'yes' if gil_disabled() else 'no'}")
+    load_pydicom()
     print(f"pydicom {pydicom.__version__}, pynetdicom {netver}, tqdm {tqdm_module.__version__}")
 
 
@@ -5709,7 +6015,8 @@ def excluded_locations(opts: Options, log_paths: list[Path]) -> list[Path]:
 def run(opts: Options) -> int:
     """Run one mode over the tree; return the exit status."""
     log_paths = setup_logging(opts)
-    configure_pydicom()
+    if not (opts.mode == "dump" and opts.fast):
+        load_pydicom()
     log.info("run started: %s; mode %s; workers %d; %s", PROG + " " + __version__, opts.mode,
              opts.workers, runtime_line())
     stop = StopSignal()
@@ -5744,8 +6051,9 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
     candidates = discover(opts, excluded)
     litter = Litter(journal.key) if journal is not None and (opts.resume or opts.restart) \
         else None
-    for result in run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event,
-                              opts.time_limit):
+    results = run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event,
+                          opts.time_limit)
+    for result in committed(results, Committer(opts.fsync, journal)):
         if litter is None or not litter.claims(result):
             reporter.handle(result)
     if litter is not None:
@@ -5850,6 +6158,8 @@ def main(argv: list[str] | None = None, prog: str = "dicom_sar.py") -> int:
     """Entry point: parse, validate, run; usage errors exit 2 before any file is touched."""
     parser = build_parser(prog)
     ns = parser.parse_args(argv)
+    if not ns.dump:  # a dump decides in run(): its raw tag dump runs without pydicom
+        load_pydicom()
     with contextlib.suppress(AttributeError, ValueError):  # a file name, a value not UTF-8:
         sys.stdout.reconfigure(errors="surrogateescape")  # its own bytes, as ls prints them
     if ns.version:

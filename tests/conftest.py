@@ -15,6 +15,7 @@ import sysconfig
 import textwrap
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -27,6 +28,9 @@ from pydicom.sequence import Sequence
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "dicom_sar.py"
 sys.path.insert(0, str(ROOT))
+import dicom_sar  # noqa: E402
+
+dicom_sar.load_pydicom()  # the tests call the tool's internals, most of which need pydicom
 IN_CI = os.environ.get("CI") == "true"
 FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
@@ -35,7 +39,8 @@ def need(program: str) -> str:
     """Path of a real peer program; missing is a failure in CI and a skip elsewhere."""
     path = shutil.which(program)
     if path is None:
-        message = f"{program} is not installed (apt-get install dcmtk dicom3tools orthanc fish)"
+        message = (f"{program} is not installed "
+                   "(apt-get install dcmtk dicom3tools orthanc fish strace)")
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
@@ -66,6 +71,13 @@ def run_tool(*args: str | Path, cwd: Path, python: str | None = None,
                           env={**os.environ, **(env or {})})
     return Run(proc.returncode, proc.stdout.decode("utf-8", "surrogateescape"),
                proc.stderr.decode("utf-8", "replace"), cwd)
+
+
+def sar_one(opts: Any, cand: Any) -> Any:
+    """One file through sar_task and a Committer, as a run takes it: the FileResult."""
+    import dicom_sar
+    result = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, opts), cand)
+    return next(iter(dicom_sar.committed([result], dicom_sar.Committer(opts.fsync))))
 
 
 def run_into_head(*args: str | Path, cwd: Path, lines: int = 1,

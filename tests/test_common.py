@@ -415,8 +415,8 @@ def test_after_a_stop_a_stuck_file_is_given_up_on_within_the_grace(tmp_path: Pat
 def test_pydicom_is_configured_once_and_other_warnings_still_show(tmp_path: Path) -> None:
     code = (f"import sys, warnings; sys.path.insert(0, {str(TOOL.parent)!r})\n"
             "import dicom_sar, pydicom.charset\n"
-            "dicom_sar.configure_pydicom(); n = len(warnings.filters)\n"
-            "dicom_sar.configure_pydicom(); assert len(warnings.filters) == n\n"
+            "dicom_sar.load_pydicom(); n = len(warnings.filters)\n"
+            "dicom_sar.load_pydicom(); assert len(warnings.filters) == n\n"
             "pydicom.charset.decode_bytes(b'x', ['from pydicom'], set())\n"
             "warnings.warn('from another library', UserWarning)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

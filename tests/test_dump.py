@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from hypothesis import strategies as st
 from conftest import (
     DAMAGE,
     PROPERTY_TAGS,
+    ROOT,
     as_part10,
     damaged,
     dcmdump,
@@ -279,7 +283,7 @@ def test_raw_scanner_agrees_with_pydicom(readable_pydicom_files: list[Path], gen
                                          fuzz_tree: Path) -> None:
     """The fast path of a tag dump answers exactly as the pydicom path, or defers to it."""
     import dicom_sar
-    dicom_sar.configure_pydicom()
+    dicom_sar.load_pydicom()
     specs = tuple(s for t in [*ORACLE_TAGS[:6], "InstitutionName", "Rows", "TransferSyntaxUID"]
                   for s in dicom_sar.parse_tag_specs(t))
     assert dicom_sar.fast_specs_ok(specs)
@@ -357,7 +361,7 @@ def test_property_raw_tag_lines_equal_the_pydicom_path(file: tuple[bytes, list[s
     """On any well-formed file (three transfer syntaxes, three character sets, sequences of
     either length form, nested instances), the raw scanner answers, and exactly as pydicom."""
     import dicom_sar
-    dicom_sar.configure_pydicom()
+    dicom_sar.load_pydicom()
     data, _ = file
     specs = tuple(s for tag in tags for s in dicom_sar.parse_tag_specs(tag))
     with tempfile.TemporaryDirectory() as tmp:
@@ -407,7 +411,7 @@ def test_property_on_damaged_files_the_raw_scanner_defers_or_agrees(
     """A file with a byte changed, inserted or deleted, or cut short: the raw scanner hands
     it to pydicom, or answers exactly as pydicom does; never where pydicom reports it broken."""
     import dicom_sar
-    dicom_sar.configure_pydicom()
+    dicom_sar.load_pydicom()
     data = damaged(file[0], damage, draw)
     specs = tuple(s for tag in ("PatientID", "PatientName", "StudyID")
                   for s in dicom_sar.parse_tag_specs(tag))
@@ -420,3 +424,101 @@ def test_property_on_damaged_files_the_raw_scanner_defers_or_agrees(
             return  # deferred to pydicom, which decides
         ds, _, _ = dicom_sar.read_dataset(path, header_only=True)  # must not raise
     assert fast == (dicom_sar.tagged_lines(ds, specs) if ds is not None else None)
+
+
+# ── the raw tag dump without pydicom: start-up, and pydicom's tables ─────────────────────
+
+WITHOUT_PYDICOM = """\
+import sys
+import dicom_sar
+if sys.argv[1] == "preloaded":
+    dicom_sar.load_pydicom()
+    import pydicom.datadict
+    assert pydicom.datadict.DicomDictionary is dicom_sar.DICOM_DICTIONARY  # loaded once
+dicom_sar.main(sys.argv[2:])
+sys.stdout.flush()
+print("MODULES", *sorted(m for m in sys.modules if m.startswith("pydicom")), file=sys.stderr)
+"""
+
+
+def dump_as(how: str, script: Path, *args: str | Path) -> tuple[str, list[str]]:
+    """A dump run by script, pydicom "preloaded" or left to the tool ("raw"): (stdout, the
+    pydicom modules imported by the end)."""
+    proc = subprocess.run([sys.executable, str(script), how, *map(str, args)],
+                          capture_output=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = proc.stderr.decode("utf-8", "replace")
+    return proc.stdout.decode("utf-8", "surrogateescape"), err.split("MODULES", 1)[1].split()
+
+
+def test_a_tag_dump_runs_without_importing_pydicom_and_prints_the_same(
+        readable_real_files: list[Path], tmp_path: Path) -> None:
+    """The raw tag dump imports only pydicom's dictionaries, and prints what it prints with
+    the whole of pydicom loaded: over every charset, syntax and vendor of the real files
+    (a file it leaves to pydicom imports pydicom then, in a worker)."""
+    tree = tmp_path / "real"
+    tree.mkdir()
+    for i, path in enumerate(readable_real_files):
+        (tree / f"{i:03d}").write_bytes(path.read_bytes())
+    script = tmp_path / "dump.py"
+    script.write_text(WITHOUT_PYDICOM)
+    tags = [x for t in ORACLE_TAGS if not t.endswith("Sequence") for x in ("--tag", t)]
+    common = ["-q", "--no-progress", "--log-dir", tmp_path / "logs", "--dump",
+              "--with-filename", *tags]
+    raw, _ = dump_as("raw", script, *common, "--path", tree)
+    preloaded, _ = dump_as("preloaded", script, *common, "--path", tree)
+    assert raw == preloaded and raw.count("\n") > 2000
+    plain = tmp_path / "plain"  # as tests/bench.py's tag dump: ordinary files, no pydicom
+    assert run_tool("-q", "--generate", "--output", plain, "--scenario", "multi_patient",
+                    "--patients", "4", "--size", "16x16", cwd=tmp_path).code == 0
+    lines, modules = dump_as("raw", script, *common, "--path", plain)
+    assert lines.count("\n") > 100
+    assert modules == ["pydicom._dicom_dict", "pydicom._uid_dict"]
+
+
+def test_the_retyped_tables_equal_pydicoms() -> None:
+    import pydicom.charset
+    import pydicom.datadict
+    import pydicom.valuerep
+
+    import dicom_sar
+    assert set(dicom_sar.VALID_VRS) == set(pydicom.valuerep.STANDARD_VR)
+    assert set(dicom_sar.STRING_VRS) == set(pydicom.valuerep.STR_VR)
+    assert set(dicom_sar.TEXT_VRS) == set(pydicom.valuerep.CUSTOMIZABLE_CHARSET_VR)
+    assert set(dicom_sar.BULK_VRS) == set(pydicom.valuerep.BYTES_VR)
+    assert set(dicom_sar.LONG_LENGTH_VRS) == set(pydicom.valuerep.EXPLICIT_VR_LENGTH_32)
+    for term, encoding in dicom_sar.COMMON_CHARSETS.items():
+        assert pydicom.charset.python_encoding[term] == encoding
+    assert pydicom.charset.default_encoding == dicom_sar.DEFAULT_ENCODING
+    for terms in ([""], ["ISO_IR 6"], ["ISO_IR 100"], ["ISO_IR 192"], ["ISO 2022 IR 6"],
+                  ["", "ISO 2022 IR 87"], ["ISO_IR 144"], ["GB18030"], ["ISO_IR 100", "x"]):
+        assert dicom_sar.python_encodings(list(terms)) == \
+            pydicom.charset.convert_encodings(list(terms)), terms
+    # ASCII (but ESC) reads as ASCII in every character set pydicom knows
+    ascii_bytes = bytes(b for b in range(0x80) if b != 0x1B)
+    for encoding in set(pydicom.charset.python_encoding.values()):
+        assert pydicom.charset.decode_bytes(ascii_bytes, [encoding], {0x5C}) == \
+            ascii_bytes.decode("ascii"), encoding
+
+
+def test_dictionary_lookups_equal_pydicoms() -> None:
+    import pydicom.datadict
+    import pydicom.uid
+
+    import dicom_sar
+    assert dicom_sar.keyword_tags() == pydicom.datadict.keyword_dict
+    assert dicom_sar.DICOM_DICTIONARY is pydicom.datadict.DicomDictionary  # one copy
+    tags = [*pydicom.datadict.DicomDictionary, *dicom_sar.repeater_entries(),
+            *range(0x60000000, 0x60FF4000, 0x3FF7), 0x00080000, 0x00091010, 0x7FE00010,
+            0x50003000, 0x60023000, 0x60013000, 0x00281201, 0x0028120F]
+    for tag in tags:
+        try:
+            expected = pydicom.datadict.get_entry(tag)
+        except KeyError:
+            expected = None
+        assert dicom_sar.dictionary_entry(tag) == expected, hex(tag)
+    for uid, info in pydicom.uid.UID_dictionary.items():
+        if info[4]:
+            assert dicom_sar.UID_BY_KEYWORD[info[4]] == uid == getattr(pydicom.uid, info[4],
+                                                                         uid)

@@ -30,9 +30,11 @@ from conftest import (
     dcmdump,
     dicom_files,
     instances,
+    need,
     property_settings,
     read,
     run_tool,
+    sar_one,
     squeeze,
     tree_digest,
 )
@@ -703,8 +705,7 @@ def test_a_file_replaced_during_processing_is_left_alone(generated: Path, manife
     opts = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
         ["--sar", "--inplace", "--no-backup", "--tag", "PatientID", *GENHOSP, "--path",
          str(tree)]))
-    result = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, opts),
-                               dicom_sar.Candidate(victim, tree))
+    result = sar_one(opts, dicom_sar.Candidate(victim, tree))
     assert result.status == "error" and "changed while it was being processed" in result.message
     assert victim.read_bytes() == newcomer  # the newcomer is left exactly as it arrived
 
@@ -718,8 +719,9 @@ def test_a_file_deleted_after_discovery_is_one_error(generated: Path, manifest: 
          str(tree)]))
     found = list(dicom_sar.discover(opts, []))
     found[1].path.unlink()  # gone between the walk and its turn on the pool
-    results = list(dicom_sar.run_ordered(iter(found), lambda c: dicom_sar.sar_task(c, opts),
-                                         2, dicom_sar.threading.Event()))
+    results = list(dicom_sar.committed(dicom_sar.run_ordered(
+        iter(found), lambda c: dicom_sar.sar_task(c, opts), 2, dicom_sar.threading.Event()),
+        dicom_sar.Committer(opts.fsync)))
     assert [r.status for r in results] == ["modified", "error", "modified"]
     assert results[1].error_type == "FileNotFoundError"
     assert not list(tree.glob(dicom_sar_temp_prefix() + "*"))
@@ -813,7 +815,7 @@ def test_raw_header_path_writes_exactly_what_the_pydicom_path_writes(
 
     import dicom_sar
     from conftest import pydicom_files
-    dicom_sar.configure_pydicom()
+    dicom_sar.load_pydicom()
     files = [*pydicom_files(), *(p for p in generated.rglob("*") if p.is_file()),
              *sorted(fuzz_tree.iterdir())]
     fast = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
@@ -824,8 +826,8 @@ def test_raw_header_path_writes_exactly_what_the_pydicom_path_writes(
     used = 0
     for path in files:
         cand = dicom_sar.Candidate(path, path)
-        a = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, fast), cand)
-        b = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, slow), cand)
+        a = sar_one(fast, cand)
+        b = sar_one(slow, cand)
         assert (a.status, a.message, a.changes, a.rejections) == \
                (b.status, b.message, b.changes, b.rejections), path
         if a.status == "modified":
@@ -868,7 +870,7 @@ def test_property_the_splice_writes_what_a_full_rewrite_writes(
     the rest) decides as pydicom's full read does, writes the same dataset as pydicom's full
     rewrite, and leaves every byte outside the changed elements as it was."""
     import dicom_sar
-    dicom_sar.configure_pydicom()
+    dicom_sar.load_pydicom()
     data, present = file
     tags = draw.draw(st.lists(st.sampled_from([*present, "StudyID"]), min_size=1, max_size=2,
                               unique=True))  # mostly elements the file has
@@ -881,8 +883,7 @@ def test_property_the_splice_writes_what_a_full_rewrite_writes(
              rule[1], "--no-fsync", "--output", str(Path(tmp) / "out"), "--path",
              str(source.parent)]))
         assert opts.fast
-        result = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, opts),
-                                   dicom_sar.Candidate(source, source.parent))
+        result = sar_one(opts, dicom_sar.Candidate(source, source.parent))
         full, _, _ = dicom_sar.read_dataset(source, header_only=False)
         planned, rejections = dicom_sar.plan_changes(full, opts)
         event(result.status)
@@ -914,7 +915,7 @@ def test_property_on_damaged_files_raw_planning_decides_as_pydicom_planning(
     import dataclasses
 
     import dicom_sar
-    dicom_sar.configure_pydicom()
+    dicom_sar.load_pydicom()
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "in" / "f"
         source.parent.mkdir()
@@ -924,8 +925,8 @@ def test_property_on_damaged_files_raw_planning_decides_as_pydicom_planning(
              "--no-fsync", "--output", str(Path(tmp) / "fast"), "--path", str(source.parent)]))
         slow = dataclasses.replace(fast, fast=False, output=Path(tmp) / "slow")
         cand = dicom_sar.Candidate(source, source.parent)
-        a = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, fast), cand)
-        b = dicom_sar.guarded(lambda c: dicom_sar.sar_task(c, slow), cand)
+        a = sar_one(fast, cand)
+        b = sar_one(slow, cand)
         event(f"{damage}: {a.status}")
         assert (a.status, a.message, a.changes, a.rejections) == \
                (b.status, b.message, b.changes, b.rejections)
@@ -1023,7 +1024,7 @@ def test_without_linux_only_calls_the_output_is_the_same(generated: Path, manife
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """No copy_file_range or listxattr (macOS): slower, the same bytes."""
     import dicom_sar
-    dicom_sar.configure_pydicom()
+    dicom_sar.load_pydicom()
     sources = [generated / e["path"] for e in instances(manifest, scenario="multi_patient")[:4]]
 
     def sar(tree: Path, *extra: str) -> dict[str, str]:
@@ -1042,3 +1043,131 @@ def test_without_linux_only_calls_the_output_is_the_same(generated: Path, manife
     monkeypatch.setattr(shutil, "_copyxattr", lambda *a, **k: None)  # shutil's, without them
     assert sar(tmp_path / "c", "--output", str(tmp_path / "c_o")) == normal_tree
     assert sar(tmp_path / "d", "--inplace", "--no-backup") == normal_inplace
+
+
+# ── group commit: durable before the rename, journalled in between, killable anywhere ─────
+
+def sar_traced(tree: Path, work: Path, *strace: str) -> subprocess.CompletedProcess[bytes]:
+    """An in-place SAR (with backups, journalled) run under strace with these options."""
+    need("strace")
+    return subprocess.run(
+        ["strace", "-f", "-qq", *strace, sys.executable, str(TOOL), "--sar", "--inplace",
+         "--tag", "PatientID", *GENHOSP, "-j", "2", "--no-progress", "--path", str(tree),
+         "--backup-dir", str(work / "backup")],
+        cwd=work, capture_output=True, timeout=300)
+
+
+SYSCALL = re.compile(r"^(?P<pid>\d+) +(?:<\.\.\. (?P<resumed>\w+) resumed>|(?P<name>\w+)\()"
+                     r"(?P<rest>.*)$")
+
+
+def test_every_rename_follows_the_flush_of_its_file_and_of_its_journal_line(
+        five_hundred: tuple[Path, Path], tmp_path: Path) -> None:
+    """The order of the system calls, as strace sees them: each temporary file is created,
+    then flushed by a syncfs that began after it was written, then its journal line is
+    flushed, then it is renamed over the original; its directory is flushed after."""
+    orig, ref = five_hundred
+    tree, work = tmp_path / "tree", tmp_path / "work"
+    shutil.copytree(orig, tree)
+    work.mkdir()
+    trace = work / "trace"
+    run = sar_traced(tree, work, "-o", str(trace), "-e",
+                     "trace=openat,syncfs,fdatasync,fsync,rename,renameat,renameat2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert all((tree / p.name).read_bytes() == p.read_bytes() for p in ref.iterdir())
+    calls = unfinished = 0
+    journal_fds: set[str] = set()
+    directory_fds: set[str] = set()
+    pending: dict[str, str] = {}  # pid -> syscall begun, not yet returned
+    written: set[str] = set()  # temporary files created, not yet flushed
+    flushing: set[str] = set()  # those a syncfs in progress covers
+    flushed: set[str] = set()  # on disk, waiting for their journal line's flush
+    journalled: set[str] = set()  # ready to be renamed
+    renamed = 0
+    last_directory_flush = last_rename = -1
+    for n, line in enumerate(trace.read_text().splitlines()):
+        m = SYSCALL.match(line)
+        if not m:
+            continue
+        calls += 1
+        name, rest = m["name"] or m["resumed"], m["rest"]
+        if m["name"] and rest.endswith("<unfinished ...>"):
+            pending[m["pid"]] = line
+            unfinished += 1
+            if name == "syncfs":
+                flushing = set(written)  # what was written before the flush began
+            continue
+        if m["resumed"]:
+            begun = pending.pop(m["pid"])
+            rest = SYSCALL.match(begun)["rest"].removesuffix("<unfinished ...>") + rest
+        result = rest.rsplit("= ", 1)[-1].split()[0]
+        if name == "openat" and result.isdigit():
+            path = rest.split('"')[1]
+            if "O_CREAT" in rest and Path(path).name.startswith(dicom_sar_temp_prefix()):
+                written.add(path)
+            elif path.endswith(".journal"):
+                journal_fds.add(result)
+            elif "O_DIRECTORY" in rest:
+                directory_fds.add(result)
+        elif name == "syncfs" and result == "0":
+            if not m["resumed"]:
+                flushing = set(written)
+            flushed |= flushing
+            written -= flushing
+            flushing = set()
+        elif name == "fdatasync" and rest.split(")")[0] in journal_fds and result == "0":
+            journalled |= flushed
+            flushed = set()
+        elif name == "fsync" and rest.split(")")[0] in directory_fds:
+            last_directory_flush = n
+        elif name.startswith("rename"):
+            source = rest.split('"')[1]
+            if Path(source).name.startswith(dicom_sar_temp_prefix()):
+                assert source in journalled, line  # flushed, journalled, only then renamed
+                journalled.discard(source)
+                renamed += 1
+                last_rename = n
+    assert renamed == 500 and not journalled and not flushed
+    assert last_directory_flush > last_rename  # the renames themselves made durable
+    assert calls > 1000 and unfinished > 0  # the trace really held the threads' calls
+
+
+@pytest.mark.parametrize("kill", ["syncfs:when=1", "syncfs:when=2",
+                                  "rename,renameat,renameat2:when=1",
+                                  "rename,renameat,renameat2:when=200",
+                                  "rename,renameat,renameat2:when=420",
+                                  "fdatasync:when=1"])
+def test_a_kill_during_a_batch_leaves_every_file_whole_and_resume_finishes_once(
+        kill: str, five_hundred: tuple[Path, Path], tmp_path: Path) -> None:
+    """SIGKILL exactly at a batch's flush, its journal's flush, or inside its renames: each
+    file is its original or its modified version, the backups hold the originals, and
+    --resume finishes the run exactly once with no litter."""
+    orig, ref = five_hundred
+    tree, work = tmp_path / "tree", tmp_path / "work"
+    shutil.copytree(orig, tree)
+    work.mkdir()
+    calls, when = kill.split(":")
+    run = sar_traced(tree, work, "-o", "/dev/null", "-e", f"trace={calls}", "-e",
+                     f"inject={calls}:signal=SIGKILL:{when}")
+    assert run.returncode != 0  # killed
+    modified = 0
+    for path in tree.iterdir():
+        if path.name.startswith(dicom_sar_temp_prefix()):
+            continue
+        data = path.read_bytes()
+        assert data in ((orig / path.name).read_bytes(), (ref / path.name).read_bytes())
+        if data == (ref / path.name).read_bytes():
+            modified += 1
+            assert (work / "backup" / path.name).read_bytes() == \
+                (orig / path.name).read_bytes()
+    if calls.startswith("rename"):
+        assert modified == int(when.removeprefix("when=")) - 1  # the renames before the kill
+    else:
+        assert modified < 500
+    resumed = run_tool("--sar", "--inplace", "--tag", "PatientID", *GENHOSP, "--resume",
+                       "--backup-dir", work / "backup", "--path", tree, cwd=work)
+    assert resumed.code == 0, resumed.err
+    assert sorted(p.name for p in tree.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for path in ref.iterdir():
+        assert (tree / path.name).read_bytes() == path.read_bytes(), path.name
+        assert (work / "backup" / path.name).read_bytes() == (orig / path.name).read_bytes()

@@ -443,7 +443,7 @@ def test_raw_index_agrees_with_pydicom_on_every_file(generated: Path, fuzz_tree:
     """Indexing reads three UIDs by raw scan; pydicom must see the same for every file."""
     import dicom_sar
     from conftest import pydicom_files
-    dicom_sar.configure_pydicom()
+    dicom_sar.load_pydicom()
     opts = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
         ["--send", "--path", "/", "-H", "127.0.0.1", "-p", "104", "-a", "ANY"]))
     files = [*pydicom_files(), *(p for p in generated.rglob("*") if p.is_file()),
