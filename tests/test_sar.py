@@ -1099,7 +1099,7 @@ def test_every_rename_follows_the_flush_of_its_file_and_of_its_journal_line(
             continue
         if m["resumed"]:
             begun = pending.pop(m["pid"])
-            rest = SYSCALL.match(begun)["rest"].removesuffix("<unfinished ...>") + rest
+            rest = SYSCALL.match(begun)["rest"].removesuffix("<unfinished ...>").rstrip() + rest
         result = rest.rsplit("= ", 1)[-1].split()[0]
         if name == "openat" and result.isdigit():
             path = rest.split('"')[1]
