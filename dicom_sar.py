@@ -33,8 +33,9 @@ import struct
 import sys
 import threading
 import time
+import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -430,7 +431,8 @@ class Options:
     send: Any = None
     resume: bool = False
     restart: bool = False
-    journal: Any = None  # Journal of a writing run (set by run())
+    journal: JournalView | None = None  # a journalled SAR run's key, and what its
+    # interrupted predecessor completed (the journal itself belongs to run_mode)
     fast: bool = False  # plain public --tag (text dump, or SAR): the raw scanner may read
 
 
@@ -975,7 +977,7 @@ class FileResult:
     """
 
     path: Path
-    status: str  # ok | unchanged | modified | rejected | error | skipped | not-dicom
+    status: str  # ok | unchanged | modified | written | rejected | error | skipped | not-dicom
     nbytes: int = 0
     seconds: float = 0.0
     message: str = ""
@@ -3891,7 +3893,7 @@ def generate_task(plan: InstancePlan, output: Path, seed: int) -> FileResult:
         return FileResult(target, "skipped", message="missing_dicom: deliberately not written")
     chunks = instance_chunks(plan, seed)
     staged = stage_atomic(target, lambda out: write_all(out, chunks))
-    return FileResult(target, "modified", nbytes=staged.nbytes, staged=staged)
+    return FileResult(target, "written", nbytes=staged.nbytes, staged=staged)
 
 
 def manifest_entry(plan: InstancePlan) -> dict[str, Any]:
@@ -4932,6 +4934,23 @@ def run_merge(opts: Options, out: Callable[[str], None]) -> int:
 JOURNAL_DONE = "# complete"
 
 
+@dataclasses.dataclass(frozen=True)
+class JournalView:
+    """A journalled run's key (it names the run's temporary files) and what its interrupted
+    predecessor completed, read-only: the workers' view of the journal."""
+
+    key: str
+    done: Mapping[str, int]  # source -> inode of its new version
+
+    def completed(self, source: Path, target: Path) -> bool:
+        """True when the interrupted run replaced target with this file's new version."""
+        inode = self.done.get(str(source))
+        try:
+            return inode is not None and os.stat(target).st_ino == inode
+        except OSError:
+            return False
+
+
 class Journal:
     """An append-only list of '["source", inode]' lines (JSON), one per file replaced.
 
@@ -4978,13 +4997,10 @@ class Journal:
                     finished = False
         return done, finished
 
-    def completed(self, source: Path, target: Path) -> bool:
-        """True when the interrupted run replaced target with this file's new version."""
-        inode = self.done.get(str(source))
-        try:
-            return inode is not None and os.stat(target).st_ino == inode
-        except OSError:
-            return False
+    @property
+    def view(self) -> JournalView:
+        """What the run's tasks may know of the journal: its key and the files done."""
+        return JournalView(self.key, types.MappingProxyType(self.done))
 
     def record_all(self, staged: list[Staged], fsync: bool) -> str | None:
         """Note, just before their renames, that each staged file (by inode) becomes its
@@ -5045,6 +5061,7 @@ class Stats:
     processed: int = 0
     errors: int = 0
     modified: int = 0
+    written: int = 0  # generated files (a new file is not a modified one)
     unchanged: int = 0
     rejected: int = 0
     elements_changed: int = 0
@@ -5072,6 +5089,8 @@ class Stats:
         if r.status == "modified":
             self.modified += 1
             self.elements_changed += len(r.changes)
+        elif r.status == "written":
+            self.written += 1
         elif r.status == "unchanged":
             self.unchanged += 1
         elif r.status == "rejected":
@@ -5101,7 +5120,7 @@ class Stats:
             if self.litter_removed is not None:
                 data["temporary_files_removed"] = self.litter_removed
         if opts.mode == "generate":
-            data |= {"files_written": self.modified, "deliberately_absent": self.skipped}
+            data |= {"files_written": self.written, "deliberately_absent": self.skipped}
         return data
 
 
@@ -6044,7 +6063,7 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
     task = {"dump": dump_task, "sar": sar_task}[opts.mode]
     journal = open_journal(opts) if opts.mode == "sar" and not opts.dry_run else None
     if journal is not None:
-        opts = dataclasses.replace(opts, journal=journal)
+        opts = dataclasses.replace(opts, journal=journal.view)
         log_paths.append(journal.path)
     excluded = excluded_locations(opts, log_paths)
     reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if countable(opts) else None)
