@@ -158,20 +158,29 @@ def dictionary_entry(tag: int) -> tuple[str, str, str, str, str] | None:
     the dictionary, else the repeating groups (curves, overlays); None for an unknown tag."""
     entry = DICOM_DICTIONARY.get(tag)
     if entry is None and not (tag >> 16) % 2:
-        entry = repeater_entries().get(tag)
+        group = tag >> 16
+        for group_fixed, group_care, masks in repeater_masks():
+            if (group ^ group_fixed) & group_care == 0:
+                for fixed, care, repeater in masks:
+                    if (tag ^ fixed) & care == 0:  # the first match, as in mask_match
+                        return repeater
     return entry
 
 
+Masks = list[tuple[int, int, tuple[str, str, str, str, str]]]
+
+
 @functools.cache
-def repeater_entries() -> dict[int, tuple[str, str, str, str, str]]:
-    """pydicom's repeating-group entries (masks like 60xx3000) spelled out per tag, the first
-    mask matching a tag winning as in pydicom.datadict.mask_match."""
-    entries: dict[int, tuple[str, str, str, str, str]] = {}
+def repeater_masks() -> list[tuple[int, int, Masks]]:
+    """pydicom's repeating-group entries (keys like 60xx3000) as the masks pydicom.datadict
+    builds of them, (the fixed digits, which digits are fixed, entry), in its order, under
+    the group pattern they share (a tag's group picks its few)."""
+    by_pattern: dict[tuple[int, int], Masks] = {}
     for mask, entry in pydicom_table("_dicom_dict").RepeatersDictionary.items():
-        digits = ["0123456789ABCDEF" if c == "x" else c for c in mask]
-        for spelled in itertools.product(*digits):
-            entries.setdefault(int("".join(spelled), 16), entry)
-    return entries
+        fixed = int(mask.replace("x", "0"), 16)
+        care = int("".join("0" if c == "x" else "F" for c in mask), 16)
+        by_pattern.setdefault((fixed >> 16, care >> 16), []).append((fixed, care, entry))
+    return [(fixed, care, masks) for (fixed, care), masks in by_pattern.items()]
 
 
 @functools.cache

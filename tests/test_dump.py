@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import re
@@ -509,7 +510,12 @@ def test_dictionary_lookups_equal_pydicoms() -> None:
     import dicom_sar
     assert dicom_sar.keyword_tags() == pydicom.datadict.keyword_dict
     assert dicom_sar.DICOM_DICTIONARY is pydicom.datadict.DicomDictionary  # one copy
-    tags = [*pydicom.datadict.DicomDictionary, *dicom_sar.repeater_entries(),
+    repeated = [int("".join(digits), 16) for mask in pydicom.datadict.RepeatersDictionary
+                for digits in itertools.product(*("02468ACE" if c == "x" and i == 3 else
+                                                  "0123456789ABCDEF" if c == "x" else c
+                                                  for i, c in enumerate(mask)))]
+    assert len(repeated) > 20000
+    tags = [*pydicom.datadict.DicomDictionary, *repeated,
             *range(0x60000000, 0x60FF4000, 0x3FF7), 0x00080000, 0x00091010, 0x7FE00010,
             0x50003000, 0x60023000, 0x60013000, 0x00281201, 0x0028120F]
     for tag in tags:
