@@ -151,6 +151,7 @@ IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE, DEFLATED = (UID_BY_KEYWORD[k] for k in (
 COMMON_CHARSETS = {"ISO_IR 6": "iso8859", "ISO_IR 100": "latin_1", "ISO_IR 192": "UTF8"}
 DEFAULT_ENCODING = COMMON_CHARSETS["ISO_IR 6"]  # pydicom.charset.default_encoding
 _PYDICOM_LOCK = threading.Lock()
+_PYDICOM_READY = threading.Event()  # set once load_pydicom() has imported and configured it
 
 
 def dictionary_entry(tag: int) -> tuple[str, str, str, str, str] | None:
@@ -204,11 +205,11 @@ def load_pydicom() -> None:
     unusual. Binds the module-level names the TYPE_CHECKING block above declares."""
     global pydicom, DataElement, RawDataElement, Dataset, BaseTag, DicomBytesIO  # noqa: PLW0603
     global convert_raw_data_element, correct_ambiguous_vr_element, write_data_element  # noqa: PLW0603
-    global generate_fragments, InvalidDicomError  # noqa: PLW0603
-    if "generate_fragments" in globals():
+    global generate_fragments  # noqa: PLW0603
+    if _PYDICOM_READY.is_set():
         return
     with _PYDICOM_LOCK:
-        if "generate_fragments" in globals():
+        if _PYDICOM_READY.is_set():
             return
         # Importing pydicom allocates ~100k objects; the cyclic GC would stop the world a
         # dozen times to scan them meanwhile
@@ -225,7 +226,7 @@ def load_pydicom() -> None:
             import pydicom.valuerep
             from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
             from pydicom.dataset import Dataset
-            from pydicom.errors import InvalidDicomError
+            from pydicom.encaps import generate_fragments
             from pydicom.filebase import DicomBytesIO
             from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
             from pydicom.tag import BaseTag
@@ -234,7 +235,7 @@ def load_pydicom() -> None:
             # no warnings of pydicom's from the threads (errors.log tells what is wrong with a
             # file); other libraries' warnings are left as they are
             warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
-            from pydicom.encaps import generate_fragments
+            _PYDICOM_READY.set()
         finally:
             if was_enabled:
                 gc.enable()
@@ -1876,8 +1877,7 @@ class RawScan:
                 if tag == 0x00020010:
                     syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
                 if keep:
-                    self.meta.append(RawElement(tag, vr, length, value, vpos,
-                                                    False, True))
+                    self.meta.append(RawElement(tag, vr, length, value, vpos, False, True))
                 if tag in wanted:
                     self.collect(tag, vr, length, value, True, ["iso8859"])
             pos = vpos + length
@@ -1990,8 +1990,8 @@ class RawScan:
         if tag in self.wanted:
             self.collect(tag, vr, length, self.value(vpos, length), self.little, encodings)
         if level == 0 and tag in self.keep_top:
-            self.top[tag] = RawElement(tag, vr, length, self.value(vpos, length),
-                                           vpos, self.implicit, self.little)
+            self.top[tag] = RawElement(tag, vr, length, self.value(vpos, length), vpos,
+                                       self.implicit, self.little)
         return encodings
 
     def sequence(self, pos: int, length: int, implicit: bool, little: bool, level: int,
@@ -2603,8 +2603,9 @@ def stage_atomic(target: Path, produce: Callable[[BinaryIO], None], *,
             shutil.copystat(like, tmp)  # permissions and timestamps of the original
             if writable:
                 os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) | stat.S_IWUSR)
-            owner = os.stat(like)
-            if keep_owner and (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+            owner = os.stat(like) if keep_owner else None
+            if owner is not None and (owner.st_uid, owner.st_gid) != (os.geteuid(),
+                                                                      os.getegid()):
                 with contextlib.suppress(OSError):  # keep the owner where we may
                     os.chown(tmp, owner.st_uid, owner.st_gid)
         else:
@@ -2820,20 +2821,18 @@ def write_bytes_atomic(data: bytes | list[bytes], target: Path, *, fsync: bool) 
     write_atomic(target, produce, fsync=fsync)
 
 
-def stage_copy(source: Path, target: Path, *, tag: str = "", writable: bool = False
-               ) -> Staged:
-    """A copy of source (data by kernel copy, mode, times) staged for target."""
+def copy_of(source: Path) -> Callable[[BinaryIO], None]:
+    """A producer (see stage_atomic) writing source's bytes, by kernel copy."""
     def produce(out: BinaryIO) -> None:
         with read_fd(source) as src:
             copy_range(src, out.fileno(), 0, os.fstat(src).st_size)
-    return stage_atomic(target, produce, like=source, tag=tag, writable=writable)
+    return produce
 
 
-def finish(fp: Any, fsync: bool) -> None:
-    """After produce(): flush, fsync if wanted (the file's data on disk before the rename)."""
-    fp.flush()
-    if fsync:
-        os.fsync(fp.fileno())
+def stage_copy(source: Path, target: Path, *, tag: str = "", writable: bool = False
+               ) -> Staged:
+    """A copy of source (data, mode, times) staged for target."""
+    return stage_atomic(target, copy_of(source), like=source, tag=tag, writable=writable)
 
 
 def copy_range(src: int, dst: int, start: int, end: int) -> None:
@@ -2986,10 +2985,7 @@ def backup_original(source: Path, target: Path, *, fsync: bool, tag: str = "") -
     try:
         os.link(source, target, follow_symlinks=False)
     except OSError:
-        def produce(out: BinaryIO) -> None:
-            with read_fd(source) as src:
-                copy_range(src, out.fileno(), 0, os.fstat(src).st_size)
-        write_atomic(target, produce, fsync=fsync, like=source, tag=tag)
+        write_atomic(target, copy_of(source), fsync=fsync, like=source, tag=tag)
         return False
     return True
 
@@ -6070,7 +6066,8 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
     if opts.mode == "ui":
         return run_ui(opts, stop)
     task = {"dump": dump_task, "sar": sar_task}[opts.mode]
-    journal = open_journal(opts) if opts.mode == "sar" and not opts.dry_run else None
+    writes = opts.mode == "sar" and not opts.dry_run
+    journal = open_journal(opts) if writes else None
     if journal is not None:
         opts = dataclasses.replace(opts, journal=journal.view)
         log_paths.append(journal.path)
@@ -6081,7 +6078,7 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
         else None
     results = run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event,
                           opts.time_limit)
-    for result in committed(results, Committer(opts.fsync, journal)):
+    for result in committed(results, Committer(writes and opts.fsync, journal)):
         if litter is None or not litter.claims(result):
             reporter.handle(result)
     if litter is not None:
