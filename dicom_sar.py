@@ -2172,6 +2172,7 @@ def dump_task(cand: Candidate, opts: Options) -> FileResult:
             if lines is None:
                 return FileResult(cand.path, "not-dicom", nbytes=size)
             return dumped(cand, size, lines, opts)
+    load_pydicom()  # the pydicom path (a raw dump's worker may be the first to take it)
     ds, size, kind = whole(cand.file, read_dataset(cand.file,
                                                    header_only=not wants_pixels(opts.specs)))
     if ds is None:
