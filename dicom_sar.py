@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """dicom_sar: bulk search/replace, dump, generate and send for trees of DICOM files.
 
-The file reads like its pipeline: options -> tag specs -> discovery -> engine (a bounded,
-ordered thread pool) -> one section per mode -> writing -> report -> main().
+The file reads like its pipeline: options -> tag specs -> discovery -> reading -> engine (a
+bounded, ordered thread pool) -> writing and its journal -> report -> one section per mode,
+each with its checks, its per-file task and its driver -> main().
 Runs on free-threaded CPython 3.13t (parallel) and on any CPython >= 3.11 (GIL, serial speed).
 """
 
@@ -13,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import difflib
+import enum
 import fnmatch
 import functools
 import gc
@@ -109,10 +111,6 @@ def runtime_line() -> str:
                else "pydicom's dictionaries (package not imported)"))
 
 
-class UsageError(Exception):
-    """A problem with the command line; reported before any file is touched (exit 2)."""
-
-
 # ════════════════════════════════════════════════════════════════════════════════════════
 # pydicom: its dictionaries at start-up, the package itself on first need
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -121,8 +119,8 @@ class UsageError(Exception):
 def pydicom_table(name: str) -> ModuleType:
     """One of pydicom's generated table modules (`_dicom_dict`, `_uid_dict`: plain dicts, no
     imports), loaded from the installed package without running its __init__ (which imports
-    pixel handlers, codecs and importlib.metadata: ~170 ms). pydicom's own import finds it in
-    sys.modules and uses the same objects."""
+    pixel handlers, codecs and importlib.metadata: most of a tag dump's start-up). pydicom's
+    own import finds it in sys.modules and uses the same objects."""
     qualified = "pydicom." + name
     module = sys.modules.get(qualified)
     if module is None:
@@ -242,8 +240,10 @@ def load_pydicom() -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# Options: argparse with a group per mode, turned once into a frozen Options object
+# Options: argparse with a group per mode, turned once into a frozen Options object (each
+# mode's own checks sit in its section)
 # ════════════════════════════════════════════════════════════════════════════════════════
+
 
 EPILOG = """\
 examples (fish):
@@ -446,6 +446,10 @@ class Options:
     fast: bool = False  # plain public --tag (text dump, or SAR): the raw scanner may read
 
 
+class UsageError(Exception):
+    """A problem with the command line; reported before any file is touched (exit 2)."""
+
+
 def options_from_args(ns: argparse.Namespace) -> Options:
     """Validate the parsed command line into Options; raise UsageError with advice."""
     mode = next((m for m in ("dump", "sar", "generate", "send", "echo", "check_ingest",
@@ -528,49 +532,6 @@ def shard_tag(shard: tuple[int, int]) -> str:
     return f"shard-{shard[0]}-of-{shard[1]}"
 
 
-def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str, Any]:
-    """The SAR-specific part of Options: regex, targets and where writes go."""
-    if ns.regex_search is None or ns.regex_replace is None:
-        raise UsageError("--sar needs --regex_search PATTERN and --regex_replace REPL")
-    try:
-        pattern = re.compile(ns.regex_search)
-    except re.error as exc:
-        raise UsageError(f"--regex_search {ns.regex_search!r}: {exc.msg} at position {exc.pos}; "
-                         "fix the pattern (Python re syntax)") from None
-    try:
-        pattern.sub(ns.regex_replace, "")  # checks backreferences against the pattern's groups
-    except (re.error, IndexError) as exc:
-        raise UsageError(f"--regex_replace {ns.regex_replace!r}: {exc}; "
-                         f"the pattern has {pattern.groups} group(s)") from None
-    if not specs and not ns.force:
-        raise UsageError("no --tag given: SAR on every string element needs --force "
-                         "(or give --tag PatientID)")
-    for spec in specs:
-        vr = spec.dictionary_vr()
-        if vr is not None and vr not in STRING_VRS:
-            raise UsageError(f"--tag {spec.text}: VR {vr} is not a string VR; "
-                             "SAR changes string values only")
-    if ns.inplace and ns.output:
-        raise UsageError("--inplace and --output exclude each other; pick one")
-    output = None if ns.inplace else Path(ns.output or DEFAULT_OUTPUT)
-    backup = None
-    if ns.inplace and not ns.no_backup:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        backup = Path(ns.backup_dir) if ns.backup_dir else Path(DEFAULT_BACKUP) / stamp
-    for root in (Path(p) for p in (ns.path or ["."])):
-        if backup is not None and root.is_dir() and is_within(backup, root):  # dry run too
-            raise UsageError(f"--backup-dir {backup} is inside the scanned tree {root}; "
-                             "put backups outside it")
-        if output is not None and output_holds(output, root):
-            raise UsageError(f"--output {output} holds the scanned {root}: written files could "
-                             "replace originals; choose an output directory outside it, or "
-                             "--inplace (which keeps a backup)")
-    return dict(pattern=pattern, replacement=ns.regex_replace, deep=ns.deep,
-                all_strings=not specs, inplace=ns.inplace, output=output, backup=backup,
-                copy_unmodified=ns.copy_unmodified,
-                fast=bool(specs) and not ns.deep and fast_specs_ok(specs))
-
-
 def output_holds(output: Path, root: Path) -> bool:
     """Whether the output tree could hold root's originals. It mirrors each file's path below
     its root: with the root inside the output (or a file named alone, and its own directory
@@ -589,6 +550,7 @@ def is_within(path: Path, root: Path) -> bool:
 # ════════════════════════════════════════════════════════════════════════════════════════
 # Tag specs: one parser for every mode — lazy hex, keywords, sequence paths, private tags
 # ════════════════════════════════════════════════════════════════════════════════════════
+
 
 _HEX = r"[0-9A-Fa-f]{1,4}"
 _END = r"(?=\s*(?:$|,|\.|\[))"
@@ -772,19 +734,36 @@ def resolve_step(ds: Dataset, step: Step) -> int | None:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
+class Problem(NamedTuple):
+    """Why the walk hands a path over without a task: an error (counted, exit 1) or a skip."""
+
+    status: Status  # ERROR or SKIPPED
+    message: str
+
+    @classmethod
+    def skip(cls, message: str) -> Problem:
+        """A path the walk passes over (a symlink, a FIFO, a leftover temporary file)."""
+        return cls(Status.SKIPPED, message)
+
+    @classmethod
+    def error(cls, message: str) -> Problem:
+        """A path the walk cannot use although the user named it (an OSError, outside)."""
+        return cls(Status.ERROR, message)
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """A path found by the walk, the --path root it came from, or why it cannot be used."""
 
     path: Path
     root: Path
-    problem: str | None = None  # "error: ..." or "skip: ..."
+    problem: Problem | None = None
     found_as: str = ""  # the path as the walk's scandir gave it, when it did
 
     @property
     def file(self) -> str | Path:
         """What to open. The walk's own string when there is one: a Path handed to the OS
-        parses itself first, which costs ~10% of a tag dump's time per file."""
+        parses itself first, a cost a tag dump would pay on every file."""
         return self.found_as or self.path
 
 
@@ -821,11 +800,11 @@ def listed(opts: Options, excluded: list[Path]) -> Iterator[Candidate]:
         root = next((r for r, a in roots if absolute == a or absolute.startswith(
             a.rstrip(os.sep) + os.sep)), None)
         if root is None:
-            yield Candidate(path, path, "error: not below any --path root (--files-from "
-                                        "lists files inside the tree you name)")
+            yield Candidate(path, path, Problem.error(
+                "not below any --path root (--files-from lists files inside the tree you name)"))
             continue
         if path.name.startswith(TEMP_PREFIX):
-            yield Candidate(path, root, "skip: leftover temporary file of an earlier run")
+            yield Candidate(path, root, Problem.skip("leftover temporary file of an earlier run"))
         elif path.is_dir() or any(is_within(path, place) for place in excluded):
             continue
         else:
@@ -874,12 +853,12 @@ def _walk(root: Path, top: Path, opts: Options,
     stack: list[tuple[Iterator[os.DirEntry[str]], int]] = []  # entries, device
 
     def enter(directory: str) -> Iterator[Candidate]:
-        # str, not Path: a fresh Path parses itself on first use (~5 µs), and most
-        # directories never need one
+        # str, not Path: a fresh Path parses itself on first use, and most directories
+        # never need one
         try:
             st = os.stat(directory)
             if (st.st_dev, st.st_ino) in seen_dirs:
-                yield Candidate(Path(directory), root, "skip: symlink loop")
+                yield Candidate(Path(directory), root, Problem.skip("symlink loop"))
                 return
             seen_dirs.add((st.st_dev, st.st_ino))
             with os.scandir(directory) as it:
@@ -887,7 +866,7 @@ def _walk(root: Path, top: Path, opts: Options,
             stack.append((iter(entries), st.st_dev))
         except OSError as exc:
             yield Candidate(Path(directory), root,
-                            f"error: {type(exc).__name__}: {exc.strerror}")
+                            Problem.error(f"{type(exc).__name__}: {exc.strerror}"))
 
     yield from enter(os.fspath(top))
     while stack:
@@ -898,7 +877,7 @@ def _walk(root: Path, top: Path, opts: Options,
             continue
         if entry.name.startswith(TEMP_PREFIX):
             yield Candidate(Path(entry.path), root,
-                            "skip: leftover temporary file of an earlier run")
+                            Problem.skip("leftover temporary file of an earlier run"))
             continue
         try:
             is_link = entry.is_symlink()
@@ -910,7 +889,7 @@ def _walk(root: Path, top: Path, opts: Options,
                 identity = (device, entry.inode())
         except OSError as exc:
             yield Candidate(Path(entry.path), root,
-                            f"error: {type(exc).__name__}: {exc.strerror}")
+                            Problem.error(f"{type(exc).__name__}: {exc.strerror}"))
             continue
         if identity in skip:
             continue
@@ -920,7 +899,7 @@ def _walk(root: Path, top: Path, opts: Options,
             yield from _file_candidate(Path(entry.path), root, opts, explicit=False,
                                        is_link=is_link)
         elif not entry.is_file(follow_symlinks=False):  # from the directory listing: no stat
-            yield Candidate(Path(entry.path), root, f"skip: {NOT_REGULAR}")
+            yield Candidate(Path(entry.path), root, Problem.skip(NOT_REGULAR))
         else:
             yield Candidate(Path(entry.path), root, found_as=entry.path)
 
@@ -930,12 +909,12 @@ def _file_candidate(path: Path, root: Path, opts: Options, *, explicit: bool,
     if is_link is None:
         is_link = path.is_symlink()
     if is_link and not opts.follow_symlinks and not explicit:
-        yield Candidate(path, root, "skip: symlink (use --follow-symlinks)")
+        yield Candidate(path, root, Problem.skip("symlink (use --follow-symlinks)"))
         return
     if opts.glob and not fnmatch.fnmatch(path.name, opts.glob):
         return
     if special_file(path):  # named on the command line: an error; met in the walk: a skip
-        yield Candidate(path, root, f"{'error' if explicit else 'skip'}: {NOT_REGULAR}")
+        yield Candidate(path, root, (Problem.error if explicit else Problem.skip)(NOT_REGULAR))
     else:
         yield Candidate(path, root)
 
@@ -973,701 +952,25 @@ def sniff_dicom(head: bytes, size: int) -> str | None:
     return None
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# Engine: a bounded, ordered pool — memory stays bounded, output keeps the walk order
-# ════════════════════════════════════════════════════════════════════════════════════════
-
-
-@dataclasses.dataclass(slots=True)
-class FileResult:
-    """What one task did to one file; built in a worker, consumed by the main thread.
-
-    Not frozen only so that guarded() can stamp the time without copying every field
-    (dataclasses.replace costs ~6 µs a file); nothing changes a result once it is returned.
-    """
-
-    path: Path
-    status: str  # ok | unchanged | modified | written | rejected | error | skipped | not-dicom
-    nbytes: int = 0
-    seconds: float = 0.0
-    message: str = ""
-    error_type: str = ""
-    lines: tuple[str, ...] = ()
-    values: tuple[tuple[str, str], ...] = ()  # --count: (tag label, value)
-    changes: tuple[Change, ...] = ()
-    rejections: tuple[str, ...] = ()
-    record: Any = None  # --send: what the index found
-    staged: Staged | None = None  # a written file waiting for its batch's commit (Committer)
-
-
-class TimeLimitError(Exception):
-    """A worker found its file abandoned at the time limit; the file is left as it was."""
-
-
-@dataclasses.dataclass(eq=False)
-class Batch:
-    """A few files for one pool task.
-
-    This is the one state a worker shares with the main thread, and only for the per-file
-    time limit: the worker appends results and stamps each file's start; the main thread may
-    mark the batch abandoned. Both happen under the lock: a file reported as timed out is
-    never committed (its staged file is removed).
-    """
-
-    files: list[Candidate]
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    done: list[FileResult] = dataclasses.field(default_factory=list)
-    started: float = 0.0  # monotonic start of the file in progress; 0 between files
-    abandoned: bool = False
-
-
-@dataclasses.dataclass(eq=False)
-class Slot:
-    """A place in the output order: results settled so far, then the batch still running."""
-
-    settled: list[FileResult]
-    batch: Batch
-    future: Future[list[FileResult]] | None
-
-
-_current_batch = threading.local()  # the Batch a worker thread is running, for commit()
-STOP_GRACE = 10.0  # seconds a file in flight may still take after Ctrl-C or SIGTERM
-
-
-def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
-                workers: int, stop: threading.Event, time_limit: float = 0,
-                batch: int = 16) -> Iterator[FileResult]:
-    """Run task over candidates on a thread pool, yielding results in submission order.
-
-    Files go to the pool in small batches (fewer futures and wake-ups for the main thread),
-    and at most a few batches per worker are in flight (backpressure on the walk). A file
-    that runs past time_limit seconds becomes an error (see Pool).
-    """
-    pool = Pool(workers, task, time_limit, stop)
-    try:
-        chunk: list[Candidate] = []
-        for cand in candidates:
-            if stop.is_set():
-                chunk = []
-                break  # stop taking new files; the ones in flight finish below
-            chunk.append(cand)
-            if len(chunk) < batch:
-                continue
-            pool.submit(chunk)
-            chunk = []
-            while pool.full():
-                yield from pool.next_results()
-        if chunk:
-            pool.submit(chunk)
-        while pool.slots:
-            yield from pool.next_results()
-    finally:
-        pool.close()
-
-
-class Pool:
-    """The ThreadPoolExecutor behind run_ordered, plus the per-file time limit.
-
-    Python cannot stop a thread, so a file past the limit is given up on: its batch is
-    abandoned (that worker commits nothing more), the rest of the batch and the queued
-    batches go to a fresh executor, and the process exits without waiting for the stuck
-    thread (leave).
-    """
-
-    def __init__(self, workers: int, task: Callable[[Candidate], FileResult],
-                 time_limit: float, stop: threading.Event):
-        self.workers, self.task, self.time_limit, self.stop = workers, task, time_limit, stop
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG)
-        self.retired: list[ThreadPoolExecutor] = []
-        self.stuck = False  # a worker had to be abandoned: close() cannot wait for it
-        self.slots: collections.deque[Slot] = collections.deque()
-
-    def start(self, files: list[Candidate]) -> tuple[Batch, Future[list[FileResult]] | None]:
-        """A batch of files on the current executor (nothing for no files)."""
-        b = Batch(files)
-        return b, self.executor.submit(run_batch, self.task, b) if files else None
-
-    def submit(self, files: list[Candidate]) -> None:
-        """Queue a batch behind the others."""
-        self.slots.append(Slot([], *self.start(files)))
-
-    def full(self) -> bool:
-        """Backpressure: a few batches per worker in flight at most."""
-        return len(self.slots) >= max(2, self.workers * 3)
-
-    def next_results(self) -> list[FileResult]:
-        """The oldest slot's results, in order, once its batch is finished or given up on."""
-        slot = self.slots[0]
-        tick = min(1.0, self.time_limit / 4) if self.time_limit else 1.0
-        while slot.future is not None:
-            try:
-                results = slot.future.result(timeout=tick)
-                break
-            except TimeoutError:
-                self.enforce_time_limit()
-        else:
-            results = []
-        self.slots.popleft()
-        return slot.settled + results
-
-    def limit(self) -> float:
-        """How long a file may run: the time limit, cut to STOP_GRACE once stopped."""
-        limit = self.time_limit or math.inf
-        return min(limit, STOP_GRACE) if self.stop.is_set() else limit
-
-    def enforce_time_limit(self) -> None:
-        """Abandon every batch whose current file has run past the limit."""
-        now, limit = time.monotonic(), self.limit()
-        for slot in self.slots:
-            b = slot.batch
-            with b.lock:
-                if b.abandoned or not b.started or now - b.started < limit:
-                    continue
-                b.abandoned = True
-                finished = list(b.done)
-            stuck = b.files[len(finished)]
-            why = (f"after the {self.time_limit:g} s per-file time limit (--time-limit)"
-                   if limit == self.time_limit else f"{limit:g} s after the stop signal")
-            log.warning("%s: abandoned, still running %s", stuck.path, why)
-            slot.settled += [*finished, FileResult(
-                stuck.path, "error", seconds=now - b.started, error_type="TimeLimit",
-                message=f"still running {why}; left as it was")]
-            self.replace_executor()
-            slot.batch, slot.future = self.start(b.files[len(finished) + 1:])
-
-    def replace_executor(self) -> None:
-        """A fresh executor takes the queued batches; the old one keeps its stuck thread."""
-        self.stuck = True
-        old, self.executor = self.executor, ThreadPoolExecutor(
-            max_workers=self.workers, thread_name_prefix=PROG)
-        self.retired.append(old)
-        for slot in self.slots:
-            if slot.future is not None and slot.future.cancel():  # not started: move it
-                slot.batch, slot.future = self.start(slot.batch.files)
-        old.shutdown(wait=False)
-
-    def close(self) -> None:
-        """Cancel what has not started; wait for the rest unless a worker is stuck."""
-        for slot in self.slots:
-            if slot.future is not None:
-                slot.future.cancel()
-        for executor in [*self.retired, self.executor]:
-            executor.shutdown(wait=not self.stuck)
-
-
-def run_batch(task: Callable[[Candidate], FileResult], b: Batch) -> list[FileResult]:
-    """One pool task: a few files, each guarded on its own, stamped for the time limit."""
-    _current_batch.value = b
-    try:
-        for cand in b.files:
-            with b.lock:
-                if b.abandoned:
-                    break
-                b.started = time.monotonic()
-            result = guarded(task, cand) if cand.problem is None else problem_result(cand)
-            with b.lock:
-                if b.abandoned:
-                    discard(result.staged)  # reported as timed out: nobody commits it
-                    break
-                b.done.append(result)
-                b.started = 0.0
-    finally:
-        _current_batch.value = None
-    return b.done
-
-
-def commit(replace: Callable[[], None]) -> None:
-    """Run the step that makes a write visible, unless this file was abandoned meanwhile."""
-    b: Batch | None = getattr(_current_batch, "value", None)
-    if b is None:
-        replace()
-        return
-    with b.lock:
-        if b.abandoned:
-            raise TimeLimitError("abandoned at the per-file time limit")
-        replace()
-
-
-def problem_result(cand: Candidate) -> FileResult:
-    """The result for a path the walk could not use (an error or a skip)."""
-    kind, _, message = (cand.problem or "").partition(": ")
-    return FileResult(cand.path, "error" if kind == "error" else "skipped", message=message,
-                      error_type="OSError" if kind == "error" else "")
-
-
-def guarded(task: Callable[[Candidate], FileResult], cand: Candidate) -> FileResult:
-    """Run one task; any exception becomes an error result (the run goes on)."""
-    t0 = time.perf_counter()
-    try:
-        result = task(cand)
-    except Exception as exc:
-        result = FileResult(cand.path, "error", message=one_line(str(exc)) or repr(exc),
-                            error_type=type(exc).__name__)
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-HEADER_CHUNK = 1 << 16  # one read holds almost every header; parsing it costs no syscalls
-
-
-def read_dataset(path: str | Path, *, header_only: bool) -> tuple[Dataset | None, int, str | None]:
-    """Read a file if its content says DICOM: (dataset or None, size, kind)."""
-    with buffered_reader(path) as fp:
-        size = os.fstat(fp.fileno()).st_size
-        head = fp.read(HEADER_CHUNK if header_only else 4096 + 132)
-        kind = sniff_dicom(head[:132], size)
-        if kind is None:
-            return None, size, None
-        if kind == "part10" and DEFLATED_UID in head[:4096 + 132]:
-            check_inflated_size(fp, size)
-        elif header_only:
-            ds = header_in_memory(head, size)
-            if ds is not None:
-                return ds, size, kind
-        fp.seek(0)
-        ds = pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
-        check_complete(ds, fp, size)
-    return ds, size, kind
-
-
-@contextlib.contextmanager
-def read_fd(path: Path) -> Iterator[int]:
-    """A read-only file descriptor of path, closed afterwards (why not a file: buffered_reader)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def buffered_reader(path: str | Path) -> Iterator[io.BufferedReader]:
-    """A buffered reader of path, closed through its raw file.
-
-    On 3.13t, closing (or detaching) a buffered file enters a nested critical section that
-    spins through ~40 sched_yield calls before it gets its own lock: ~20 µs per file, more
-    while other threads want the CPU. A buffered file whose raw file is closed is left alone.
-    """
-    with open(path, "rb", buffering=0) as raw:
-        yield io.BufferedReader(raw)
-
-
-def header_in_memory(head: bytes, size: int) -> Dataset | None:
-    """Parse the header from the first chunk; None if it may go on past the chunk."""
-    mem = DicomBytesIO(head)
-    try:
-        ds = pydicom.dcmread(mem, force=True, stop_before_pixels=True)
-    except Exception:
-        if len(head) < size:
-            return None  # perhaps only the chunk ends here: the file decides
-        raise
-    if len(head) < size and mem.tell() + 12 > len(head):
-        return None  # the header (or the pixel data's element header) is not all here
-    check_complete(ds, mem, size)
-    return ds
-
-
-DEFLATED_UID = DEFLATED.encode()
-MAX_INFLATED = 1 << 30  # a deflated dataset may not inflate beyond 1 GiB
-
-
-def check_inflated_size(fp: Any, size: int) -> None:
-    """Refuse a deflate bomb before pydicom inflates it all into memory."""
-    fp.seek(132)
-    (group_length,) = struct.unpack("<I", fp.read(12)[8:12])
-    fp.seek(132 + 12 + group_length)
-    for _ in inflated(iter(lambda: fp.read(1 << 16), b""), size):
-        pass
-
-
-class DeflateBombError(Exception):
-    """A deflated dataset that would inflate far beyond its file's size."""
-
-
-def inflated(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
-    """The inflated pieces of a deflated dataset (raw deflate), refusing a deflate bomb: no
-    more than 1 GiB, nor 2,000 times the file's size."""
-    import zlib
-
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
-    for chunk in chunks:
-        data = inflater.decompress(chunk, 1 << 20)
-        while True:
-            total += len(data)
-            if total > MAX_INFLATED or total > 2000 * size:
-                raise DeflateBombError(f"deflated dataset inflates to over {total >> 20} MiB "
-                                       f"from {size} bytes (deflate bomb?)")
-            yield data
-            if not inflater.unconsumed_tail:
-                break
-            data = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
-    yield inflater.flush()
-
-
-class TruncatedFileError(Exception):
-    """The file ends before an element it declares."""
-
-
-def check_complete(ds: Dataset, fp: Any, size: int) -> None:
-    """Raise if the file is cut short: pydicom silently returns short values."""
-    if len(ds) == 0:
-        raise TruncatedFileError("no data elements after the file meta (truncated?)")
-    last = ds.get_item(list(ds.keys())[-1])
-    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF \
-            and isinstance(last.value, bytes) and len(last.value) < last.length:
-        raise TruncatedFileError(f"element {BaseTag(last.tag)} declares {last.length} bytes, "
-                                 f"the file ends after {len(last.value)}")
-    pos = fp.tell()
-    little = ds.original_encoding[1] is not False
-    order = "<" if little else ">"
-    if getattr(last, "length", 0) == 0xFFFFFFFF and pos >= size:
-        fp.seek(size - 8)  # an undefined-length element that ends the file ends with (FFFE,E0DD)
-        if fp.read(8) != struct.pack(order + "HHI", 0xFFFE, 0xE0DD, 0):
-            raise TruncatedFileError(f"element {BaseTag(last.tag)} has no sequence delimiter "
-                                     "before the end of the file")
-    if pos + 8 > size:
-        return
-    fp.seek(pos)
-    head = fp.read(12)
-    if struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
-        return
-    implicit = ds.original_encoding[0] is True
-    if implicit:
-        (length,) = struct.unpack(order + "I", head[4:8])
-        header = 8
-    else:
-        (length,) = struct.unpack(order + "I", head[8:12])
-        header = 12
-    if length != 0xFFFFFFFF and pos + header + length > size:
-        raise TruncatedFileError(f"PixelData declares {length} bytes, the file ends after "
-                                 f"{size - pos - header}")
+def excluded_locations(opts: Options, log_paths: list[Path]) -> list[Path]:
+    """Our own output, backup and log files are never input."""
+    places = [Path(DEFAULT_OUTPUT), Path(DEFAULT_BACKUP), *log_paths]
+    if opts.output is not None:
+        places.append(opts.output)
+    if opts.backup is not None:
+        places.append(opts.backup)
+    if opts.summary_json is not None:
+        places.append(opts.summary_json)
+    if opts.log_dir.resolve() not in [p.resolve() for p in opts.paths] and not any(
+            is_within(p, opts.log_dir) for p in opts.paths):
+        places.append(opts.log_dir)
+    return places
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# Rendering elements like dcmdump (DCMTK 3.6): shared by --dump and the --sar preview
-# ════════════════════════════════════════════════════════════════════════════════════════
-
-VALUE_WIDTH, LINE_WIDTH = 40, 70  # DCMTK's DCM_OptPrintValueLength / DCM_OptPrintLineLength
-_BINARY_FORMATS = {"US": ("H", "{}"), "SS": ("h", "{}"), "UL": ("L", "{}"), "SL": ("l", "{}"),
-                   "UV": ("Q", "{}"), "SV": ("q", "{}"), "FL": ("f", "{:.9g}"),
-                   "FD": ("d", "{:.17g}"), "OF": ("f", "{:.9g}"), "OD": ("d", "{:.17g}"),
-                   "OL": ("L", "{}"), "OV": ("Q", "{}")}
-_DCMTK_TS_NAMES = {  # DCMTK names the four uncompressed transfer syntaxes differently
-    "1.2.840.10008.1.2": "LittleEndianImplicit", "1.2.840.10008.1.2.1": "LittleEndianExplicit",
-    "1.2.840.10008.1.2.2": "BigEndianExplicit",
-    "1.2.840.10008.1.2.1.99": "DeflatedLittleEndianExplicit"}
-
-
-def dump_line(tag: int, vr: str, info: str, length: int, vm: int, level: int,
-              name: str | None = None) -> str:
-    """One dcmdump line: tag, VR, value (padded to 40), then '# length, vm name'."""
-    shown = len(info.encode("utf-8", "surrogateescape"))
-    pad = " " * max(0, VALUE_WIDTH - shown)
-    ln = "u/l" if length == 0xFFFFFFFF else f"{length:3d}"
-    return (f"{'  ' * level}({tag >> 16:04x},{tag & 0xFFFF:04x}) {vr} {info}{pad} # {ln},"
-            f"{vm:2d} {name or keyword_of(tag)}")
-
-
-def shorten_bytes(text: str, limit: int) -> str:
-    """Cut text to limit UTF-8 bytes, as DCMTK does (it counts bytes, not characters)."""
-    raw = text.encode("utf-8", "surrogateescape")
-    return raw[:limit].decode("utf-8", "surrogateescape")
-
-
-def element_vr(raw: RawDataElement | DataElement, ds: Dataset) -> str:
-    """The VR of an element, resolving implicit VR and ambiguous 'US or SS' forms."""
-    vr = raw.VR
-    if vr and " or " not in vr:
-        return str(vr)
-    if isinstance(raw, RawDataElement):
-        elem = convert_raw_data_element(raw, encoding=charset_of(ds), ds=ds)
-    else:
-        elem = raw
-    if " or " in (elem.VR or ""):
-        elem = correct_ambiguous_vr_element(elem, ds, raw.is_little_endian)
-    return str(elem.VR) if elem.VR and " or " not in elem.VR else "UN"
-
-
-def charset_of(ds: Dataset) -> list[str]:
-    """Python encodings for a dataset's SpecificCharacterSet (nested items inherit)."""
-    encodings = getattr(ds, "_character_set", None) or ["iso8859"]
-    return [encodings] if isinstance(encodings, str) else list(encodings)
-
-
-def decode_text(value: bytes, vr: str, encodings: list[str], padding: bytes = b"\x00 ") -> str:
-    """Decode a raw string value with the dataset's character set, padding stripped (UI: NUL,
-    and spaces too)."""
-    value = value.rstrip(padding if vr != "UI" else b"\x00 ")
-    if vr in TEXT_VRS:
-        if value.isascii() and b"\x1b" not in value:  # as every charset pydicom knows reads it
-            return value.decode("ascii")
-        load_pydicom()
-        delimiters = {0x5C, 0x3D, 0x5E} if vr == "PN" else {0x5C}
-        text = pydicom.charset.decode_bytes(value, encodings, delimiters)
-        # pydicom hands ISO 2022 IR 58 (GB2312) to Python's codec whole, which keeps its
-        # designation ESC $ ) A as text; no escape sequence belongs in a decoded value
-        return iso2022_escapes().sub("", text) if "\x1b" in text else text
-    # ASCII by the standard; other bytes pass through as themselves, as dcmdump prints them
-    return value.decode("ascii", "surrogateescape")
-
-
-@functools.cache
-def iso2022_escapes() -> re.Pattern[str]:
-    """The ISO 2022 escape sequences pydicom knows, as text."""
-    return re.compile("|".join(re.escape(code.decode("latin-1"))
-                               for code in pydicom.charset.CODES_TO_ENCODINGS))
-
-
-def render_value(raw: RawDataElement, vr: str, encodings: list[str]) -> tuple[str, int]:
-    """The printed value of a non-sequence element and its VM, as dcmdump prints them."""
-    value = raw.value if isinstance(raw.value, bytes) else b""
-    if not value:  # dcmdump counts an empty binary value as one value, an empty string as none
-        return "(no value available)", 0 if vr in STRING_VRS or vr in ("AT", "SQ") or \
-            (vr in _BINARY_FORMATS and not vr.startswith("O")) else 1
-    if vr in STRING_VRS:
-        # as dcmdump: trailing spaces are padding, a trailing NUL is shown (outside UIDs)
-        text = decode_text(value, vr, encodings, padding=b" ")
-        if not text:
-            return "(no value available)", 0
-        vm = 1 if vr in SINGLE_VALUE_VRS else text.count("\\") + 1
-        if vr == "UI" and text in UID_DICTIONARY:
-            return "=" + (_DCMTK_TS_NAMES.get(text) or UID_DICTIONARY[text][4]), vm
-        if len(text.encode("utf-8", "surrogateescape")) + 2 > LINE_WIDTH:
-            return "[" + shorten_bytes(text, LINE_WIDTH - 4) + "...", vm
-        return f"[{text}]", vm
-    order = "<" if raw.is_little_endian else ">"
-    if vr in ("OB", "UN") or (vr not in _BINARY_FORMATS and vr not in ("OW", "AT")):
-        return _hex_values(value, 1, order), 1
-    if vr == "OW":
-        return _hex_values(value, 2, order), 1
-    if vr == "AT":
-        count = len(value) // 4
-        words = struct.unpack(f"{order}{count * 2}H", value[: count * 4])
-        items = [f"({words[i]:04x},{words[i + 1]:04x})" for i in range(0, len(words), 2)]
-        return _joined(items, count), count
-    code, fmt = _BINARY_FORMATS[vr]
-    size = struct.calcsize("<" + code)
-    count = len(value) // size
-    numbers = struct.unpack(f"{order}{count}{code}", value[: count * size])
-    shown = _joined([fmt.format(n) for n in numbers], count)
-    return shown, (1 if vr.startswith("O") else count)
-
-
-def _hex_values(value: bytes, width: int, order: str) -> str:
-    count = len(value) // width
-    show = count
-    if count * (2 * width + 1) - 1 > LINE_WIDTH:
-        show = (LINE_WIDTH - 3 + 1) // (2 * width + 1)
-    if width == 1:
-        items = [f"{b:02x}" for b in value[:show]]
-    else:
-        items = [f"{w:04x}" for w in struct.unpack(f"{order}{show}H", value[: show * 2])]
-    return "\\".join(items) + ("..." if show < count else "")
-
-
-def _joined(items: list[str], count: int) -> str:
-    out, printed = [], 0
-    for i, item in enumerate(items):
-        piece = item if i == 0 else "\\" + item
-        new = printed + len(piece)
-        if new <= LINE_WIDTH and (i + 1 == count or new + 3 <= LINE_WIDTH):
-            out.append(piece)
-            printed = new
-        else:
-            out.append("...")
-            break
-    return "".join(out)
-
-
-def element_lines(ds: Dataset, tag: int, level: int) -> list[str]:
-    """dcmdump lines of one element of ds: one line, or a sequence with its items."""
-    raw = ds.get_item(tag)
-    vr = element_vr(raw, ds)
-    length = getattr(raw, "length", 0) if isinstance(raw, RawDataElement) else 0
-    if vr == "SQ" or (isinstance(raw, DataElement) and raw.VR == "SQ"):
-        return sequence_lines(ds, tag, level)
-    if length == 0xFFFFFFFF and isinstance(raw, RawDataElement):
-        return pixel_sequence_lines(raw, vr, level)
-    if not isinstance(raw, RawDataElement):
-        raw = raw_of(ds[tag], ds)
-    info, vm = render_value(raw, vr, charset_of(ds))
-    return [dump_line(tag, vr, info, printed_length(raw, vr, charset_of(ds)), vm, level,
-                      keyword_of(tag, creator_of(ds, tag)))]
-
-
-def printed_length(raw: RawDataElement, vr: str, encodings: list[str]) -> int:
-    """The length dcmdump +U8 reports: the length in the file, padding included, unless it
-    converts the value (one with bytes outside ASCII) to UTF-8 (without its trailing spaces,
-    padded even)."""
-    if vr not in TEXT_VRS or not raw.value or (raw.value.isascii() and b"\x1b" not in raw.value) \
-            or encodings in (["UTF8"], [DEFAULT_ENCODING]):
-        return raw.length
-    text = decode_text(raw.value, vr, encodings, padding=b" ")
-    size = len(text.encode("utf-8", "surrogateescape"))
-    return size + size % 2
-
-
-def raw_of(elem: DataElement, ds: Dataset) -> RawDataElement:
-    """Encode a converted element back to raw bytes (for printing after a change)."""
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, True
-    write_data_element(fp, elem, charset_of(ds))
-    value = fp.getvalue()[8:]
-    return RawDataElement(BaseTag(elem.tag), elem.VR, len(value), value, 0, False, True)
-
-
-def sequence_of(ds: Dataset, tag: int) -> DataElement:
-    """ds[tag] for a sequence, remembering where it and its items are in the file.
-
-    pydicom keeps no lengths once an element is converted, and gives nested elements offsets
-    relative to their sequence's value; the splice writer needs absolute ones.
-    """
-    raw = ds.get_item(tag)
-    elem = ds[tag]
-    if isinstance(raw, RawDataElement):
-        elem.file_length = raw.length
-        start = dataset_base(ds) + raw.value_tell
-        elem.file_value_offset = start
-        order = "<" if raw.is_little_endian else ">"
-        for item in elem.value or []:
-            item.file_base = start
-            at = item.seq_item_tell - raw.value_tell  # the item's tag, in the raw value
-            item.file_item_offset = start + at
-            item.file_length = struct.unpack_from(order + "I", raw.value, at + 4)[0] \
-                if raw.value is not None and at + 8 <= len(raw.value) else None
-            item.file_parent = (ds, tag)
-    return elem
-
-
-def dataset_base(ds: Dataset) -> int:
-    """Offset that turns value_tell of ds's raw elements into a file offset."""
-    return getattr(ds, "file_base", 0)
-
-
-def sequence_lines(ds: Dataset, tag: int, level: int) -> list[str]:
-    """A sequence, its items and delimiters, as dcmdump shows them."""
-    seq = sequence_of(ds, tag)
-    items = seq.value or []
-    length = getattr(seq, "file_length", 0)
-    undefined = length == 0xFFFFFFFF or getattr(seq, "is_undefined_length", False)
-    kind = "undefined" if undefined else "explicit"
-    lines = [dump_line(tag, "SQ", f"(Sequence with {kind} length #={len(items)})",
-                       0xFFFFFFFF if undefined else length, 1, level)]
-    for item in items:
-        item_undefined = getattr(item, "is_undefined_length_sequence_item", False)
-        kind = "undefined" if item_undefined else "explicit"
-        length = 0xFFFFFFFF if item_undefined else \
-            getattr(item, "file_length", None) or item_length(item)
-        lines.append(dump_line(0xFFFEE000, "na", f"(Item with {kind} length #={len(item)})",
-                               length, 1, level + 1, "Item"))
-        for sub in item.keys():
-            lines.extend(element_lines(item, sub, level + 2))
-        end = "(ItemDelimitationItem)" if item_undefined else \
-            "(ItemDelimitationItem for re-encoding)"
-        lines.append(dump_line(0xFFFEE00D, "na", end, 0, 0, level + 1, "ItemDelimitationItem"))
-    end = "(SequenceDelimitationItem)" if undefined else "(SequenceDelimitationItem for re-encod.)"
-    lines.append(dump_line(0xFFFEE0DD, "na", end, 0, 0, level, "SequenceDelimitationItem"))
-    return lines
-
-
-def pixel_sequence_lines(raw: RawDataElement, vr: str, level: int) -> list[str]:
-    """Encapsulated pixel data: one 'pi' line per fragment (the offset table first)."""
-    order = "<" if raw.is_little_endian else ">"
-    fragments = list(generate_fragments(raw.value or b"", endianness=order))
-    lines = [dump_line(raw.tag, vr, f"(PixelSequence #={len(fragments)})", 0xFFFFFFFF, 1, level)]
-    for fragment in fragments:
-        info = _hex_values(fragment, 1, order) if fragment else "(no value available)"
-        lines.append(dump_line(0xFFFEE000, "pi", info, len(fragment), 1, level + 1, "Item"))
-    lines.append(dump_line(0xFFFEE0DD, "na", "(SequenceDelimitationItem)", 0, 0, level,
-                           "SequenceDelimitationItem"))
-    return lines
-
-
-def item_length(item: Dataset) -> int:
-    """Encoded length of an explicit-length item (pydicom keeps no item lengths)."""
-    fp = DicomBytesIO()
-    fp.is_little_endian = item.is_little_endian if item.is_little_endian is not None else True
-    fp.is_implicit_VR = item.is_implicit_VR if item.is_implicit_VR is not None else False
-    try:
-        pydicom.filewriter.write_dataset(fp, item)
-    except Exception:
-        return 0
-    return len(fp.getvalue()) + 12 * retired_group_lengths(item)
-
-
-def retired_group_lengths(ds: Dataset) -> int:
-    """How many group length elements (beyond the command and meta groups) ds holds, nested
-    items included: pydicom writes none of them (PS3.5 7.2), each is 12 bytes in the file."""
-    count = 0
-    for tag in ds.keys():
-        if tag & 0xFFFF == 0 and tag >> 16 > 6:
-            count += 1
-        elif is_sequence(ds, tag):
-            count += sum(retired_group_lengths(item) for item in ds[tag].value or [])
-    return count
-
-
-def find_elements(ds: Dataset, spec: TagSpec, *, deep: bool) -> Iterator[tuple[Dataset, int]]:
-    """Every (dataset, tag) a spec names: a path, or a plain tag at the top (or any depth)."""
-    if spec.plain:
-        yield from _find_plain(ds, spec.leaf, deep)
-        return
-    yield from _follow_path(ds, spec.steps)
-
-
-def _find_plain(ds: Dataset, step: Step, deep: bool) -> Iterator[tuple[Dataset, int]]:
-    tag = resolve_step(ds, step)
-    for key in list(ds.keys()):
-        if key == tag:
-            yield ds, tag
-        if deep and is_sequence(ds, key):
-            for item in sequence_of(ds, key).value or []:
-                yield from _find_plain(item, step, deep)
-
-
-def _follow_path(ds: Dataset, steps: tuple[Step, ...]) -> Iterator[tuple[Dataset, int]]:
-    tag = resolve_step(ds, steps[0])
-    if tag is None or tag not in ds:
-        return
-    if len(steps) == 1:
-        yield ds, tag
-        return
-    if not is_sequence(ds, tag):
-        return
-    items = sequence_of(ds, tag).value or []
-    chosen = items if steps[0].item is None else items[steps[0].item: steps[0].item + 1]
-    for item in chosen:
-        yield from _follow_path(item, steps[1:])
-
-
-def is_sequence(ds: Dataset, tag: int) -> bool:
-    """True when element tag of ds is a sequence (without decoding other values)."""
-    raw = ds.get_item(tag)
-    if raw is None:
-        return False
-    if isinstance(raw, DataElement):
-        return raw.VR == "SQ"
-    if raw.VR is not None:
-        return raw.VR == "SQ"
-    try:
-        return pydicom.datadict.dictionary_VR(tag) == "SQ"
-    except KeyError:
-        return raw.length == 0xFFFFFFFF and tag != 0x7FE00010
-
-
-def all_datasets_of(ds: Dataset) -> Iterator[tuple[str, Dataset]]:
-    """The file meta (if any) then the dataset: what dcmdump walks, in that order."""
-    meta = getattr(ds, "file_meta", None)
-    if meta:
-        yield "meta", meta
-    yield "data", ds
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════
-# Raw element scanner: the fast path of a tag dump. pydicom's dcmread costs ~0.4 ms per small
-# file; walking the encoded elements directly costs a fraction of that. Anything unusual
-# (deflate, truncation, ambiguous VRs, sequence targets) returns None: pydicom takes over.
+# Reading: every file is read to its last byte before anything is done with it — the raw
+# scanner first (no pydicom), pydicom's reader for anything unusual — then its elements
+# looked up and decoded
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -2035,8 +1338,8 @@ def raw_scan(path: str | Path, wanted: dict[int, None], keep_top: dict[int, None
 
     Raises RawScanError when the file should go the pydicom way, or cannot be read to its end.
     """
-    # the same descriptor as read_fd(), opened inline: its context manager costs ~2 µs, ~2.5%
-    # of a tag dump's time per file
+    # the same descriptor as read_fd(), opened inline: the context manager is a cost on
+    # every file of a tag dump
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
@@ -2085,21 +1388,141 @@ class UnreadableFileError(Exception):
     """A DICOM file that cannot be read to its end (see unreadable())."""
 
 
-def fast_tagged_lines(path: str | Path, specs: tuple[TagSpec, ...]) -> tuple[list[str] | None, int]:
-    """dcmdump +P lines by raw scan: (lines, size); lines None for not-DICOM files.
+HEADER_CHUNK = 1 << 16  # one read holds almost every header; parsing it costs no syscalls
 
-    Raises RawScanError when the file should go the pydicom way.
+
+def read_dataset(path: str | Path, *, header_only: bool) -> tuple[Dataset | None, int, str | None]:
+    """Read a file if its content says DICOM: (dataset or None, size, kind)."""
+    with buffered_reader(path) as fp:
+        size = os.fstat(fp.fileno()).st_size
+        head = fp.read(HEADER_CHUNK if header_only else 4096 + 132)
+        kind = sniff_dicom(head[:132], size)
+        if kind is None:
+            return None, size, None
+        if kind == "part10" and DEFLATED_UID in head[:4096 + 132]:
+            check_inflated_size(fp, size)
+        elif header_only:
+            ds = header_in_memory(head, size)
+            if ds is not None:
+                return ds, size, kind
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
+        check_complete(ds, fp, size)
+    return ds, size, kind
+
+
+@contextlib.contextmanager
+def read_fd(path: Path) -> Iterator[int]:
+    """A read-only file descriptor of path, closed afterwards (why not a file: buffered_reader)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def buffered_reader(path: str | Path) -> Iterator[io.BufferedReader]:
+    """A buffered reader of path, closed through its raw file.
+
+    On 3.13t, closing (or detaching) a buffered file enters a nested critical section that
+    spins on sched_yield before it gets its own lock, longer while other threads want the
+    CPU. A buffered file whose raw file is closed is left alone.
     """
-    scan, size = raw_scan(path, table(s.leaf.tag for s in specs))
-    if scan is None:
-        return None, size
-    lines = []
-    for spec in specs:
-        for tag, raw, vr, encodings in scan.hits:
-            if tag == spec.leaf.tag:
-                info, vm = render_value(raw, vr, encodings)
-                lines.append(dump_line(tag, vr, info, printed_length(raw, vr, encodings), vm, 0))
-    return lines, size
+    with open(path, "rb", buffering=0) as raw:
+        yield io.BufferedReader(raw)
+
+
+def header_in_memory(head: bytes, size: int) -> Dataset | None:
+    """Parse the header from the first chunk; None if it may go on past the chunk."""
+    mem = DicomBytesIO(head)
+    try:
+        ds = pydicom.dcmread(mem, force=True, stop_before_pixels=True)
+    except Exception:
+        if len(head) < size:
+            return None  # perhaps only the chunk ends here: the file decides
+        raise
+    if len(head) < size and mem.tell() + 12 > len(head):
+        return None  # the header (or the pixel data's element header) is not all here
+    check_complete(ds, mem, size)
+    return ds
+
+
+DEFLATED_UID = DEFLATED.encode()
+MAX_INFLATED = 1 << 30  # a deflated dataset may not inflate beyond 1 GiB
+
+
+def check_inflated_size(fp: Any, size: int) -> None:
+    """Refuse a deflate bomb before pydicom inflates it all into memory."""
+    fp.seek(132)
+    (group_length,) = struct.unpack("<I", fp.read(12)[8:12])
+    fp.seek(132 + 12 + group_length)
+    for _ in inflated(iter(lambda: fp.read(1 << 16), b""), size):
+        pass
+
+
+class DeflateBombError(Exception):
+    """A deflated dataset that would inflate far beyond its file's size."""
+
+
+def inflated(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """The inflated pieces of a deflated dataset (raw deflate), refusing a deflate bomb: no
+    more than 1 GiB, nor 2,000 times the file's size."""
+    import zlib
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    for chunk in chunks:
+        data = inflater.decompress(chunk, 1 << 20)
+        while True:
+            total += len(data)
+            if total > MAX_INFLATED or total > 2000 * size:
+                raise DeflateBombError(f"deflated dataset inflates to over {total >> 20} MiB "
+                                       f"from {size} bytes (deflate bomb?)")
+            yield data
+            if not inflater.unconsumed_tail:
+                break
+            data = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+    yield inflater.flush()
+
+
+class TruncatedFileError(Exception):
+    """The file ends before an element it declares."""
+
+
+def check_complete(ds: Dataset, fp: Any, size: int) -> None:
+    """Raise if the file is cut short: pydicom silently returns short values."""
+    if len(ds) == 0:
+        raise TruncatedFileError("no data elements after the file meta (truncated?)")
+    last = ds.get_item(list(ds.keys())[-1])
+    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF \
+            and isinstance(last.value, bytes) and len(last.value) < last.length:
+        raise TruncatedFileError(f"element {BaseTag(last.tag)} declares {last.length} bytes, "
+                                 f"the file ends after {len(last.value)}")
+    pos = fp.tell()
+    little = ds.original_encoding[1] is not False
+    order = "<" if little else ">"
+    if getattr(last, "length", 0) == 0xFFFFFFFF and pos >= size:
+        fp.seek(size - 8)  # an undefined-length element that ends the file ends with (FFFE,E0DD)
+        if fp.read(8) != struct.pack(order + "HHI", 0xFFFE, 0xE0DD, 0):
+            raise TruncatedFileError(f"element {BaseTag(last.tag)} has no sequence delimiter "
+                                     "before the end of the file")
+    if pos + 8 > size:
+        return
+    fp.seek(pos)
+    head = fp.read(12)
+    if struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+        return
+    implicit = ds.original_encoding[0] is True
+    if implicit:
+        (length,) = struct.unpack(order + "I", head[4:8])
+        header = 8
+    else:
+        (length,) = struct.unpack(order + "I", head[8:12])
+        header = 12
+    if length != 0xFFFFFFFF and pos + header + length > size:
+        raise TruncatedFileError(f"PixelData declares {length} bytes, the file ends after "
+                                 f"{size - pos - header}")
 
 
 Header = tuple["Dataset | None", int, str | None, int]  # read_dataset's, and the first odd tag
@@ -2120,8 +1543,8 @@ def raw_header(path: Path, wanted: Iterable[int]) -> Header:
         return None, size, None, 0
     if scan.kind != "part10":
         raise RawScanError("no file meta: pydicom decides the encoding")
-    # from {tag: raw element} dicts, as pydicom's own reader builds them (no per-element
-    # __setitem__ checks: ~25 µs a file)
+    # from {tag: raw element} dicts, as pydicom's own reader builds them (without the
+    # per-element __setitem__ checks)
     ds = Dataset({raw.tag: RawDataElement(BaseTag(raw.tag), *raw[1:])
                   for raw in scan.top.values()})
     ds.file_meta = pydicom.dataset.FileMetaDataset(
@@ -2151,379 +1574,512 @@ def whole(path: str | Path, read: tuple[Dataset | None, int, str | None]
     return read
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# Mode --dump: per-file lines (text or JSON) or values for --count
-# ════════════════════════════════════════════════════════════════════════════════════════
+class ItemPlace(NamedTuple):
+    """Where one sequence item sits in its file."""
+
+    item: Dataset  # held, so that its id stays its own while the Layout lives
+    base: int  # what turns value_tell of the item's raw elements into a file offset
+    offset: int  # of the item's tag
+    length: int | None  # its length field (0xFFFFFFFF: undefined; None: not in the value)
+    parent: Dataset
+    tag: int  # the sequence's, in parent
 
 
-def wants_pixels(specs: tuple[TagSpec, ...]) -> bool:
-    """A tag dump stops before pixel data; a full dump shows its first values, like dcmdump."""
-    return not specs or any(s.steps[0].tag >= 0x7FE00010 for s in specs)
+class SequencePlace(NamedTuple):
+    """Where one sequence's value sits in its file."""
+
+    sequence: DataElement  # held, as ItemPlace.item
+    length: int  # its length field
+    value_offset: int
 
 
-def dump_task(cand: Candidate, opts: Options) -> FileResult:
-    """Read one file's header and render what --dump was asked for."""
-    if opts.fast:  # a plain text tag dump: the raw scanner may answer
-        try:
-            lines, size = fast_tagged_lines(cand.file, opts.specs)
-        except RAW_FALLBACK:
-            lines = None  # pydicom decides, and reports what is wrong with the file
-        else:
-            if lines is None:
-                return FileResult(cand.path, "not-dicom", nbytes=size)
-            return dumped(cand, size, lines, opts)
-    load_pydicom()  # the pydicom path (a raw dump's worker may be the first to take it)
-    ds, size, kind = whole(cand.file, read_dataset(cand.file,
-                                                   header_only=not wants_pixels(opts.specs)))
-    if ds is None:
-        return FileResult(cand.path, "not-dicom", nbytes=size)
-    if opts.count:
-        return FileResult(cand.path, "ok", nbytes=size, values=tuple(count_values(ds, opts)))
-    if opts.fmt == "json":
-        return FileResult(cand.path, "ok", nbytes=size, lines=(json_line(cand.path, ds, opts),))
-    return dumped(cand, size, tagged_lines(ds, opts.specs) if opts.specs
-                  else full_dump_lines(ds, kind), opts)
+class Layout:
+    """Where the sequences and items of one dataset sit in its file, learnt as each sequence
+    is converted: pydicom keeps no lengths once an element is converted, and gives nested
+    elements offsets relative to their sequence's value. One per walk of a dataset, owned by
+    the function that starts the walk (for the splice writer's offsets, the dump's lengths)."""
+
+    def __init__(self) -> None:
+        self.items: dict[int, ItemPlace] = {}
+        self.sequences: dict[int, SequencePlace] = {}
+
+    def sequence(self, ds: Dataset, tag: int) -> DataElement:
+        """ds[tag] for a sequence, noting where it and its items are in the file."""
+        raw = ds.get_item(tag)
+        elem = ds[tag]
+        if isinstance(raw, RawDataElement):
+            start = self.base(ds) + raw.value_tell
+            self.sequences[id(elem)] = SequencePlace(elem, raw.length, start)
+            order = "<" if raw.is_little_endian else ">"
+            for item in elem.value or []:
+                at = item.seq_item_tell - raw.value_tell  # the item's tag, in the raw value
+                length = struct.unpack_from(order + "I", raw.value, at + 4)[0] \
+                    if raw.value is not None and at + 8 <= len(raw.value) else None
+                self.items[id(item)] = ItemPlace(item, start, start + at, length, ds, tag)
+        return elem
+
+    def base(self, ds: Dataset) -> int:
+        """Offset that turns value_tell of ds's raw elements into a file offset."""
+        place = self.items.get(id(ds))
+        return place.base if place is not None else 0
+
+    def sequence_length(self, sequence: DataElement) -> int:
+        """The length field of a sequence as read (0 when it was not read from the file)."""
+        place = self.sequences.get(id(sequence))
+        return place.length if place is not None else 0
+
+    def item_length(self, item: Dataset) -> int | None:
+        """The length field of an item as read, if known."""
+        place = self.items.get(id(item))
+        return place.length if place is not None else None
+
+    def value_offset(self, ds: Dataset, tag: int) -> int | None:
+        """File offset of the value of ds[tag], if ds has it and we know where it is."""
+        elem = ds.get_item(tag)
+        if elem is None:
+            return None
+        if isinstance(elem, RawDataElement):
+            return self.base(ds) + elem.value_tell if elem.value_tell is not None else None
+        return getattr(elem, "file_tell", None)
+
+    def length_fields(self, ds: Dataset, group: int, meta: Dataset | None) -> tuple[int, ...]:
+        """4-byte length fields that enclose an element of group in ds: group lengths,
+        items, sequences."""
+        fields = []
+        while True:
+            group_length = self.value_offset(ds, group << 16) if group or ds is meta else None
+            if group_length is not None:
+                fields.append(group_length)
+            place = self.items.get(id(ds))
+            if place is None:
+                return tuple(fields)
+            if not ds.is_undefined_length_sequence_item:
+                fields.append(place.offset + 4)
+            sq = self.sequences[id(place.parent[place.tag])]
+            if sq.length != 0xFFFFFFFF:
+                fields.append(sq.value_offset - 4)
+            ds, group = place.parent, place.tag >> 16
 
 
-def dumped(cand: Candidate, size: int, lines: list[str], opts: Options) -> FileResult:
-    """A dump result, each line prefixed with its path under --with-filename."""
-    if opts.with_filename:
-        lines = [f"{cand.path}: {line}" for line in lines]
-    return FileResult(cand.path, "ok", nbytes=size, lines=tuple(lines))
+def item_length(item: Dataset) -> int:
+    """Encoded length of an explicit-length item (pydicom keeps no item lengths)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = item.is_little_endian if item.is_little_endian is not None else True
+    fp.is_implicit_VR = item.is_implicit_VR if item.is_implicit_VR is not None else False
+    try:
+        pydicom.filewriter.write_dataset(fp, item)
+    except Exception:
+        return 0
+    return len(fp.getvalue()) + 12 * retired_group_lengths(item)
 
 
-def tagged_lines(ds: Dataset, specs: Iterable[TagSpec]) -> list[str]:
-    """Like dcmdump +P: per spec, every instance at every depth, unindented, file order."""
-    lines = []
-    for spec in specs:
-        for _, container in all_datasets_of(ds):
-            for owner, tag in find_elements(container, spec, deep=spec.plain):
-                lines.extend(element_lines(owner, tag, 0))
-    return lines
+def find_elements(ds: Dataset, spec: TagSpec, *, deep: bool, layout: Layout | None = None
+                  ) -> Iterator[tuple[Dataset, int]]:
+    """Every (dataset, tag) a spec names: a path, or a plain tag at the top (or any depth);
+    the sequences on the way are noted in layout."""
+    layout = Layout() if layout is None else layout
+    if spec.plain:
+        yield from _find_plain(ds, spec.leaf, deep, layout)
+        return
+    yield from _follow_path(ds, spec.steps, layout)
 
 
-def full_dump_lines(ds: Dataset, kind: str | None) -> list[str]:
-    """The whole header like dcmdump: file meta, then the dataset, nested items indented."""
-    # dcmdump reads every file as a file format: a file without file meta shows an empty one
-    lines = ["", "# Dicom-File-Format", "", "# Dicom-Meta-Information-Header",
-             "# Used TransferSyntax: " + ("Little Endian Explicit" if getattr(
-                 ds, "file_meta", None) else "Unknown Transfer Syntax")]
-    for part, container in all_datasets_of(ds):
-        if part == "data":
-            lines += ["", "# Dicom-Data-Set", f"# Used TransferSyntax: {transfer_syntax_name(ds)}"]
-        for tag in container.keys():
-            lines.extend(element_lines(container, tag, 0))
-    return lines
+def _find_plain(ds: Dataset, step: Step, deep: bool, layout: Layout
+                ) -> Iterator[tuple[Dataset, int]]:
+    tag = resolve_step(ds, step)
+    for key in list(ds.keys()):
+        if key == tag:
+            yield ds, tag
+        if deep and is_sequence(ds, key):
+            for item in layout.sequence(ds, key).value or []:
+                yield from _find_plain(item, step, deep, layout)
 
 
-def transfer_syntax_name(ds: Dataset) -> str:
-    """The dataset's transfer syntax, named like DCMTK's 'Used TransferSyntax' line."""
-    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if uid is not None:
-        return uid.name
-    implicit = ds.original_encoding[0]
-    return "Little Endian Implicit" if implicit else "Little Endian Explicit"
-
-
-def json_line(path: Path, ds: Dataset, opts: Options, bulk_limit: int = 1024) -> str:
-    """One DICOM JSON (PS3.18 Annex F) object for the file: the file meta and the dataset,
-    or what --tag names (sequence paths as the items they go through). pydicom decides what
-    is bulk data: a value over bulk_limit bytes becomes a BulkDataURI naming file and tag."""
-    meta = getattr(ds, "file_meta", None) or Dataset()
-    if opts.specs:
-        selected = Dataset()
-        for spec in opts.specs:
-            container = meta if spec.steps[0].tag >> 16 == 0x0002 else ds
-            merge_into(selected, picked(container, spec.steps))
-    else:
-        selected = Dataset()
-        for container in (meta, ds):
-            for elem in container:
-                selected.add(elem)
-    selected.set_original_encoding(*ds.original_encoding, ds.original_character_set)
-    uri = Path(os.path.abspath(path)).as_uri()
-    return json.dumps({"path": str(path), "dataset": selected.to_json_dict(
-        bulk_limit, lambda elem: f"{uri}#{elem.tag:08X}")}, ensure_ascii=False)
-
-
-def picked(ds: Dataset, steps: tuple[Step, ...]) -> Dataset:
-    """A copy of the part of ds a tag path goes through: the element it names, inside the
-    items (all, or the one chosen) of the sequences on the way."""
-    out = Dataset()
+def _follow_path(ds: Dataset, steps: tuple[Step, ...], layout: Layout
+                 ) -> Iterator[tuple[Dataset, int]]:
     tag = resolve_step(ds, steps[0])
     if tag is None or tag not in ds:
-        return out
-    if len(steps) == 1:
-        out.add(ds[tag])
-        return out
-    if not is_sequence(ds, tag):
-        return out
-    items = sequence_of(ds, tag).value or []
-    chosen = items if steps[0].item is None else items[steps[0].item: steps[0].item + 1]
-    out.add(DataElement(tag, "SQ", pydicom.Sequence(picked(item, steps[1:]) for item in chosen)))
-    return out
-
-
-def merge_into(target: Dataset, part: Dataset) -> None:
-    """Add part's elements to target; sequences both hold merge item by item."""
-    for elem in part:
-        if elem.tag in target and elem.VR == "SQ" and target[elem.tag].VR == "SQ":
-            mine = target[elem.tag].value
-            for i, item in enumerate(elem.value):
-                if i < len(mine):
-                    merge_into(mine[i], item)
-                else:
-                    mine.append(item)
-        else:
-            target.add(elem)
-
-
-def count_values(ds: Dataset, opts: Options) -> Iterator[tuple[str, str]]:
-    """(spec label, value) for every selected element; (label, '') when a file lacks it."""
-    for spec in opts.specs:
-        found = False
-        for _, container in all_datasets_of(ds):
-            for owner, tag in find_elements(container, spec, deep=spec.plain):
-                found = True
-                info, _ = render_value_of(owner, tag)
-                yield spec_label(spec), info
-        if not found:
-            yield spec_label(spec), ""
-
-
-def render_value_of(ds: Dataset, tag: int) -> tuple[str, int]:
-    """The dcmdump-style printed value of ds[tag] (sequences summarised)."""
-    raw = ds.get_item(tag)
-    vr = element_vr(raw, ds)
-    if vr == "SQ":
-        return f"(Sequence #={len(sequence_of(ds, tag).value or [])})", 1
-    if not isinstance(raw, RawDataElement):
-        raw = raw_of(ds[tag], ds)
-    return render_value(raw, vr, charset_of(ds))
-
-
-def spec_label(spec: TagSpec) -> str:
-    """'(0010,0020) PatientID' for a plain tag, the DCMTK path otherwise."""
-    if spec.plain and spec.leaf.creator is None:
-        return f"{spec.label()} {keyword_of(spec.leaf.tag)}"
-    return spec.label()
-
-
-def render_count(counter: collections.Counter[tuple[str, str]], out: Callable[[str], None]) -> None:
-    """Print a --count histogram like 'sort | uniq -c | sort -rn'."""
-    for (label, value), n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
-        out(f"{n:7d} {label} {value if value else '(absent)'}")
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════
-# Mode --sar: plan every change in a file, validate all of it, then write it or nothing
-# ════════════════════════════════════════════════════════════════════════════════════════
-
-
-@dataclasses.dataclass(frozen=True)
-class Change:
-    """One element whose value changes (values are shown only where the user asked)."""
-
-    label: str  # "(0010,0020) PatientID"
-    old: str
-    new: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Planned:
-    """A change ready to apply: where, which tag, and the new value(s)."""
-
-    owner: Dataset
-    tag: int
-    vr: str
-    encoded: bytes
-    change: Change
-    value_offset: int | None  # where the old value starts in the file (None: unknown)
-
-
-def sar_task(cand: Candidate, opts: Options) -> FileResult:
-    """Search/replace one file: plan, validate (all or nothing), then write or preview."""
-    target = cand.path if opts.inplace else output_path(cand, opts)
-    if opts.journal is not None and opts.journal.completed(cand.path, target):
-        return FileResult(cand.path, "skipped", message="completed by the interrupted run")
-    stamp = file_stamp(cand.path)
-    ds, size, _ = sar_header(cand.path, opts)
-    if ds is None:
-        return FileResult(cand.path, "not-dicom", nbytes=size)
-    planned, rejections = plan_changes(ds, opts)
-    if rejections:
-        return FileResult(cand.path, "rejected", nbytes=size, rejections=tuple(rejections),
-                          changes=tuple(p.change for p in planned), error_type="InvalidValue",
-                          message=rejections[0])
-    if not planned:
-        staged = None
-        if opts.copy_unmodified and not opts.dry_run and opts.output is not None:
-            staged = stage_copy(cand.path, output_path(cand, opts), tag=run_tag(opts),
-                                writable=True)
-        return FileResult(cand.path, "unchanged", nbytes=size, staged=staged)
-    changes = tuple(p.change for p in planned)
-    if opts.dry_run:
-        return FileResult(cand.path, "modified", nbytes=size, changes=changes)
-    patches = splice_patches(cand.path, ds, planned)
-    if patches is None:  # e.g. deflated: pydicom rewrites the whole file
-        ds, size, _ = read_dataset(cand.path, header_only=False)
-        planned, _ = plan_changes(ds, opts)
-        apply_changes(ds, planned)
-
-    def write(out: BinaryIO) -> None:
-        if file_stamp(cand.path) != stamp:
-            raise RuntimeError("the file changed while it was being processed; left as it is")
-        if patches is not None:
-            write_spliced(cand.path, out, patches)
-        else:
-            write_dataset(ds, out)
-
-    if opts.inplace:
-        staged = stage_in_place(cand, opts, write)
-    else:
-        staged = stage_atomic(target, write, like=cand.path, tag=run_tag(opts), writable=True,
-                              source=cand.path)
-    return FileResult(cand.path, "modified", nbytes=size, changes=changes, staged=staged)
-
-
-def sar_header(path: Path, opts: Options) -> tuple[Dataset | None, int, str | None]:
-    """The header for planning: by raw scan for plain top-level tags, else by pydicom."""
-    if opts.fast:
-        return header_with(path, [s.leaf.tag for s in opts.specs])[:3]
-    return whole(path, read_dataset(path, header_only=True))
-
-
-def file_stamp(path: Path) -> tuple[int, int, int]:
-    """Size, mtime and inode: enough to notice a file replaced under our feet."""
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def sar_targets(ds: Dataset, opts: Options) -> Iterator[tuple[Dataset, int]]:
-    """Elements the SAR applies to: the --tag specs, or every string element (--force)."""
-    if opts.all_strings:
-        yield from _all_string_elements(ds)
         return
-    seen: set[tuple[int, int]] = set()
-    for spec in opts.specs:
-        containers = [ds]
-        if spec.leaf.tag >> 16 == 0x0002 and getattr(ds, "file_meta", None) is not None:
-            containers = [ds.file_meta]
-        for container in containers:
-            for owner, tag in find_elements(container, spec, deep=opts.deep):
-                if (id(owner), tag) not in seen:
-                    seen.add((id(owner), tag))
-                    yield owner, tag
+    if len(steps) == 1:
+        yield ds, tag
+        return
+    if not is_sequence(ds, tag):
+        return
+    items = layout.sequence(ds, tag).value or []
+    chosen = items if steps[0].item is None else items[steps[0].item: steps[0].item + 1]
+    for item in chosen:
+        yield from _follow_path(item, steps[1:], layout)
 
 
-def _all_string_elements(ds: Dataset) -> Iterator[tuple[Dataset, int]]:
-    for tag in list(ds.keys()):
-        if is_sequence(ds, tag):
-            for item in sequence_of(ds, tag).value or []:
-                yield from _all_string_elements(item)
-        elif element_vr(ds.get_item(tag), ds) in STRING_VRS:
-            yield ds, tag
+def is_sequence(ds: Dataset, tag: int) -> bool:
+    """True when element tag of ds is a sequence (without decoding other values)."""
+    raw = ds.get_item(tag)
+    if raw is None:
+        return False
+    if isinstance(raw, DataElement):
+        return raw.VR == "SQ"
+    if raw.VR is not None:
+        return raw.VR == "SQ"
+    try:
+        return pydicom.datadict.dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return raw.length == 0xFFFFFFFF and tag != 0x7FE00010
 
 
-def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
-    """Compute and validate every change in ds; rejections name tag, VR and the rule."""
-    planned, rejections = [], []
-    assert opts.pattern is not None
-    for owner, tag in sar_targets(ds, opts):
-        raw = owner.get_item(tag)
-        vr = element_vr(raw, owner)
-        if vr not in STRING_VRS:
-            continue
-        if not isinstance(raw, RawDataElement):
-            raw = raw_of(owner[tag], owner)
-        value_offset = dataset_base(owner) + raw.value_tell if raw.value_tell is not None \
-            else getattr(owner.get_item(tag), "file_tell", None)
-        encodings = charset_of(owner)
-        old_text = decode_text(raw.value or b"", vr, encodings)
-        old_values = [old_text] if vr in SINGLE_VALUE_VRS else old_text.split("\\")
-        new_values = [opts.pattern.sub(opts.replacement, v) for v in old_values]
-        if new_values == old_values or not old_text:
-            continue
-        label = f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {keyword_of(tag)}"
-        new_text = "\\".join(new_values)
-        change = Change(label, old_text, new_text)
-        encoded, problem = encode_new_values(vr, new_values, encodings)
-        if problem:
-            shown = f" (new value {new_text!r})" if opts.verbose else ""
-            rejections.append(f"{label} VR {vr}: {problem}{shown}")
-        planned.append(Planned(owner, tag, vr, encoded, change, value_offset))
-        meta = getattr(ds, "file_meta", None)
-        if tag == 0x00080018 and owner is ds and meta is not None and 0x00020003 in meta:
-            # dcmodify keeps MediaStorageSOPInstanceUID equal to SOPInstanceUID; so do we
-            old = meta[0x00020003]
-            planned.append(Planned(meta, 0x00020003, "UI", encoded, Change(
-                "(0002,0003) MediaStorageSOPInstanceUID", str(old.value), new_text),
-                getattr(old, "file_tell", None)))
-    return planned, rejections
+def all_datasets_of(ds: Dataset) -> Iterator[tuple[str, Dataset]]:
+    """The file meta (if any) then the dataset: what dcmdump walks, in that order."""
+    meta = getattr(ds, "file_meta", None)
+    if meta:
+        yield "meta", meta
+    yield "data", ds
 
 
-def encode_new_values(vr: str, values: list[str], encodings: list[str]) -> tuple[bytes, str]:
-    """Validate with pydicom's VR rules, then encode exactly; (bytes, '') or (b'', problem).
-
-    A value is accepted only if it decodes back to itself: no silent '?' substitution.
-    """
-    for value in values:
-        try:
-            pydicom.valuerep.validate_value(vr, value, pydicom.config.RAISE)
-        except ValueError as exc:
-            return b"", without_value(str(exc), value)
-    text = values[0] if vr in SINGLE_VALUE_VRS else "\\".join(values)
-    if vr not in TEXT_VRS:
-        if not text.isascii():
-            return b"", f"VR {vr} allows ASCII characters only"
-        encoded = text.encode("ascii")
+def element_vr(raw: RawDataElement | DataElement, ds: Dataset) -> str:
+    """The VR of an element, resolving implicit VR and ambiguous 'US or SS' forms."""
+    vr = raw.VR
+    if vr and " or " not in vr:
+        return str(vr)
+    if isinstance(raw, RawDataElement):
+        elem = convert_raw_data_element(raw, encoding=charset_of(ds), ds=ds)
     else:
-        try:
-            encoded = b"\\".join(pydicom.charset.encode_string(v, encodings) for v in
-                                  ([text] if vr in SINGLE_VALUE_VRS else values))
-        except (UnicodeError, ValueError, KeyError):
-            encoded = b""
-        if (not encoded and text) or outside_repertoire(encoded, encodings) \
-                or decode_text(encoded, vr, encodings) != text.rstrip(" "):
-            return b"", f"not encodable in the file's character set ({', '.join(encodings)})"
-    if len(encoded) % 2:
-        encoded += b"\0" if vr == "UI" else b" "
-    return encoded, ""
+        elem = raw
+    if " or " in (elem.VR or ""):
+        elem = correct_ambiguous_vr_element(elem, ds, raw.is_little_endian)
+    return str(elem.VR) if elem.VR and " or " not in elem.VR else "UN"
 
 
-_ESCAPE_OR_TEXT = re.compile(rb"\x1b[\x20-\x2f]+[\x40-\x7e]|[^\x1b]+")
+def charset_of(ds: Dataset) -> list[str]:
+    """Python encodings for a dataset's SpecificCharacterSet (nested items inherit)."""
+    encodings = getattr(ds, "_character_set", None) or ["iso8859"]
+    return [encodings] if isinstance(encodings, str) else list(encodings)
 
 
-def outside_repertoire(encoded: bytes, encodings: list[str]) -> bool:
-    """True when a byte >= 0x80 sits where the default repertoire (ASCII) is in force.
+def decode_text(value: bytes, vr: str, encodings: list[str], padding: bytes = b"\x00 ") -> str:
+    """Decode a raw string value with the dataset's character set, padding stripped (UI: NUL,
+    and spaces too)."""
+    value = value.rstrip(padding if vr != "UI" else b"\x00 ")
+    if vr in TEXT_VRS:
+        if value.isascii() and b"\x1b" not in value:  # as every charset pydicom knows reads it
+            return value.decode("ascii")
+        load_pydicom()
+        delimiters = {0x5C, 0x3D, 0x5E} if vr == "PN" else {0x5C}
+        text = pydicom.charset.decode_bytes(value, encodings, delimiters)
+        # pydicom hands ISO 2022 IR 58 (GB2312) to Python's codec whole, which keeps its
+        # designation ESC $ ) A as text; no escape sequence belongs in a decoded value
+        return iso2022_escapes().sub("", text) if "\x1b" in text else text
+    # ASCII by the standard; other bytes pass through as themselves, as dcmdump prints them
+    return value.decode("ascii", "surrogateescape")
 
-    pydicom encodes the default repertoire leniently as Latin-1; DICOM allows only ASCII there.
+
+@functools.cache
+def iso2022_escapes() -> re.Pattern[str]:
+    """The ISO 2022 escape sequences pydicom knows, as text."""
+    return re.compile("|".join(re.escape(code.decode("latin-1"))
+                               for code in pydicom.charset.CODES_TO_ENCODINGS))
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Engine: a bounded, ordered pool — memory stays bounded, output keeps the walk order
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+class Status(enum.StrEnum):
+    """What a task did with its file (str-valued: the logs and the --ui page show the value)."""
+
+    OK = "ok"  # read: dumped, counted, indexed
+    UNCHANGED = "unchanged"  # nothing to change (or only copied to the output tree)
+    MODIFIED = "modified"  # changed and written
+    WRITTEN = "written"  # a new file (--generate)
+    REJECTED = "rejected"  # a change failed validation: the file is left as it was
+    ERROR = "error"  # unreadable, or the task failed: left as it was
+    SKIPPED = "skipped"  # not a file of the tree's (a symlink, a leftover), or done before
+    NOT_DICOM = "not-dicom"
+
+
+@dataclasses.dataclass(slots=True)
+class FileResult:
+    """What one task did to one file; built in a worker, consumed by the main thread.
+
+    Not frozen only so that guarded() can stamp the time without copying every field;
+    nothing changes a result once it is returned.
     """
-    current = encodings[0]
-    for chunk in _ESCAPE_OR_TEXT.findall(encoded):
-        if chunk.startswith(b"\x1b"):
-            current = pydicom.charset.CODES_TO_ENCODINGS.get(chunk, current)
-        elif current == pydicom.charset.default_encoding and not chunk.isascii():
-            return True
-    return False
+
+    path: Path
+    status: Status
+    nbytes: int = 0
+    seconds: float = 0.0
+    message: str = ""
+    error_type: str = ""
+    lines: tuple[str, ...] = ()
+    values: tuple[tuple[str, str], ...] = ()  # --count: (tag label, value)
+    changes: tuple[Change, ...] = ()
+    rejections: tuple[str, ...] = ()
+    record: Any = None  # --send: what the index found
+    staged: Staged | None = None  # a written file waiting for its batch's commit (Committer)
 
 
-def without_value(message: str, value: str) -> str:
-    """pydicom's validation message, one line, without the value (patient data)."""
-    message = message.replace(repr(value), "the new value").replace(value, "<value>")
-    message = re.sub(r"\s*Please see <[^>]*> for allowed values for each VR\.?", "", message)
-    return " ".join(message.split())
+class TimeLimitError(Exception):
+    """A worker found its file abandoned at the time limit; the file is left as it was."""
 
 
-def apply_changes(ds: Dataset, planned: list[Planned]) -> None:
-    """Store the encoded values in ds (for the full-rewrite path)."""
-    for p in planned:
-        p.owner[p.tag] = raw_element(p.tag, p.vr, p.encoded)
+@dataclasses.dataclass(eq=False)
+class Batch:
+    """A few files for one pool task.
+
+    This is the one state a worker shares with the main thread, and only for the per-file
+    time limit: the worker appends results and stamps each file's start; the main thread may
+    mark the batch abandoned. Both happen under the lock: a file reported as timed out is
+    never committed (its staged file is removed).
+    """
+
+    files: list[Candidate]
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    done: list[FileResult] = dataclasses.field(default_factory=list)
+    started: float = 0.0  # monotonic start of the file in progress; 0 between files
+    abandoned: bool = False
 
 
-def raw_element(tag: int, vr: str, value: bytes) -> RawDataElement:
-    """A ready-encoded text element: pydicom writes raw elements byte for byte."""
-    return RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """A place in the output order: results settled so far, then the batch still running."""
+
+    settled: list[FileResult]
+    batch: Batch
+    future: Future[list[FileResult]] | None
+
+
+_current_batch = threading.local()  # the Batch a worker thread is running, for commit()
+STOP_GRACE = 10.0  # seconds a file in flight may still take after Ctrl-C or SIGTERM
+
+
+def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
+                workers: int, stop: threading.Event, time_limit: float = 0,
+                batch: int = 16) -> Iterator[FileResult]:
+    """Run task over candidates on a thread pool, yielding results in submission order.
+
+    Files go to the pool in small batches (fewer futures and wake-ups for the main thread),
+    and at most a few batches per worker are in flight (backpressure on the walk). A file
+    that runs past time_limit seconds becomes an error (see Pool).
+    """
+    pool = Pool(workers, task, time_limit, stop)
+    try:
+        chunk: list[Candidate] = []
+        for cand in candidates:
+            if stop.is_set():
+                chunk = []
+                break  # stop taking new files; the ones in flight finish below
+            chunk.append(cand)
+            if len(chunk) < batch:
+                continue
+            pool.submit(chunk)
+            chunk = []
+            while pool.full():
+                yield from pool.next_results()
+        if chunk:
+            pool.submit(chunk)
+        while pool.slots:
+            yield from pool.next_results()
+    finally:
+        pool.close()
+
+
+class Pool:
+    """The ThreadPoolExecutor behind run_ordered, plus the per-file time limit.
+
+    Python cannot stop a thread, so a file past the limit is given up on: its batch is
+    abandoned (that worker commits nothing more), the rest of the batch and the queued
+    batches go to a fresh executor, and the process exits without waiting for the stuck
+    thread (leave).
+    """
+
+    def __init__(self, workers: int, task: Callable[[Candidate], FileResult],
+                 time_limit: float, stop: threading.Event):
+        self.workers, self.task, self.time_limit, self.stop = workers, task, time_limit, stop
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG)
+        self.retired: list[ThreadPoolExecutor] = []
+        self.stuck = False  # a worker had to be abandoned: close() cannot wait for it
+        self.slots: collections.deque[Slot] = collections.deque()
+
+    def start(self, files: list[Candidate]) -> tuple[Batch, Future[list[FileResult]] | None]:
+        """A batch of files on the current executor (nothing for no files)."""
+        b = Batch(files)
+        return b, self.executor.submit(run_batch, self.task, b) if files else None
+
+    def submit(self, files: list[Candidate]) -> None:
+        """Queue a batch behind the others."""
+        self.slots.append(Slot([], *self.start(files)))
+
+    def full(self) -> bool:
+        """Backpressure: a few batches per worker in flight at most."""
+        return len(self.slots) >= max(2, self.workers * 3)
+
+    def next_results(self) -> list[FileResult]:
+        """The oldest slot's results, in order, once its batch is finished or given up on."""
+        slot = self.slots[0]
+        tick = min(1.0, self.time_limit / 4) if self.time_limit else 1.0
+        while slot.future is not None:
+            try:
+                results = slot.future.result(timeout=tick)
+                break
+            except TimeoutError:
+                self.enforce_time_limit()
+        else:
+            results = []
+        self.slots.popleft()
+        return slot.settled + results
+
+    def limit(self) -> float:
+        """How long a file may run: the time limit, cut to STOP_GRACE once stopped."""
+        limit = self.time_limit or math.inf
+        return min(limit, STOP_GRACE) if self.stop.is_set() else limit
+
+    def enforce_time_limit(self) -> None:
+        """Abandon every batch whose current file has run past the limit."""
+        now, limit = time.monotonic(), self.limit()
+        for slot in self.slots:
+            b = slot.batch
+            with b.lock:
+                if b.abandoned or not b.started or now - b.started < limit:
+                    continue
+                b.abandoned = True
+                finished = list(b.done)
+            stuck = b.files[len(finished)]
+            why = (f"after the {self.time_limit:g} s per-file time limit (--time-limit)"
+                   if limit == self.time_limit else f"{limit:g} s after the stop signal")
+            log.warning("%s: abandoned, still running %s", stuck.path, why)
+            slot.settled += [*finished, FileResult(
+                stuck.path, Status.ERROR, seconds=now - b.started, error_type="TimeLimit",
+                message=f"still running {why}; left as it was")]
+            self.replace_executor()
+            slot.batch, slot.future = self.start(b.files[len(finished) + 1:])
+
+    def replace_executor(self) -> None:
+        """A fresh executor takes the queued batches; the old one keeps its stuck thread."""
+        self.stuck = True
+        old, self.executor = self.executor, ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix=PROG)
+        self.retired.append(old)
+        for slot in self.slots:
+            if slot.future is not None and slot.future.cancel():  # not started: move it
+                slot.batch, slot.future = self.start(slot.batch.files)
+        old.shutdown(wait=False)
+
+    def close(self) -> None:
+        """Cancel what has not started; wait for the rest unless a worker is stuck."""
+        for slot in self.slots:
+            if slot.future is not None:
+                slot.future.cancel()
+        for executor in [*self.retired, self.executor]:
+            executor.shutdown(wait=not self.stuck)
+
+
+def run_batch(task: Callable[[Candidate], FileResult], b: Batch) -> list[FileResult]:
+    """One pool task: a few files, each guarded on its own, stamped for the time limit."""
+    _current_batch.value = b
+    try:
+        for cand in b.files:
+            with b.lock:
+                if b.abandoned:
+                    break
+                b.started = time.monotonic()
+            result = guarded(task, cand) if cand.problem is None else problem_result(cand)
+            with b.lock:
+                if b.abandoned:
+                    discard(result.staged)  # reported as timed out: nobody commits it
+                    break
+                b.done.append(result)
+                b.started = 0.0
+    finally:
+        _current_batch.value = None
+    return b.done
+
+
+def commit(replace: Callable[[], None]) -> None:
+    """Run the step that makes a write visible, unless this file was abandoned meanwhile."""
+    b: Batch | None = getattr(_current_batch, "value", None)
+    if b is None:
+        replace()
+        return
+    with b.lock:
+        if b.abandoned:
+            raise TimeLimitError("abandoned at the per-file time limit")
+        replace()
+
+
+def problem_result(cand: Candidate) -> FileResult:
+    """The result for a path the walk could not use (an error or a skip)."""
+    status, message = cand.problem or (Status.ERROR, "")
+    return FileResult(cand.path, status, message=message,
+                      error_type="OSError" if status is Status.ERROR else "")
+
+
+def guarded(task: Callable[[Candidate], FileResult], cand: Candidate) -> FileResult:
+    """Run one task; any exception becomes an error result (the run goes on)."""
+    t0 = time.perf_counter()
+    try:
+        result = task(cand)
+    except Exception as exc:
+        result = FileResult(cand.path, Status.ERROR, message=one_line(str(exc)) or repr(exc),
+                            error_type=type(exc).__name__)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def one_line(text: str) -> str:
+    """An exception message on one line: first line, and the last if it differs."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set an event: no new files are taken, in-flight files finish. So does
+    a closed stdout (`--dump ... | head`), as SIGPIPE would stop dcmdump."""
+
+    def __init__(self, handlers: bool = True) -> None:
+        self.event = threading.Event()
+        self.signum = 0
+        # handlers=False: a --ui job's thread (signals belong to the main thread)
+        self._old = {sig: signal.signal(sig, self._handle)
+                     for sig in (signal.SIGINT, signal.SIGTERM)} if handlers else {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = self.signum or signum
+        self.event.set()
+
+    def output(self, stream: Any) -> Callable[[str], None]:
+        """A line writer for stream that stops the run once nobody reads it any more."""
+        def out(line: str) -> None:
+            if self.signum == signal.SIGPIPE:
+                return
+            try:
+                stream.write(line + "\n")
+            except BrokenPipeError:
+                # what is still buffered, and the flush at exit, go nowhere instead of
+                # failing again (the recipe of Python's signal documentation)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+                self._handle(signal.SIGPIPE, None)
+        return out
+
+    def cause(self) -> str:
+        """What stopped the run, in words."""
+        return "a closed output pipe" if self.signum == signal.SIGPIPE else f"signal {self.signum}"
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def exit_status(self) -> int:
+        """130 after SIGINT, 143 after SIGTERM, 141 after a closed output pipe, else 0."""
+        return 128 + self.signum if self.signum else 0
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Writing: the only place that creates or replaces files (temp file, group commit, atomic
+# rename)
+# ════════════════════════════════════════════════════════════════════════════════════════
 
 
 def output_path(cand: Candidate, opts: Options) -> Path:
@@ -2541,11 +2097,6 @@ def mirrored(cand: Candidate, base: Path, opts: Options) -> Path:
     if not is_within(target.parent, base) and target.parent.exists():
         raise PermissionError(f"refusing to write outside {base}: {target}")
     return target
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════
-# Writing: the only place that creates or replaces files (temp file + atomic rename)
-# ════════════════════════════════════════════════════════════════════════════════════════
 
 
 def temp_path(directory: Path, tag: str = "") -> Path:
@@ -2743,7 +2294,7 @@ class Committer:
                 done.append(r)
             except OSError as exc:
                 discard(s)
-                done.append(FileResult(r.path, "error", nbytes=r.nbytes, seconds=r.seconds,
+                done.append(FileResult(r.path, Status.ERROR, nbytes=r.nbytes, seconds=r.seconds,
                                        error_type="OSError",
                                        message=f"{one_line(str(exc))}; left as it was"))
         if self.fsync:
@@ -2863,8 +2414,6 @@ class Patch:
     data: bytes
 
 
-
-
 def splice_patches(path: Path, ds: Dataset, planned: list[Planned]) -> list[Patch] | None:
     """The byte patches that turn the file into its modified version, or None.
 
@@ -2893,7 +2442,7 @@ def splice_patches(path: Path, ds: Dataset, planned: list[Planned]) -> list[Patc
                 return None
             patches[field] = Patch(field, size, struct.pack(fmt, len(p.encoded)))
             patches[p.value_offset] = Patch(p.value_offset, old_len, p.encoded)
-            for offset in container_length_fields(p.owner, p.tag >> 16, meta):
+            for offset in p.length_fields:
                 growth[(offset, order)] += len(p.encoded) - old_len
         for (offset, order), delta in growth.items():
             (old,) = struct.unpack(order + "I", os.pread(fd, 4, offset))
@@ -2904,35 +2453,6 @@ def splice_patches(path: Path, ds: Dataset, planned: list[Planned]) -> list[Patc
     if any(a.offset + a.size > b.offset for a, b in itertools.pairwise(ordered)):
         return None  # overlapping patches: something is odd, let pydicom rewrite
     return ordered
-
-
-def container_length_fields(ds: Dataset, group: int, meta: Dataset | None) -> list[int]:
-    """4-byte length fields that enclose an element of group in ds: group lengths, items, SQs."""
-    fields = []
-    while True:
-        group_length = value_offset_of(ds, group << 16) if group or ds is meta else None
-        if group_length is not None:
-            fields.append(group_length)
-        parent = getattr(ds, "file_parent", None)
-        if parent is None:
-            return fields
-        if not ds.is_undefined_length_sequence_item:
-            fields.append(ds.file_item_offset + 4)
-        parent_ds, sq_tag = parent
-        sq = parent_ds[sq_tag]
-        if sq.file_length != 0xFFFFFFFF:
-            fields.append(sq.file_value_offset - 4)
-        ds, group = parent_ds, sq_tag >> 16
-
-
-def value_offset_of(ds: Dataset, tag: int) -> int | None:
-    """File offset of the value of ds[tag], if ds has it and we know where it is."""
-    elem = ds.get_item(tag)
-    if elem is None:
-        return None
-    if isinstance(elem, RawDataElement):
-        return dataset_base(ds) + elem.value_tell if elem.value_tell is not None else None
-    return getattr(elem, "file_tell", None)
 
 
 def write_spliced(source: Path, out: BinaryIO, patches: list[Patch]) -> None:
@@ -2992,9 +2512,1174 @@ def backup_original(source: Path, target: Path, *, fsync: bool, tag: str = "") -
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# Mode --generate: plan patients/studies/series/instances in the main thread (seeded, so the
-# same seed gives the same bytes), then encode and write each instance on the pool
+# Journal: what a writing run completed, so --resume never applies a change twice
 # ════════════════════════════════════════════════════════════════════════════════════════
+
+
+JOURNAL_DONE = "# complete"
+
+
+@dataclasses.dataclass(frozen=True)
+class JournalView:
+    """A journalled run's key (it names the run's temporary files) and what its interrupted
+    predecessor completed, read-only: the workers' view of the journal."""
+
+    key: str
+    done: Mapping[str, int]  # source -> inode of its new version
+
+    def completed(self, source: Path, target: Path) -> bool:
+        """True when the interrupted run replaced target with this file's new version."""
+        inode = self.done.get(str(source))
+        try:
+            return inode is not None and os.stat(target).st_ino == inode
+        except OSError:
+            return False
+
+
+class Journal:
+    """An append-only list of '["source", inode]' lines (JSON), one per file replaced.
+
+    A batch's lines are written (and flushed, with fsync) after its files are on disk and
+    just before their renames, with the inode of each temporary file, which the rename
+    keeps: on resume a file counts as done only when its inode still matches, so a crash
+    between the line and the rename leaves that file to be processed again.
+    """
+
+    def __init__(self, path: Path, done: dict[str, int]):
+        self.path, self.done = path, done
+        self.key = path.stem.removeprefix("dicom_sar-")  # names the run's temporary files
+        # Workers append single short lines with O_APPEND: each write() lands whole.
+        self.fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+
+    @staticmethod
+    def location(opts: Options) -> Path:
+        """The journal of a run is keyed by everything that decides what it writes."""
+        key = json.dumps([opts.mode, [os.path.realpath(p) for p in opts.paths],
+                          [s.label() for s in opts.specs], opts.glob,
+                          opts.pattern.pattern if opts.pattern else None, opts.replacement,
+                          opts.deep, opts.all_strings, opts.inplace,
+                          os.path.realpath(opts.output) if opts.output else None,
+                          *([opts.shard, opts.files_from] if opts.shard or opts.files_from
+                            else [])])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return opts.log_dir / f"dicom_sar-{digest}.journal"
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, int], bool]:
+        """(source -> inode, finished?) of an existing journal."""
+        done: dict[str, int] = {}
+        finished = False
+        if path.exists():
+            for line in path.read_bytes().split(b"\n"):
+                if line == JOURNAL_DONE.encode():
+                    finished = True
+                elif line.startswith(b"["):
+                    try:
+                        source, inode = json.loads(line)
+                    except ValueError:  # a line torn by a crash: that file is done again
+                        continue
+                    done[source] = inode
+                    finished = False
+        return done, finished
+
+    @property
+    def view(self) -> JournalView:
+        """What the run's tasks may know of the journal: its key and the files done."""
+        return JournalView(self.key, types.MappingProxyType(self.done))
+
+    def record_all(self, staged: list[Staged], fsync: bool) -> str | None:
+        """Note, just before their renames, that each staged file (by inode) becomes its
+        source's new version, flushed with fsync: None, or why it could not."""
+        # JSON escapes what a file name may hold and a line may not (newlines, U+2028, bytes
+        # that are not UTF-8, kept by Python as lone surrogates): one ASCII line per file,
+        # read back to the same name
+        lines = "".join(json.dumps([str(s.source), s.inode]) + "\n"
+                        for s in staged if s.source is not None).encode("ascii")
+        try:
+            if lines:
+                write_all_fd(self.fd, lines)
+                if fsync:
+                    os.fdatasync(self.fd)
+        except OSError as exc:
+            return f"could not write the journal {self.path} ({exc})"
+        return None
+
+    def finish(self) -> None:
+        """Mark the run complete."""
+        write_all_fd(self.fd, (JOURNAL_DONE + "\n").encode())
+        os.close(self.fd)
+
+
+def open_journal(opts: Options) -> Journal:
+    """The journal for a writing SAR run; refuse to rerun over an unfinished one silently."""
+    path = Journal.location(opts)
+    done, finished = Journal.read(path)
+    unfinished = path.exists() and not finished
+    if opts.resume and path.exists() and finished:
+        raise UsageError(f"the run with these options finished (journal {path}): nothing to "
+                         "resume; without --resume it would apply the change again")
+    if unfinished and not (opts.resume or opts.restart):
+        raise UsageError(f"an earlier run with these options did not finish ({len(done)} files "
+                         f"done, journal {path}); rerun with --resume to skip them, "
+                         "or --restart to start over")
+    if not opts.resume or not unfinished:
+        done = {}
+        path.unlink(missing_ok=True)
+    journal = Journal(path, done)
+    os.write(journal.fd, f"# run {datetime.now(UTC).isoformat()}\n".encode())
+    return journal
+
+
+class Litter:
+    """The temporary files an interrupted run with these options left (their names carry
+    its journal key): the run that resumes it removes them, and nobody else's."""
+
+    def __init__(self, key: str):
+        self.prefix = f"{TEMP_PREFIX}{key}-"
+        self.seen: list[Path] = []
+
+    def claims(self, result: FileResult) -> bool:
+        """True for a leftover of ours met by the walk (removed at the end, not reported)."""
+        if result.status == Status.SKIPPED and result.path.name.startswith(self.prefix):
+            self.seen.append(result.path)
+            return True
+        return False
+
+    def remove(self, trees: Iterable[Path | None]) -> int:
+        """Once the pool is done (no file of this run is in flight): remove the leftovers
+        the walk met, and those in the trees it does not walk (output, backup)."""
+        found = list(self.seen)
+        for tree in filter(None, trees):
+            for directory, _, files in os.walk(tree):
+                found += [Path(directory, f) for f in files if f.startswith(self.prefix)]
+        removed = 0
+        for path in found:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        if removed:
+            log.info("removed %d temporary files left by the interrupted run", removed)
+            print(f"removed {removed} temporary files left by the interrupted run",
+                  file=sys.stderr)
+        return removed
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Report: counters, logs, progress bar, summary and exit status — main thread only
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters fed only by results, in the main thread."""
+
+    seen: int = 0
+    dicom: int = 0
+    not_dicom: int = 0
+    skipped: int = 0
+    processed: int = 0
+    errors: int = 0
+    modified: int = 0
+    written: int = 0  # generated files (a new file is not a modified one)
+    unchanged: int = 0
+    rejected: int = 0
+    elements_changed: int = 0
+    nbytes: int = 0
+    busy_seconds: float = 0.0
+    litter_removed: int | None = None  # a resuming SAR: its predecessor's temporary files
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, r: FileResult) -> None:
+        """Count one result."""
+        self.busy_seconds += r.seconds
+        if r.status == Status.SKIPPED:  # leftover temporary files, symlinks: not files of the tree
+            self.skipped += 1
+            return
+        self.seen += 1
+        if r.status == Status.NOT_DICOM:
+            self.not_dicom += 1
+            return
+        if r.status == Status.ERROR:
+            self.errors += 1
+            return
+        self.dicom += 1
+        self.processed += 1
+        self.nbytes += r.nbytes
+        if r.status == Status.MODIFIED:
+            self.modified += 1
+            self.elements_changed += len(r.changes)
+        elif r.status == Status.WRITTEN:
+            self.written += 1
+        elif r.status == Status.UNCHANGED:
+            self.unchanged += 1
+        elif r.status == Status.REJECTED:
+            self.rejected += 1
+
+    def summary(self, opts: Options) -> dict[str, Any]:
+        """The end-of-run numbers as a dict (also the --summary-json content)."""
+        total = time.perf_counter() - self.started
+        done = max(1, self.processed + self.errors)
+        data: dict[str, Any] = {
+            "mode": opts.mode, "files_seen": self.seen, "dicom_files": self.dicom,
+            "skipped_not_dicom": self.not_dicom, "skipped_other": self.skipped,
+            "processed": self.processed, "errors": self.errors,
+            "avg_ms_per_file": round(1000 * self.busy_seconds / done, 3),
+            "total_seconds": round(total, 3),
+            "files_per_second": round(self.processed / total, 1) if total > 0 else 0.0,
+            "mb_per_second": round(self.nbytes / 1e6 / total, 2) if total > 0 else 0.0,
+            "workers": opts.workers, "free_threaded": gil_disabled(),
+            "dry_run": opts.dry_run}
+        if opts.shard:
+            data["shard"] = f"{opts.shard[0]}/{opts.shard[1]}"
+        if opts.mode == "sar":
+            data |= {"modified" if not opts.dry_run else "would_modify": self.modified,
+                     "elements_changed": self.elements_changed,
+                     "rejected" if not opts.dry_run else "would_reject": self.rejected,
+                     "unchanged": self.unchanged}
+            if self.litter_removed is not None:
+                data["temporary_files_removed"] = self.litter_removed
+        if opts.mode == "generate":
+            data |= {"files_written": self.written, "deliberately_absent": self.skipped}
+        return data
+
+
+RED, BOLD = "31", "1"
+
+
+def paint(text: str, code: str, *, first_line_only: bool = False) -> str:
+    """ANSI colour only when stderr is a terminal and NO_COLOR is unset (no-color.org)."""
+    if not sys.stderr.isatty() or os.environ.get("NO_COLOR"):
+        return text
+    head, sep, rest = text.partition("\n") if first_line_only else (text, "", "")
+    return f"\033[{code}m{head}\033[0m{sep}{rest}"
+
+
+def render_summary(data: dict[str, Any]) -> str:
+    """A compact, aligned table of the summary, sizes and times in human units (the JSON
+    keeps the raw numbers under the same keys)."""
+    rows = []
+    for key, value in data.items():
+        label, show = HUMAN.get(key, (key.replace("_", " "), None))
+        if show is not None:
+            rows.append((label, show(value)))
+        else:
+            rows.append((label, ("yes" if value else "no") if isinstance(value, bool) else value))
+    width = max(len(label) for label, _ in rows)
+    return "summary\n" + "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
+
+
+def human_size(n: float) -> str:
+    """2.34 GB (decimal units, as disks and networks count)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
+        n /= 1000
+    return ""
+
+
+def human_time(seconds: float) -> str:
+    """0.42 s, 2 min 15 s, 1 h 02 min."""
+    if seconds < 60:
+        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {s} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+HUMAN: dict[str, tuple[str, Callable[[Any], str]]] = {  # summary key: console label, format
+    "total_seconds": ("total time", human_time),
+    "total_time_ms": ("total time", lambda ms: human_time(ms / 1000)),
+    "total_bytes": ("total size", human_size),
+    "mb_per_second": ("throughput", lambda v: f"{v:.1f} MB/s"),
+    "throughput_mbps": ("throughput", lambda v: f"{v:.1f} MB/s"),
+    "avg_ms_per_file": ("avg per file", lambda v: f"{v:.2f} ms"),
+    "average_transfer_time_ms": ("avg per file", lambda v: f"{v:.2f} ms"),
+    "files_per_second": ("files per second", lambda v: f"{v:,.1f}"),
+}
+
+
+def setup_logging(opts: Options) -> list[Path]:
+    """dicom_sar.log (INFO/DEBUG) and errors.log in the log dir, mode 0600; libraries quiet."""
+    opts.log_dir.mkdir(parents=True, exist_ok=True)
+    names = [LOG_NAME, ERROR_LOG_NAME]
+    if opts.shard:  # dicom_sar.shard-3-of-8.log: shards share a log directory
+        names = [n.replace(".log", f".{shard_tag(opts.shard)}.log") for n in names]
+    paths = [opts.log_dir / n for n in names]
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    for logger, path in zip((log, errlog), paths, strict=True):
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
+        logger.addHandler(log_handler(path, fmt))
+        logger.propagate = False
+    log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
+    errlog.setLevel(logging.INFO)
+    for name in ("pydicom", "pynetdicom"):
+        logging.getLogger(name).setLevel(logging.DEBUG if opts.verbose else logging.WARNING)
+    return paths
+
+
+def log_handler(path: Path, fmt: logging.Formatter) -> logging.FileHandler:
+    """A log file of ours, created mode 0600, UTF-8. A file name that is not UTF-8 goes in as
+    its own bytes, as on stdout (strict encoding dropped the line with a 'Logging error')."""
+    os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+    handler = logging.FileHandler(path, encoding="utf-8", errors="surrogateescape")
+    handler.setFormatter(fmt)
+    return handler
+
+
+# One bar style for every mode: files as words, or bytes, with the total once it is known
+OPEN_FILES = "{desc}{n:,} files [{elapsed}, {rate_fmt}]"
+KNOWN_FILES = ("{desc}{percentage:3.0f}%|{bar}| {n:,}/{total:,} files "
+               "[{elapsed}<{remaining}, {rate_fmt}]")
+KNOWN_BYTES = ("{desc}{percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
+               "[{elapsed}<{remaining}, {rate_fmt}]")
+
+
+class NullBar:
+    """What stands for the bar when none is shown (a pipe, a log, -q): tqdm is not loaded."""
+
+    n, total = 0, None
+
+    def update(self, n: int = 1) -> None:
+        """Nothing to show."""
+
+    clear = close = refresh = update
+    learn_total = update
+
+
+class Bar:
+    """A tqdm bar on stderr (a terminal only), open-ended until it learns its total."""
+
+    def __init__(self, total: int | None, desc: str, in_bytes: bool):
+        from tqdm import tqdm
+
+        fmt = KNOWN_BYTES if in_bytes else KNOWN_FILES if total is not None else OPEN_FILES
+        self.tqdm = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                         leave=False, bar_format=fmt, unit="B" if in_bytes else " files",
+                         unit_scale=in_bytes, unit_divisor=1000)
+        self.update, self.clear, self.refresh = (self.tqdm.update, self.tqdm.clear,
+                                                 self.tqdm.refresh)
+
+    @property
+    def n(self) -> int:
+        return self.tqdm.n
+
+    @property
+    def total(self) -> int | None:
+        return self.tqdm.total
+
+    def learn_total(self, total: int) -> None:
+        """The walk's count is in: n/total, the percentage and the time left from now on."""
+        self.tqdm.total = max(total, self.tqdm.n)
+        self.tqdm.bar_format = KNOWN_FILES
+        self.tqdm.refresh()
+
+    def close(self) -> None:
+        """The last frame reads total/total (the walk may have raced a change), then goes."""
+        if self.tqdm.total is not None and self.tqdm.n != self.tqdm.total:
+            self.tqdm.total = self.tqdm.n
+        self.tqdm.refresh()
+        self.tqdm.close()
+
+
+def progress_bar(opts: Options, total: int | None = None, desc: str = "",
+                 in_bytes: bool = False) -> Bar | NullBar:
+    """The run's bar, or nothing when stderr is not a terminal (or --no-progress, -q)."""
+    return Bar(total, desc, in_bytes) if opts.progress else NullBar()
+
+
+def countable(opts: Options) -> bool:
+    """Whether a counting walk can run ahead (a bar is shown; stdin is read once only)."""
+    return opts.progress and opts.files_from != "-"
+
+
+class WalkCount:
+    """A second, cheap walk of the same tree in a thread of its own, counting what the real
+    walk will yield, so the bar learns its total while the real walk streams. It holds two
+    numbers (never paths); only the main thread reads them."""
+
+    def __init__(self, opts: Options, excluded: list[Path]):
+        self.count, self.done = 0, False
+        self.thread = threading.Thread(target=self.run, args=(opts, excluded), daemon=True,
+                                       name=f"{PROG}-count")
+        self.thread.start()
+
+    def run(self, opts: Options, excluded: list[Path]) -> None:
+        for _ in discover(opts, excluded):
+            self.count += 1
+        self.done = True
+
+
+class Reporter:
+    """Consumes results in the main thread: output, logs, counters and progress."""
+
+    def __init__(self, opts: Options, out: Callable[[str], None], total: int | None = None,
+                 count: WalkCount | None = None):
+        self.opts, self.out = opts, out
+        self.stats = Stats()
+        self.counter: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.bar = progress_bar(opts, total)
+        self.count = count if total is None else None
+        self.last_status = time.monotonic()
+
+    def handle(self, r: FileResult) -> None:
+        """Account for one finished file."""
+        self.stats.add(r)
+        self.bar.update(1)
+        if self.count is not None and self.count.done:
+            self.bar.learn_total(self.count.count)
+            self.count = None
+        if r.status == Status.NOT_DICOM:
+            log.debug("skipped (not DICOM): %s", r.path)
+        elif r.status == Status.SKIPPED:
+            log.info("skipped: %s: %s", r.path, r.message)
+        elif r.status == Status.ERROR:
+            self.error(r.path, r.error_type or "Error", r.message)
+        elif r.status == Status.REJECTED:
+            for why in r.rejections:
+                self.error(r.path, "Rejected", why)
+        for line in r.lines:
+            self.out(line)
+        for item in r.values:
+            self.counter[item] += 1
+        if r.changes:
+            self._changes(r)
+        if not self.opts.progress and time.monotonic() - self.last_status > 5:
+            self.last_status = time.monotonic()
+            log.info("progress: %d files, %d errors", self.stats.seen, self.stats.errors)
+
+    def _changes(self, r: FileResult) -> None:
+        if self.opts.dry_run:
+            for c in r.changes:
+                self.out(f"{r.path}  {c.label}  {c.old!r} -> {c.new!r}")
+            for why in r.rejections:
+                self.out(f"{r.path}  REJECTED  {why}")
+        if r.status == Status.MODIFIED and not self.opts.dry_run:
+            tags = ", ".join(c.label for c in r.changes)
+            log.info("modified: %s: %s", r.path, tags)
+            if self.opts.verbose:
+                for c in r.changes:
+                    log.debug("  %s %r -> %r", c.label, c.old, c.new)
+
+    def error(self, path: Path, kind: str, message: str) -> None:
+        """One line in errors.log and on stderr, the file named in the run's log."""
+        line = f"{path}: {kind}: {message}"
+        errlog.error(line)
+        log.warning("error: %s: %s", path, kind)
+        self.bar.clear()
+        print(f"{paint('error:', RED)} {line}", file=sys.stderr)
+
+    def close_bar(self) -> None:
+        """The walk is over: its count is due any moment, for the last frame."""
+        if self.count is not None:
+            self.count.thread.join(timeout=1.0)
+            if self.count.done:
+                self.bar.learn_total(self.count.count)
+            self.count = None
+        self.bar.close()
+        self.bar = NullBar()
+
+    def next_phase(self, total: int, desc: str, in_bytes: bool = False) -> Bar | NullBar:
+        """A second pass after the walk's (--send's transfer): a bar of its own, the errors
+        reported as the walk's are; the caller updates and closes it."""
+        self.close_bar()
+        self.bar = progress_bar(self.opts, total, desc=desc, in_bytes=in_bytes)
+        return self.bar
+
+    def finish(self) -> dict[str, Any]:
+        """Close the bar, print --count output and the summary; return the summary."""
+        self.close_bar()
+        if self.opts.count:
+            render_count(self.counter, self.out)
+        data = self.stats.summary(self.opts)
+        log.info("summary: %s", json.dumps(data))
+        if self.opts.summary_json:  # before the terminal, whose reader may be gone
+            write_bytes_atomic((json.dumps(data, indent=2) + "\n").encode(),
+                               self.opts.summary_json, fsync=False)
+        if not self.opts.quiet:
+            print(paint(render_summary(data), BOLD, first_line_only=True), file=sys.stderr)
+        return data
+
+
+def exit_status(stats: Stats) -> int:
+    """0 when every DICOM file was handled, 1 when any failed or was rejected."""
+    return EXIT_FAILURES if stats.errors or stats.rejected else EXIT_OK
+
+def over_the_walk(opts: Options, task: Callable[[Candidate, Options], FileResult],
+                  out: Callable[[str], None], stop: StopSignal, log_paths: list[Path],
+                  journal: Journal | None = None) -> Reporter:
+    """Discover, run task on the pool, commit what it staged (with journal: a writing run)
+    and report each file in walk order; the reporter is returned unfinished."""
+    excluded = excluded_locations(opts, log_paths)
+    reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if countable(opts) else None)
+    litter = Litter(journal.key) if journal is not None and (opts.resume or opts.restart) \
+        else None
+    results = run_ordered(discover(opts, excluded), lambda c: task(c, opts), opts.workers,
+                          stop.event, opts.time_limit)
+    for result in committed(results, Committer(journal is not None and opts.fsync, journal)):
+        if litter is None or not litter.claims(result):
+            reporter.handle(result)
+    if litter is not None:
+        reporter.stats.litter_removed = litter.remove([opts.output, opts.backup])
+    if stop.signum:
+        log.warning("stopped by %s; files in flight were finished", stop.cause())
+        if journal is not None:
+            print(f"stopped by {stop.cause()}: in-flight files finished; rerun with --resume "
+                  "to continue", file=sys.stderr)
+        elif stop.signum != signal.SIGPIPE:  # after `| head` the reader asked for no more
+            print(f"stopped by {stop.cause()}: in-flight files finished", file=sys.stderr)
+    return reporter
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --dump: per-file lines like dcmdump's (DCMTK 3.6), JSON, or values for --count; the
+# renderer also serves the --sar preview
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+VALUE_WIDTH, LINE_WIDTH = 40, 70  # DCMTK's DCM_OptPrintValueLength / DCM_OptPrintLineLength
+_BINARY_FORMATS = {"US": ("H", "{}"), "SS": ("h", "{}"), "UL": ("L", "{}"), "SL": ("l", "{}"),
+                   "UV": ("Q", "{}"), "SV": ("q", "{}"), "FL": ("f", "{:.9g}"),
+                   "FD": ("d", "{:.17g}"), "OF": ("f", "{:.9g}"), "OD": ("d", "{:.17g}"),
+                   "OL": ("L", "{}"), "OV": ("Q", "{}")}
+_DCMTK_TS_NAMES = {  # DCMTK names the four uncompressed transfer syntaxes differently
+    "1.2.840.10008.1.2": "LittleEndianImplicit", "1.2.840.10008.1.2.1": "LittleEndianExplicit",
+    "1.2.840.10008.1.2.2": "BigEndianExplicit",
+    "1.2.840.10008.1.2.1.99": "DeflatedLittleEndianExplicit"}
+
+
+def dump_line(tag: int, vr: str, info: str, length: int, vm: int, level: int,
+              name: str | None = None) -> str:
+    """One dcmdump line: tag, VR, value (padded to 40), then '# length, vm name'."""
+    shown = len(info.encode("utf-8", "surrogateescape"))
+    pad = " " * max(0, VALUE_WIDTH - shown)
+    ln = "u/l" if length == 0xFFFFFFFF else f"{length:3d}"
+    return (f"{'  ' * level}({tag >> 16:04x},{tag & 0xFFFF:04x}) {vr} {info}{pad} # {ln},"
+            f"{vm:2d} {name or keyword_of(tag)}")
+
+
+def shorten_bytes(text: str, limit: int) -> str:
+    """Cut text to limit UTF-8 bytes, as DCMTK does (it counts bytes, not characters)."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return raw[:limit].decode("utf-8", "surrogateescape")
+
+
+def render_value(raw: RawDataElement, vr: str, encodings: list[str]) -> tuple[str, int]:
+    """The printed value of a non-sequence element and its VM, as dcmdump prints them."""
+    value = raw.value if isinstance(raw.value, bytes) else b""
+    if not value:  # dcmdump counts an empty binary value as one value, an empty string as none
+        return "(no value available)", 0 if vr in STRING_VRS or vr in ("AT", "SQ") or \
+            (vr in _BINARY_FORMATS and not vr.startswith("O")) else 1
+    if vr in STRING_VRS:
+        # as dcmdump: trailing spaces are padding, a trailing NUL is shown (outside UIDs)
+        text = decode_text(value, vr, encodings, padding=b" ")
+        if not text:
+            return "(no value available)", 0
+        vm = 1 if vr in SINGLE_VALUE_VRS else text.count("\\") + 1
+        if vr == "UI" and text in UID_DICTIONARY:
+            return "=" + (_DCMTK_TS_NAMES.get(text) or UID_DICTIONARY[text][4]), vm
+        if len(text.encode("utf-8", "surrogateescape")) + 2 > LINE_WIDTH:
+            return "[" + shorten_bytes(text, LINE_WIDTH - 4) + "...", vm
+        return f"[{text}]", vm
+    order = "<" if raw.is_little_endian else ">"
+    if vr in ("OB", "UN") or (vr not in _BINARY_FORMATS and vr not in ("OW", "AT")):
+        return _hex_values(value, 1, order), 1
+    if vr == "OW":
+        return _hex_values(value, 2, order), 1
+    if vr == "AT":
+        count = len(value) // 4
+        words = struct.unpack(f"{order}{count * 2}H", value[: count * 4])
+        items = [f"({words[i]:04x},{words[i + 1]:04x})" for i in range(0, len(words), 2)]
+        return _joined(items, count), count
+    code, fmt = _BINARY_FORMATS[vr]
+    size = struct.calcsize("<" + code)
+    count = len(value) // size
+    numbers = struct.unpack(f"{order}{count}{code}", value[: count * size])
+    shown = _joined([fmt.format(n) for n in numbers], count)
+    return shown, (1 if vr.startswith("O") else count)
+
+
+def _hex_values(value: bytes, width: int, order: str) -> str:
+    count = len(value) // width
+    show = count
+    if count * (2 * width + 1) - 1 > LINE_WIDTH:
+        show = (LINE_WIDTH - 3 + 1) // (2 * width + 1)
+    if width == 1:
+        items = [f"{b:02x}" for b in value[:show]]
+    else:
+        items = [f"{w:04x}" for w in struct.unpack(f"{order}{show}H", value[: show * 2])]
+    return "\\".join(items) + ("..." if show < count else "")
+
+
+def _joined(items: list[str], count: int) -> str:
+    out, printed = [], 0
+    for i, item in enumerate(items):
+        piece = item if i == 0 else "\\" + item
+        new = printed + len(piece)
+        if new <= LINE_WIDTH and (i + 1 == count or new + 3 <= LINE_WIDTH):
+            out.append(piece)
+            printed = new
+        else:
+            out.append("...")
+            break
+    return "".join(out)
+
+
+def element_lines(ds: Dataset, tag: int, level: int, layout: Layout) -> list[str]:
+    """dcmdump lines of one element of ds: one line, or a sequence with its items."""
+    raw = ds.get_item(tag)
+    vr = element_vr(raw, ds)
+    length = getattr(raw, "length", 0) if isinstance(raw, RawDataElement) else 0
+    if vr == "SQ" or (isinstance(raw, DataElement) and raw.VR == "SQ"):
+        return sequence_lines(ds, tag, level, layout)
+    if length == 0xFFFFFFFF and isinstance(raw, RawDataElement):
+        return pixel_sequence_lines(raw, vr, level)
+    if not isinstance(raw, RawDataElement):
+        raw = raw_of(ds[tag], ds)
+    info, vm = render_value(raw, vr, charset_of(ds))
+    return [dump_line(tag, vr, info, printed_length(raw, vr, charset_of(ds)), vm, level,
+                      keyword_of(tag, creator_of(ds, tag)))]
+
+
+def printed_length(raw: RawDataElement, vr: str, encodings: list[str]) -> int:
+    """The length dcmdump +U8 reports: the length in the file, padding included, unless it
+    converts the value (one with bytes outside ASCII) to UTF-8 (without its trailing spaces,
+    padded even)."""
+    if vr not in TEXT_VRS or not raw.value or (raw.value.isascii() and b"\x1b" not in raw.value) \
+            or encodings in (["UTF8"], [DEFAULT_ENCODING]):
+        return raw.length
+    text = decode_text(raw.value, vr, encodings, padding=b" ")
+    size = len(text.encode("utf-8", "surrogateescape"))
+    return size + size % 2
+
+
+def raw_of(elem: DataElement, ds: Dataset) -> RawDataElement:
+    """Encode a converted element back to raw bytes (for printing after a change)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_data_element(fp, elem, charset_of(ds))
+    value = fp.getvalue()[8:]
+    return RawDataElement(BaseTag(elem.tag), elem.VR, len(value), value, 0, False, True)
+
+
+def sequence_lines(ds: Dataset, tag: int, level: int, layout: Layout) -> list[str]:
+    """A sequence, its items and delimiters, as dcmdump shows them."""
+    seq = layout.sequence(ds, tag)
+    items = seq.value or []
+    length = layout.sequence_length(seq)
+    undefined = length == 0xFFFFFFFF or getattr(seq, "is_undefined_length", False)
+    kind = "undefined" if undefined else "explicit"
+    lines = [dump_line(tag, "SQ", f"(Sequence with {kind} length #={len(items)})",
+                       0xFFFFFFFF if undefined else length, 1, level)]
+    for item in items:
+        item_undefined = getattr(item, "is_undefined_length_sequence_item", False)
+        kind = "undefined" if item_undefined else "explicit"
+        length = 0xFFFFFFFF if item_undefined else \
+            layout.item_length(item) or item_length(item)
+        lines.append(dump_line(0xFFFEE000, "na", f"(Item with {kind} length #={len(item)})",
+                               length, 1, level + 1, "Item"))
+        for sub in item.keys():
+            lines.extend(element_lines(item, sub, level + 2, layout))
+        end = "(ItemDelimitationItem)" if item_undefined else \
+            "(ItemDelimitationItem for re-encoding)"
+        lines.append(dump_line(0xFFFEE00D, "na", end, 0, 0, level + 1, "ItemDelimitationItem"))
+    end = "(SequenceDelimitationItem)" if undefined else "(SequenceDelimitationItem for re-encod.)"
+    lines.append(dump_line(0xFFFEE0DD, "na", end, 0, 0, level, "SequenceDelimitationItem"))
+    return lines
+
+
+def pixel_sequence_lines(raw: RawDataElement, vr: str, level: int) -> list[str]:
+    """Encapsulated pixel data: one 'pi' line per fragment (the offset table first)."""
+    order = "<" if raw.is_little_endian else ">"
+    fragments = list(generate_fragments(raw.value or b"", endianness=order))
+    lines = [dump_line(raw.tag, vr, f"(PixelSequence #={len(fragments)})", 0xFFFFFFFF, 1, level)]
+    for fragment in fragments:
+        info = _hex_values(fragment, 1, order) if fragment else "(no value available)"
+        lines.append(dump_line(0xFFFEE000, "pi", info, len(fragment), 1, level + 1, "Item"))
+    lines.append(dump_line(0xFFFEE0DD, "na", "(SequenceDelimitationItem)", 0, 0, level,
+                           "SequenceDelimitationItem"))
+    return lines
+
+
+def retired_group_lengths(ds: Dataset) -> int:
+    """How many group length elements (beyond the command and meta groups) ds holds, nested
+    items included: pydicom writes none of them (PS3.5 7.2), each is 12 bytes in the file."""
+    count = 0
+    for tag in ds.keys():
+        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+            count += 1
+        elif is_sequence(ds, tag):
+            count += sum(retired_group_lengths(item) for item in ds[tag].value or [])
+    return count
+
+
+def fast_tagged_lines(path: str | Path, specs: tuple[TagSpec, ...]) -> tuple[list[str] | None, int]:
+    """dcmdump +P lines by raw scan: (lines, size); lines None for not-DICOM files.
+
+    Raises RawScanError when the file should go the pydicom way.
+    """
+    scan, size = raw_scan(path, table(s.leaf.tag for s in specs))
+    if scan is None:
+        return None, size
+    lines = []
+    for spec in specs:
+        for tag, raw, vr, encodings in scan.hits:
+            if tag == spec.leaf.tag:
+                info, vm = render_value(raw, vr, encodings)
+                lines.append(dump_line(tag, vr, info, printed_length(raw, vr, encodings), vm, 0))
+    return lines, size
+
+
+def wants_pixels(specs: tuple[TagSpec, ...]) -> bool:
+    """A tag dump stops before pixel data; a full dump shows its first values, like dcmdump."""
+    return not specs or any(s.steps[0].tag >= 0x7FE00010 for s in specs)
+
+
+def dump_task(cand: Candidate, opts: Options) -> FileResult:
+    """Read one file's header and render what --dump was asked for."""
+    if opts.fast:  # a plain text tag dump: the raw scanner may answer
+        try:
+            lines, size = fast_tagged_lines(cand.file, opts.specs)
+        except RAW_FALLBACK:
+            lines = None  # pydicom decides, and reports what is wrong with the file
+        else:
+            if lines is None:
+                return FileResult(cand.path, Status.NOT_DICOM, nbytes=size)
+            return dumped(cand, size, lines, opts)
+    load_pydicom()  # the pydicom path (a raw dump's worker may be the first to take it)
+    ds, size, kind = whole(cand.file, read_dataset(cand.file,
+                                                   header_only=not wants_pixels(opts.specs)))
+    if ds is None:
+        return FileResult(cand.path, Status.NOT_DICOM, nbytes=size)
+    if opts.count:
+        return FileResult(cand.path, Status.OK, nbytes=size, values=tuple(count_values(ds, opts)))
+    if opts.fmt == "json":
+        return FileResult(cand.path, Status.OK, nbytes=size,
+                          lines=(json_line(cand.path, ds, opts),))
+    return dumped(cand, size, tagged_lines(ds, opts.specs) if opts.specs
+                  else full_dump_lines(ds, kind), opts)
+
+
+def dumped(cand: Candidate, size: int, lines: list[str], opts: Options) -> FileResult:
+    """A dump result, each line prefixed with its path under --with-filename."""
+    if opts.with_filename:
+        lines = [f"{cand.path}: {line}" for line in lines]
+    return FileResult(cand.path, Status.OK, nbytes=size, lines=tuple(lines))
+
+
+def tagged_lines(ds: Dataset, specs: Iterable[TagSpec]) -> list[str]:
+    """Like dcmdump +P: per spec, every instance at every depth, unindented, file order."""
+    lines, layout = [], Layout()
+    for spec in specs:
+        for _, container in all_datasets_of(ds):
+            for owner, tag in find_elements(container, spec, deep=spec.plain, layout=layout):
+                lines.extend(element_lines(owner, tag, 0, layout))
+    return lines
+
+
+def full_dump_lines(ds: Dataset, kind: str | None) -> list[str]:
+    """The whole header like dcmdump: file meta, then the dataset, nested items indented."""
+    # dcmdump reads every file as a file format: a file without file meta shows an empty one
+    layout = Layout()
+    lines = ["", "# Dicom-File-Format", "", "# Dicom-Meta-Information-Header",
+             "# Used TransferSyntax: " + ("Little Endian Explicit" if getattr(
+                 ds, "file_meta", None) else "Unknown Transfer Syntax")]
+    for part, container in all_datasets_of(ds):
+        if part == "data":
+            lines += ["", "# Dicom-Data-Set", f"# Used TransferSyntax: {transfer_syntax_name(ds)}"]
+        for tag in container.keys():
+            lines.extend(element_lines(container, tag, 0, layout))
+    return lines
+
+
+def transfer_syntax_name(ds: Dataset) -> str:
+    """The dataset's transfer syntax, named like DCMTK's 'Used TransferSyntax' line."""
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is not None:
+        return uid.name
+    implicit = ds.original_encoding[0]
+    return "Little Endian Implicit" if implicit else "Little Endian Explicit"
+
+
+def json_line(path: Path, ds: Dataset, opts: Options, bulk_limit: int = 1024) -> str:
+    """One DICOM JSON (PS3.18 Annex F) object for the file: the file meta and the dataset,
+    or what --tag names (sequence paths as the items they go through). pydicom decides what
+    is bulk data: a value over bulk_limit bytes becomes a BulkDataURI naming file and tag."""
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    if opts.specs:
+        selected = Dataset()
+        for spec in opts.specs:
+            container = meta if spec.steps[0].tag >> 16 == 0x0002 else ds
+            merge_into(selected, picked(container, spec.steps))
+    else:
+        selected = Dataset()
+        for container in (meta, ds):
+            for elem in container:
+                selected.add(elem)
+    selected.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    uri = Path(os.path.abspath(path)).as_uri()
+    return json.dumps({"path": str(path), "dataset": selected.to_json_dict(
+        bulk_limit, lambda elem: f"{uri}#{elem.tag:08X}")}, ensure_ascii=False)
+
+
+def picked(ds: Dataset, steps: tuple[Step, ...]) -> Dataset:
+    """A copy of the part of ds a tag path goes through: the element it names, inside the
+    items (all, or the one chosen) of the sequences on the way."""
+    out = Dataset()
+    tag = resolve_step(ds, steps[0])
+    if tag is None or tag not in ds:
+        return out
+    if len(steps) == 1:
+        out.add(ds[tag])
+        return out
+    if not is_sequence(ds, tag):
+        return out
+    items = ds[tag].value or []
+    chosen = items if steps[0].item is None else items[steps[0].item: steps[0].item + 1]
+    out.add(DataElement(tag, "SQ", pydicom.Sequence(picked(item, steps[1:]) for item in chosen)))
+    return out
+
+
+def merge_into(target: Dataset, part: Dataset) -> None:
+    """Add part's elements to target; sequences both hold merge item by item."""
+    for elem in part:
+        if elem.tag in target and elem.VR == "SQ" and target[elem.tag].VR == "SQ":
+            mine = target[elem.tag].value
+            for i, item in enumerate(elem.value):
+                if i < len(mine):
+                    merge_into(mine[i], item)
+                else:
+                    mine.append(item)
+        else:
+            target.add(elem)
+
+
+def count_values(ds: Dataset, opts: Options) -> Iterator[tuple[str, str]]:
+    """(spec label, value) for every selected element; (label, '') when a file lacks it."""
+    for spec in opts.specs:
+        found = False
+        for _, container in all_datasets_of(ds):
+            for owner, tag in find_elements(container, spec, deep=spec.plain):
+                found = True
+                info, _ = render_value_of(owner, tag)
+                yield spec_label(spec), info
+        if not found:
+            yield spec_label(spec), ""
+
+
+def render_value_of(ds: Dataset, tag: int) -> tuple[str, int]:
+    """The dcmdump-style printed value of ds[tag] (sequences summarised)."""
+    raw = ds.get_item(tag)
+    vr = element_vr(raw, ds)
+    if vr == "SQ":
+        return f"(Sequence #={len(ds[tag].value or [])})", 1
+    if not isinstance(raw, RawDataElement):
+        raw = raw_of(ds[tag], ds)
+    return render_value(raw, vr, charset_of(ds))
+
+
+def spec_label(spec: TagSpec) -> str:
+    """'(0010,0020) PatientID' for a plain tag, the DCMTK path otherwise."""
+    if spec.plain and spec.leaf.creator is None:
+        return f"{spec.label()} {keyword_of(spec.leaf.tag)}"
+    return spec.label()
+
+
+def render_count(counter: collections.Counter[tuple[str, str]], out: Callable[[str], None]) -> None:
+    """Print a --count histogram like 'sort | uniq -c | sort -rn'."""
+    for (label, value), n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
+        out(f"{n:7d} {label} {value if value else '(absent)'}")
+
+
+def run_dump(opts: Options, out: Callable[[str], None], stop: StopSignal,
+             log_paths: list[Path]) -> int:
+    """Dump every file of the walk, in walk order; nothing is written but the logs."""
+    reporter = over_the_walk(opts, dump_task, out, stop, log_paths)
+    reporter.finish()
+    return stop.exit_status() or exit_status(reporter.stats)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --sar: plan every change in a file, validate all of it, then write it or nothing
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str, Any]:
+    """The SAR-specific part of Options: regex, targets and where writes go."""
+    if ns.regex_search is None or ns.regex_replace is None:
+        raise UsageError("--sar needs --regex_search PATTERN and --regex_replace REPL")
+    try:
+        pattern = re.compile(ns.regex_search)
+    except re.error as exc:
+        raise UsageError(f"--regex_search {ns.regex_search!r}: {exc.msg} at position {exc.pos}; "
+                         "fix the pattern (Python re syntax)") from None
+    try:
+        pattern.sub(ns.regex_replace, "")  # checks backreferences against the pattern's groups
+    except (re.error, IndexError) as exc:
+        raise UsageError(f"--regex_replace {ns.regex_replace!r}: {exc}; "
+                         f"the pattern has {pattern.groups} group(s)") from None
+    if not specs and not ns.force:
+        raise UsageError("no --tag given: SAR on every string element needs --force "
+                         "(or give --tag PatientID)")
+    for spec in specs:
+        vr = spec.dictionary_vr()
+        if vr is not None and vr not in STRING_VRS:
+            raise UsageError(f"--tag {spec.text}: VR {vr} is not a string VR; "
+                             "SAR changes string values only")
+    if ns.inplace and ns.output:
+        raise UsageError("--inplace and --output exclude each other; pick one")
+    output = None if ns.inplace else Path(ns.output or DEFAULT_OUTPUT)
+    backup = None
+    if ns.inplace and not ns.no_backup:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        backup = Path(ns.backup_dir) if ns.backup_dir else Path(DEFAULT_BACKUP) / stamp
+    for root in (Path(p) for p in (ns.path or ["."])):
+        if backup is not None and root.is_dir() and is_within(backup, root):  # dry run too
+            raise UsageError(f"--backup-dir {backup} is inside the scanned tree {root}; "
+                             "put backups outside it")
+        if output is not None and output_holds(output, root):
+            raise UsageError(f"--output {output} holds the scanned {root}: written files could "
+                             "replace originals; choose an output directory outside it, or "
+                             "--inplace (which keeps a backup)")
+    return dict(pattern=pattern, replacement=ns.regex_replace, deep=ns.deep,
+                all_strings=not specs, inplace=ns.inplace, output=output, backup=backup,
+                copy_unmodified=ns.copy_unmodified,
+                fast=bool(specs) and not ns.deep and fast_specs_ok(specs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One element whose value changes (values are shown only where the user asked)."""
+
+    label: str  # "(0010,0020) PatientID"
+    old: str
+    new: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A change ready to apply: where, which tag, and the new value(s)."""
+
+    owner: Dataset
+    tag: int
+    vr: str
+    encoded: bytes
+    change: Change
+    value_offset: int | None  # where the old value starts in the file (None: unknown)
+    length_fields: tuple[int, ...]  # the 4-byte lengths that enclose it (Layout.length_fields)
+
+
+def sar_task(cand: Candidate, opts: Options) -> FileResult:
+    """Search/replace one file: plan, validate (all or nothing), then write or preview."""
+    target = cand.path if opts.inplace else output_path(cand, opts)
+    if opts.journal is not None and opts.journal.completed(cand.path, target):
+        return FileResult(cand.path, Status.SKIPPED, message="completed by the interrupted run")
+    stamp = file_stamp(cand.path)
+    ds, size, _ = sar_header(cand.path, opts)
+    if ds is None:
+        return FileResult(cand.path, Status.NOT_DICOM, nbytes=size)
+    planned, rejections = plan_changes(ds, opts)
+    if rejections:
+        return FileResult(cand.path, Status.REJECTED, nbytes=size, rejections=tuple(rejections),
+                          changes=tuple(p.change for p in planned), error_type="InvalidValue",
+                          message=rejections[0])
+    if not planned:
+        staged = None
+        if opts.copy_unmodified and not opts.dry_run and opts.output is not None:
+            staged = stage_copy(cand.path, output_path(cand, opts), tag=run_tag(opts),
+                                writable=True)
+        return FileResult(cand.path, Status.UNCHANGED, nbytes=size, staged=staged)
+    changes = tuple(p.change for p in planned)
+    if opts.dry_run:
+        return FileResult(cand.path, Status.MODIFIED, nbytes=size, changes=changes)
+    patches = splice_patches(cand.path, ds, planned)
+    if patches is None:  # e.g. deflated: pydicom rewrites the whole file
+        ds, size, _ = read_dataset(cand.path, header_only=False)
+        planned, _ = plan_changes(ds, opts)
+        apply_changes(ds, planned)
+
+    def write(out: BinaryIO) -> None:
+        if file_stamp(cand.path) != stamp:
+            raise RuntimeError("the file changed while it was being processed; left as it is")
+        if patches is not None:
+            write_spliced(cand.path, out, patches)
+        else:
+            write_dataset(ds, out)
+
+    if opts.inplace:
+        staged = stage_in_place(cand, opts, write)
+    else:
+        staged = stage_atomic(target, write, like=cand.path, tag=run_tag(opts), writable=True,
+                              source=cand.path)
+    return FileResult(cand.path, Status.MODIFIED, nbytes=size, changes=changes, staged=staged)
+
+
+def sar_header(path: Path, opts: Options) -> tuple[Dataset | None, int, str | None]:
+    """The header for planning: by raw scan for plain top-level tags, else by pydicom."""
+    if opts.fast:
+        return header_with(path, [s.leaf.tag for s in opts.specs])[:3]
+    return whole(path, read_dataset(path, header_only=True))
+
+
+def file_stamp(path: Path) -> tuple[int, int, int]:
+    """Size, mtime and inode: enough to notice a file replaced under our feet."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def sar_targets(ds: Dataset, opts: Options, layout: Layout) -> Iterator[tuple[Dataset, int]]:
+    """Elements the SAR applies to: the --tag specs, or every string element (--force)."""
+    if opts.all_strings:
+        yield from _all_string_elements(ds, layout)
+        return
+    seen: set[tuple[int, int]] = set()
+    for spec in opts.specs:
+        containers = [ds]
+        if spec.leaf.tag >> 16 == 0x0002 and getattr(ds, "file_meta", None) is not None:
+            containers = [ds.file_meta]
+        for container in containers:
+            for owner, tag in find_elements(container, spec, deep=opts.deep, layout=layout):
+                if (id(owner), tag) not in seen:
+                    seen.add((id(owner), tag))
+                    yield owner, tag
+
+
+def _all_string_elements(ds: Dataset, layout: Layout) -> Iterator[tuple[Dataset, int]]:
+    for tag in list(ds.keys()):
+        if is_sequence(ds, tag):
+            for item in layout.sequence(ds, tag).value or []:
+                yield from _all_string_elements(item, layout)
+        elif element_vr(ds.get_item(tag), ds) in STRING_VRS:
+            yield ds, tag
+
+
+def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
+    """Compute and validate every change in ds; rejections name tag, VR and the rule."""
+    planned, rejections, layout = [], [], Layout()
+    meta = getattr(ds, "file_meta", None)
+    assert opts.pattern is not None
+    for owner, tag in sar_targets(ds, opts, layout):
+        raw = owner.get_item(tag)
+        vr = element_vr(raw, owner)
+        if vr not in STRING_VRS:
+            continue
+        if not isinstance(raw, RawDataElement):
+            raw = raw_of(owner[tag], owner)
+        value_offset = layout.base(owner) + raw.value_tell if raw.value_tell is not None \
+            else getattr(owner.get_item(tag), "file_tell", None)
+        encodings = charset_of(owner)
+        old_text = decode_text(raw.value or b"", vr, encodings)
+        old_values = [old_text] if vr in SINGLE_VALUE_VRS else old_text.split("\\")
+        new_values = [opts.pattern.sub(opts.replacement, v) for v in old_values]
+        if new_values == old_values or not old_text:
+            continue
+        label = f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {keyword_of(tag)}"
+        new_text = "\\".join(new_values)
+        change = Change(label, old_text, new_text)
+        encoded, problem = encode_new_values(vr, new_values, encodings)
+        if problem:
+            shown = f" (new value {new_text!r})" if opts.verbose else ""
+            rejections.append(f"{label} VR {vr}: {problem}{shown}")
+        planned.append(Planned(owner, tag, vr, encoded, change, value_offset,
+                               layout.length_fields(owner, tag >> 16, meta)))
+        if tag == 0x00080018 and owner is ds and meta is not None and 0x00020003 in meta:
+            # dcmodify keeps MediaStorageSOPInstanceUID equal to SOPInstanceUID; so do we
+            old = meta[0x00020003]
+            planned.append(Planned(meta, 0x00020003, "UI", encoded, Change(
+                "(0002,0003) MediaStorageSOPInstanceUID", str(old.value), new_text),
+                getattr(old, "file_tell", None), layout.length_fields(meta, 0x0002, meta)))
+    return planned, rejections
+
+
+def encode_new_values(vr: str, values: list[str], encodings: list[str]) -> tuple[bytes, str]:
+    """Validate with pydicom's VR rules, then encode exactly; (bytes, '') or (b'', problem).
+
+    A value is accepted only if it decodes back to itself: no silent '?' substitution.
+    """
+    for value in values:
+        try:
+            pydicom.valuerep.validate_value(vr, value, pydicom.config.RAISE)
+        except ValueError as exc:
+            return b"", without_value(str(exc), value)
+    text = values[0] if vr in SINGLE_VALUE_VRS else "\\".join(values)
+    if vr not in TEXT_VRS:
+        if not text.isascii():
+            return b"", f"VR {vr} allows ASCII characters only"
+        encoded = text.encode("ascii")
+    else:
+        try:
+            encoded = b"\\".join(pydicom.charset.encode_string(v, encodings) for v in
+                                  ([text] if vr in SINGLE_VALUE_VRS else values))
+        except (UnicodeError, ValueError, KeyError):
+            encoded = b""
+        if (not encoded and text) or outside_repertoire(encoded, encodings) \
+                or decode_text(encoded, vr, encodings) != text.rstrip(" "):
+            return b"", f"not encodable in the file's character set ({', '.join(encodings)})"
+    if len(encoded) % 2:
+        encoded += b"\0" if vr == "UI" else b" "
+    return encoded, ""
+
+
+_ESCAPE_OR_TEXT = re.compile(rb"\x1b[\x20-\x2f]+[\x40-\x7e]|[^\x1b]+")
+
+
+def outside_repertoire(encoded: bytes, encodings: list[str]) -> bool:
+    """True when a byte >= 0x80 sits where the default repertoire (ASCII) is in force.
+
+    pydicom encodes the default repertoire leniently as Latin-1; DICOM allows only ASCII there.
+    """
+    current = encodings[0]
+    for chunk in _ESCAPE_OR_TEXT.findall(encoded):
+        if chunk.startswith(b"\x1b"):
+            current = pydicom.charset.CODES_TO_ENCODINGS.get(chunk, current)
+        elif current == pydicom.charset.default_encoding and not chunk.isascii():
+            return True
+    return False
+
+
+def without_value(message: str, value: str) -> str:
+    """pydicom's validation message, one line, without the value (patient data)."""
+    message = message.replace(repr(value), "the new value").replace(value, "<value>")
+    message = re.sub(r"\s*Please see <[^>]*> for allowed values for each VR\.?", "", message)
+    return " ".join(message.split())
+
+
+def apply_changes(ds: Dataset, planned: list[Planned]) -> None:
+    """Store the encoded values in ds (for the full-rewrite path)."""
+    for p in planned:
+        p.owner[p.tag] = raw_element(p.tag, p.vr, p.encoded)
+
+
+def raw_element(tag: int, vr: str, value: bytes) -> RawDataElement:
+    """A ready-encoded text element: pydicom writes raw elements byte for byte."""
+    return RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
+
+
+def run_sar(opts: Options, out: Callable[[str], None], stop: StopSignal,
+            log_paths: list[Path]) -> int:
+    """Search/replace over the walk; a writing run keeps a journal, finished only when the
+    walk was (so --resume can take over after a stop)."""
+    journal = None if opts.dry_run else open_journal(opts)
+    if journal is not None:
+        opts = dataclasses.replace(opts, journal=journal.view)
+        log_paths = [*log_paths, journal.path]
+    reporter = over_the_walk(opts, sar_task, out, stop, log_paths, journal)
+    if journal is not None and not stop.signum:
+        journal.finish()
+    data = reporter.finish()
+    if opts.dry_run and not opts.quiet:
+        print(f"dry run: would modify {data['would_modify']} files, "
+              f"would reject {data['would_reject']}", file=sys.stderr)
+    return stop.exit_status() or exit_status(reporter.stats)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --generate: plan patients/studies/series/instances in the main thread (seeded, so
+# the same seed gives the same bytes), then encode and write each instance on the pool
+# ════════════════════════════════════════════════════════════════════════════════════════
+
 
 FAULTS = {
     "bits_mismatch": "BitsStored/HighBit contradict BitsAllocated",
@@ -3896,10 +4581,10 @@ def generate_task(plan: InstancePlan, output: Path, seed: int) -> FileResult:
     """Encode and write one planned instance atomically."""
     target = inside(output, plan.relpath)
     if plan.expect == "absent":
-        return FileResult(target, "skipped", message="missing_dicom: deliberately not written")
+        return FileResult(target, Status.SKIPPED, message="missing_dicom: deliberately not written")
     chunks = instance_chunks(plan, seed)
     staged = stage_atomic(target, lambda out: write_all(out, chunks))
-    return FileResult(target, "written", nbytes=staged.nbytes, staged=staged)
+    return FileResult(target, Status.WRITTEN, nbytes=staged.nbytes, staged=staged)
 
 
 def manifest_entry(plan: InstancePlan) -> dict[str, Any]:
@@ -4003,10 +4688,12 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal,
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# Mode --send: index headers on the pool, group by study, then one association per study per
-# worker (each with its own AE), files streamed as their encoded bytes; per-file events come
-# back through a queue so the main thread alone drives the progress bar and the logs
+# Mode --send: index headers on the pool, group by study, then one association per study
+# per worker (each with its own AE), files streamed as their encoded bytes; per-file
+# events come back through a queue so the main thread alone drives the progress bar and
+# the logs
 # ════════════════════════════════════════════════════════════════════════════════════════
+
 
 AE_REPERTOIRE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # no backslash, no controls
 UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE)
@@ -4182,12 +4869,12 @@ def index_task(cand: Candidate, opts: Options) -> FileResult:
     class and instance (the dataset's own, as DCMTK sends them) and transfer syntax."""
     ds, size, kind, odd = header_with(cand.path, INDEX_TAGS)
     if ds is None:
-        return FileResult(cand.path, "not-dicom", nbytes=size)
+        return FileResult(cand.path, Status.NOT_DICOM, nbytes=size)
     uids = {k: str(ds.get(k) or "").strip() for k in ("SOPClassUID", "SOPInstanceUID",
                                                        "StudyInstanceUID")}
     missing = [k for k, v in uids.items() if not v]
     if missing:
-        return FileResult(cand.path, "error", nbytes=size, error_type="MissingAttribute",
+        return FileResult(cand.path, Status.ERROR, nbytes=size, error_type="MissingAttribute",
                           message=f"cannot send without {', '.join(missing)} in the dataset")
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -4209,7 +4896,7 @@ def index_task(cand: Candidate, opts: Options) -> FileResult:
     record = Indexed(cand.path, uids["StudyInstanceUID"], uids["SOPClassUID"],
                      uids["SOPInstanceUID"], str(syntax), size, stream, note,
                      str(ds.get("SeriesInstanceUID") or "").strip())
-    return FileResult(cand.path, "ok", nbytes=size, record=record)
+    return FileResult(cand.path, Status.OK, nbytes=size, record=record)
 
 
 def association_batches(files: list[Indexed]) -> list[tuple[list[Indexed], list[tuple]]]:
@@ -4372,12 +5059,6 @@ def _store_one(assoc: Any, f: Indexed, target: SendTarget, t0: float) -> Sent:
         return Sent.of(f, "sent", "", code, seconds, converted)
     outcome = "warning" if category == "Warning" else "failed"
     return Sent.of(f, outcome, f"0x{code:04X} {meaning}", code, seconds, converted)
-
-
-def one_line(text: str) -> str:
-    """An exception message on one line: first line, and the last if it differs."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
-    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
 def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any,
@@ -4580,7 +5261,7 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
                 out(f"study {study}  association {i + 1}: {len(batch)} files, "
                     f"{len(contexts)} presentation contexts")
         return stop.exit_status() or (EXIT_FAILURES if reporter.stats.errors else EXIT_OK)
-    sent = transfer(studies, target, opts, session.log, stop.event)
+    sent = transfer(studies, target, opts, session.log, stop.event, reporter)
     problems = verify_sent(target, sent) if target.verify else []
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -4608,13 +5289,13 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
 
 
 def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Options,
-             sender_log: logging.Logger, stop: threading.Event) -> list[Sent]:
-    """Studies over the pool; events drive the progress bar and the detailed log."""
+             sender_log: logging.Logger, stop: threading.Event, reporter: Reporter) -> list[Sent]:
+    """Studies over the pool; events drive the reporter's bar and the detailed log."""
     import queue
 
     events: queue.SimpleQueue[Sent] = queue.SimpleQueue()
     total = sum(f.size for files in studies.values() for f in files)
-    bar = progress_bar(opts, total, desc="sending ", in_bytes=True)
+    bar = reporter.next_phase(total, "sending ", in_bytes=True)
     sent: list[Sent] = []
     with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix=PROG) as pool:
         unreachable = threading.Event()  # shared like stop: see send_study
@@ -4631,10 +5312,7 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
             bar.update(outcome.size)
             if outcome.outcome == "failed":
                 sender_log.error("failed: %s: %s", outcome.path, outcome.reason)
-                errlog.error("%s: SendFailed: %s", outcome.path, outcome.reason)
-                bar.clear()
-                print(f"{paint('error:', RED)} {outcome.path}: {outcome.reason}",
-                      file=sys.stderr)
+                reporter.error(outcome.path, "SendFailed", outcome.reason)
             elif outcome.outcome == "warning":
                 sender_log.warning("sent with warning: %s: %s", outcome.path, outcome.reason)
             elif outcome.outcome == "not-sent":
@@ -4700,6 +5378,7 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
 # generated tree it holds and compare with what the manifest expects; --ingest-test runs
 # generate -> send -> settle -> check in one go
 # ════════════════════════════════════════════════════════════════════════════════════════
+
 
 SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
 
@@ -4871,6 +5550,7 @@ def settle(opts: Options, instances: list[dict[str, Any]]) -> None:
 # Mode --merge-summaries: the --summary-json files of --shard runs, added up
 # ════════════════════════════════════════════════════════════════════════════════════════
 
+
 SLOWEST = ("total_seconds",)  # shards run side by side: the run took as long as the slowest
 
 
@@ -4931,459 +5611,6 @@ def run_merge(opts: Options, out: Callable[[str], None]) -> int:
     failed = merged.get("errors", 0) or merged.get("rejected", 0) or merged.get(
         "failed_transfers", 0)
     return EXIT_FAILURES if problems or failed else EXIT_OK
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════
-# Journal: what a writing run completed, so --resume never applies a change twice
-# ════════════════════════════════════════════════════════════════════════════════════════
-
-JOURNAL_DONE = "# complete"
-
-
-@dataclasses.dataclass(frozen=True)
-class JournalView:
-    """A journalled run's key (it names the run's temporary files) and what its interrupted
-    predecessor completed, read-only: the workers' view of the journal."""
-
-    key: str
-    done: Mapping[str, int]  # source -> inode of its new version
-
-    def completed(self, source: Path, target: Path) -> bool:
-        """True when the interrupted run replaced target with this file's new version."""
-        inode = self.done.get(str(source))
-        try:
-            return inode is not None and os.stat(target).st_ino == inode
-        except OSError:
-            return False
-
-
-class Journal:
-    """An append-only list of '["source", inode]' lines (JSON), one per file replaced.
-
-    A batch's lines are written (and flushed, with fsync) after its files are on disk and
-    just before their renames, with the inode of each temporary file, which the rename
-    keeps: on resume a file counts as done only when its inode still matches, so a crash
-    between the line and the rename leaves that file to be processed again.
-    """
-
-    def __init__(self, path: Path, done: dict[str, int]):
-        self.path, self.done = path, done
-        self.key = path.stem.removeprefix("dicom_sar-")  # names the run's temporary files
-        # Workers append single short lines with O_APPEND: each write() lands whole.
-        self.fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
-
-    @staticmethod
-    def location(opts: Options) -> Path:
-        """The journal of a run is keyed by everything that decides what it writes."""
-        key = json.dumps([opts.mode, [os.path.realpath(p) for p in opts.paths],
-                          [s.label() for s in opts.specs], opts.glob,
-                          opts.pattern.pattern if opts.pattern else None, opts.replacement,
-                          opts.deep, opts.all_strings, opts.inplace,
-                          os.path.realpath(opts.output) if opts.output else None,
-                          *([opts.shard, opts.files_from] if opts.shard or opts.files_from
-                            else [])])
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return opts.log_dir / f"dicom_sar-{digest}.journal"
-
-    @staticmethod
-    def read(path: Path) -> tuple[dict[str, int], bool]:
-        """(source -> inode, finished?) of an existing journal."""
-        done: dict[str, int] = {}
-        finished = False
-        if path.exists():
-            for line in path.read_bytes().split(b"\n"):
-                if line == JOURNAL_DONE.encode():
-                    finished = True
-                elif line.startswith(b"["):
-                    try:
-                        source, inode = json.loads(line)
-                    except ValueError:  # a line torn by a crash: that file is done again
-                        continue
-                    done[source] = inode
-                    finished = False
-        return done, finished
-
-    @property
-    def view(self) -> JournalView:
-        """What the run's tasks may know of the journal: its key and the files done."""
-        return JournalView(self.key, types.MappingProxyType(self.done))
-
-    def record_all(self, staged: list[Staged], fsync: bool) -> str | None:
-        """Note, just before their renames, that each staged file (by inode) becomes its
-        source's new version, flushed with fsync: None, or why it could not."""
-        # JSON escapes what a file name may hold and a line may not (newlines, U+2028, bytes
-        # that are not UTF-8, kept by Python as lone surrogates): one ASCII line per file,
-        # read back to the same name
-        lines = "".join(json.dumps([str(s.source), s.inode]) + "\n"
-                        for s in staged if s.source is not None).encode("ascii")
-        try:
-            if lines:
-                write_all_fd(self.fd, lines)
-                if fsync:
-                    os.fdatasync(self.fd)
-        except OSError as exc:
-            return f"could not write the journal {self.path} ({exc})"
-        return None
-
-    def finish(self) -> None:
-        """Mark the run complete."""
-        write_all_fd(self.fd, (JOURNAL_DONE + "\n").encode())
-        os.close(self.fd)
-
-
-def open_journal(opts: Options) -> Journal:
-    """The journal for a writing SAR run; refuse to rerun over an unfinished one silently."""
-    path = Journal.location(opts)
-    done, finished = Journal.read(path)
-    unfinished = path.exists() and not finished
-    if opts.resume and path.exists() and finished:
-        raise UsageError(f"the run with these options finished (journal {path}): nothing to "
-                         "resume; without --resume it would apply the change again")
-    if unfinished and not (opts.resume or opts.restart):
-        raise UsageError(f"an earlier run with these options did not finish ({len(done)} files "
-                         f"done, journal {path}); rerun with --resume to skip them, "
-                         "or --restart to start over")
-    if not opts.resume or not unfinished:
-        done = {}
-        path.unlink(missing_ok=True)
-    journal = Journal(path, done)
-    os.write(journal.fd, f"# run {datetime.now(UTC).isoformat()}\n".encode())
-    return journal
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════
-# Report: counters, logs, progress bar, summary and exit status — main thread only
-# ════════════════════════════════════════════════════════════════════════════════════════
-
-
-@dataclasses.dataclass
-class Stats:
-    """Counters fed only by results, in the main thread."""
-
-    seen: int = 0
-    dicom: int = 0
-    not_dicom: int = 0
-    skipped: int = 0
-    processed: int = 0
-    errors: int = 0
-    modified: int = 0
-    written: int = 0  # generated files (a new file is not a modified one)
-    unchanged: int = 0
-    rejected: int = 0
-    elements_changed: int = 0
-    nbytes: int = 0
-    busy_seconds: float = 0.0
-    litter_removed: int | None = None  # a resuming SAR: its predecessor's temporary files
-    started: float = dataclasses.field(default_factory=time.perf_counter)
-
-    def add(self, r: FileResult) -> None:
-        """Count one result."""
-        self.busy_seconds += r.seconds
-        if r.status == "skipped":  # leftover temporary files, symlinks: not files of the tree
-            self.skipped += 1
-            return
-        self.seen += 1
-        if r.status == "not-dicom":
-            self.not_dicom += 1
-            return
-        if r.status == "error":
-            self.errors += 1
-            return
-        self.dicom += 1
-        self.processed += 1
-        self.nbytes += r.nbytes
-        if r.status == "modified":
-            self.modified += 1
-            self.elements_changed += len(r.changes)
-        elif r.status == "written":
-            self.written += 1
-        elif r.status == "unchanged":
-            self.unchanged += 1
-        elif r.status == "rejected":
-            self.rejected += 1
-
-    def summary(self, opts: Options) -> dict[str, Any]:
-        """The end-of-run numbers as a dict (also the --summary-json content)."""
-        total = time.perf_counter() - self.started
-        done = max(1, self.processed + self.errors)
-        data: dict[str, Any] = {
-            "mode": opts.mode, "files_seen": self.seen, "dicom_files": self.dicom,
-            "skipped_not_dicom": self.not_dicom, "skipped_other": self.skipped,
-            "processed": self.processed, "errors": self.errors,
-            "avg_ms_per_file": round(1000 * self.busy_seconds / done, 3),
-            "total_seconds": round(total, 3),
-            "files_per_second": round(self.processed / total, 1) if total > 0 else 0.0,
-            "mb_per_second": round(self.nbytes / 1e6 / total, 2) if total > 0 else 0.0,
-            "workers": opts.workers, "free_threaded": gil_disabled(),
-            "dry_run": opts.dry_run}
-        if opts.shard:
-            data["shard"] = f"{opts.shard[0]}/{opts.shard[1]}"
-        if opts.mode == "sar":
-            data |= {"modified" if not opts.dry_run else "would_modify": self.modified,
-                     "elements_changed": self.elements_changed,
-                     "rejected" if not opts.dry_run else "would_reject": self.rejected,
-                     "unchanged": self.unchanged}
-            if self.litter_removed is not None:
-                data["temporary_files_removed"] = self.litter_removed
-        if opts.mode == "generate":
-            data |= {"files_written": self.written, "deliberately_absent": self.skipped}
-        return data
-
-
-RED, BOLD = "31", "1"
-
-
-def paint(text: str, code: str, *, first_line_only: bool = False) -> str:
-    """ANSI colour only when stderr is a terminal and NO_COLOR is unset (no-color.org)."""
-    if not sys.stderr.isatty() or os.environ.get("NO_COLOR"):
-        return text
-    head, sep, rest = text.partition("\n") if first_line_only else (text, "", "")
-    return f"\033[{code}m{head}\033[0m{sep}{rest}"
-
-
-def render_summary(data: dict[str, Any]) -> str:
-    """A compact, aligned table of the summary, sizes and times in human units (the JSON
-    keeps the raw numbers under the same keys)."""
-    rows = []
-    for key, value in data.items():
-        label, show = HUMAN.get(key, (key.replace("_", " "), None))
-        if show is not None:
-            rows.append((label, show(value)))
-        else:
-            rows.append((label, ("yes" if value else "no") if isinstance(value, bool) else value))
-    width = max(len(label) for label, _ in rows)
-    return "summary\n" + "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
-
-
-def human_size(n: float) -> str:
-    """2.34 GB (decimal units, as disks and networks count)."""
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
-        n /= 1000
-    return ""
-
-
-def human_time(seconds: float) -> str:
-    """0.42 s, 2 min 15 s, 1 h 02 min."""
-    if seconds < 60:
-        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
-    minutes, s = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {s} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
-
-
-HUMAN: dict[str, tuple[str, Callable[[Any], str]]] = {  # summary key: console label, format
-    "total_seconds": ("total time", human_time),
-    "total_time_ms": ("total time", lambda ms: human_time(ms / 1000)),
-    "total_bytes": ("total size", human_size),
-    "mb_per_second": ("throughput", lambda v: f"{v:.1f} MB/s"),
-    "throughput_mbps": ("throughput", lambda v: f"{v:.1f} MB/s"),
-    "avg_ms_per_file": ("avg per file", lambda v: f"{v:.2f} ms"),
-    "average_transfer_time_ms": ("avg per file", lambda v: f"{v:.2f} ms"),
-    "files_per_second": ("files per second", lambda v: f"{v:,.1f}"),
-}
-
-
-def setup_logging(opts: Options) -> list[Path]:
-    """dicom_sar.log (INFO/DEBUG) and errors.log in the log dir, mode 0600; libraries quiet."""
-    opts.log_dir.mkdir(parents=True, exist_ok=True)
-    names = [LOG_NAME, ERROR_LOG_NAME]
-    if opts.shard:  # dicom_sar.shard-3-of-8.log: shards share a log directory
-        names = [n.replace(".log", f".{shard_tag(opts.shard)}.log") for n in names]
-    paths = [opts.log_dir / n for n in names]
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-    for logger, path in zip((log, errlog), paths, strict=True):
-        for old in list(logger.handlers):
-            logger.removeHandler(old)
-            old.close()
-        logger.addHandler(log_handler(path, fmt))
-        logger.propagate = False
-    log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
-    errlog.setLevel(logging.INFO)
-    for name in ("pydicom", "pynetdicom"):
-        logging.getLogger(name).setLevel(logging.DEBUG if opts.verbose else logging.WARNING)
-    return paths
-
-
-def log_handler(path: Path, fmt: logging.Formatter) -> logging.FileHandler:
-    """A log file of ours, created mode 0600, UTF-8. A file name that is not UTF-8 goes in as
-    its own bytes, as on stdout (strict encoding dropped the line with a 'Logging error')."""
-    os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
-    handler = logging.FileHandler(path, encoding="utf-8", errors="surrogateescape")
-    handler.setFormatter(fmt)
-    return handler
-
-
-# One bar style for every mode: files as words, or bytes, with the total once it is known
-OPEN_FILES = "{desc}{n:,} files [{elapsed}, {rate_fmt}]"
-KNOWN_FILES = ("{desc}{percentage:3.0f}%|{bar}| {n:,}/{total:,} files "
-               "[{elapsed}<{remaining}, {rate_fmt}]")
-KNOWN_BYTES = ("{desc}{percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
-               "[{elapsed}<{remaining}, {rate_fmt}]")
-
-
-class NullBar:
-    """What stands for the bar when none is shown (a pipe, a log, -q): tqdm is not loaded."""
-
-    n, total = 0, None
-
-    def update(self, n: int = 1) -> None:
-        """Nothing to show."""
-
-    clear = close = refresh = update
-    learn_total = update
-
-
-class Bar:
-    """A tqdm bar on stderr (a terminal only), open-ended until it learns its total."""
-
-    def __init__(self, total: int | None, desc: str, in_bytes: bool):
-        from tqdm import tqdm
-
-        fmt = KNOWN_BYTES if in_bytes else KNOWN_FILES if total is not None else OPEN_FILES
-        self.tqdm = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                         leave=False, bar_format=fmt, unit="B" if in_bytes else " files",
-                         unit_scale=in_bytes, unit_divisor=1000)
-        self.update, self.clear, self.refresh = (self.tqdm.update, self.tqdm.clear,
-                                                 self.tqdm.refresh)
-
-    @property
-    def n(self) -> int:
-        return self.tqdm.n
-
-    @property
-    def total(self) -> int | None:
-        return self.tqdm.total
-
-    def learn_total(self, total: int) -> None:
-        """The walk's count is in: n/total, the percentage and the time left from now on."""
-        self.tqdm.total = max(total, self.tqdm.n)
-        self.tqdm.bar_format = KNOWN_FILES
-        self.tqdm.refresh()
-
-    def close(self) -> None:
-        """The last frame reads total/total (the walk may have raced a change), then goes."""
-        if self.tqdm.total is not None and self.tqdm.n != self.tqdm.total:
-            self.tqdm.total = self.tqdm.n
-        self.tqdm.refresh()
-        self.tqdm.close()
-
-
-def progress_bar(opts: Options, total: int | None = None, desc: str = "",
-                 in_bytes: bool = False) -> Bar | NullBar:
-    """The run's bar, or nothing when stderr is not a terminal (or --no-progress, -q)."""
-    return Bar(total, desc, in_bytes) if opts.progress else NullBar()
-
-
-def countable(opts: Options) -> bool:
-    """Whether a counting walk can run ahead (a bar is shown; stdin is read once only)."""
-    return opts.progress and opts.files_from != "-"
-
-
-class WalkCount:
-    """A second, cheap walk of the same tree in a thread of its own, counting what the real
-    walk will yield, so the bar learns its total while the real walk streams. It holds two
-    numbers (never paths); only the main thread reads them."""
-
-    def __init__(self, opts: Options, excluded: list[Path]):
-        self.count, self.done = 0, False
-        self.thread = threading.Thread(target=self.run, args=(opts, excluded), daemon=True,
-                                       name=f"{PROG}-count")
-        self.thread.start()
-
-    def run(self, opts: Options, excluded: list[Path]) -> None:
-        for _ in discover(opts, excluded):
-            self.count += 1
-        self.done = True
-
-
-class Reporter:
-    """Consumes results in the main thread: output, logs, counters and progress."""
-
-    def __init__(self, opts: Options, out: Callable[[str], None], total: int | None = None,
-                 count: WalkCount | None = None):
-        self.opts, self.out = opts, out
-        self.stats = Stats()
-        self.counter: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.bar = progress_bar(opts, total)
-        self.count = count if total is None else None
-        self.last_status = time.monotonic()
-
-    def handle(self, r: FileResult) -> None:
-        """Account for one finished file."""
-        self.stats.add(r)
-        self.bar.update(1)
-        if self.count is not None and self.count.done:
-            self.bar.learn_total(self.count.count)
-            self.count = None
-        if r.status == "not-dicom":
-            log.debug("skipped (not DICOM): %s", r.path)
-        elif r.status == "skipped":
-            log.info("skipped: %s: %s", r.path, r.message)
-        elif r.status == "error":
-            self._error(r.path, r.error_type or "Error", r.message)
-        elif r.status == "rejected":
-            for why in r.rejections:
-                self._error(r.path, "Rejected", why)
-        for line in r.lines:
-            self.out(line)
-        for item in r.values:
-            self.counter[item] += 1
-        if r.changes:
-            self._changes(r)
-        if not self.opts.progress and time.monotonic() - self.last_status > 5:
-            self.last_status = time.monotonic()
-            log.info("progress: %d files, %d errors", self.stats.seen, self.stats.errors)
-
-    def _changes(self, r: FileResult) -> None:
-        if self.opts.dry_run:
-            for c in r.changes:
-                self.out(f"{r.path}  {c.label}  {c.old!r} -> {c.new!r}")
-            for why in r.rejections:
-                self.out(f"{r.path}  REJECTED  {why}")
-        if r.status == "modified" and not self.opts.dry_run:
-            tags = ", ".join(c.label for c in r.changes)
-            log.info("modified: %s: %s", r.path, tags)
-            if self.opts.verbose:
-                for c in r.changes:
-                    log.debug("  %s %r -> %r", c.label, c.old, c.new)
-
-    def _error(self, path: Path, kind: str, message: str) -> None:
-        line = f"{path}: {kind}: {message}"
-        errlog.error(line)
-        log.warning("error: %s: %s", path, kind)
-        self.bar.clear()
-        print(f"{paint('error:', RED)} {line}", file=sys.stderr)
-
-    def close_bar(self) -> None:
-        """The walk is over: its count is due any moment, for the last frame."""
-        if self.count is not None:
-            self.count.thread.join(timeout=1.0)
-            if self.count.done:
-                self.bar.learn_total(self.count.count)
-            self.count = None
-        self.bar.close()
-
-    def finish(self) -> dict[str, Any]:
-        """Close the bar, print --count output and the summary; return the summary."""
-        self.close_bar()
-        if self.opts.count:
-            render_count(self.counter, self.out)
-        data = self.stats.summary(self.opts)
-        log.info("summary: %s", json.dumps(data))
-        if self.opts.summary_json:  # before the terminal, whose reader may be gone
-            write_bytes_atomic((json.dumps(data, indent=2) + "\n").encode(),
-                               self.opts.summary_json, fsync=False)
-        if not self.opts.quiet:
-            print(paint(render_summary(data), BOLD, first_line_only=True), file=sys.stderr)
-        return data
-
-
-def exit_status(stats: Stats) -> int:
-    """0 when every DICOM file was handled, 1 when any failed or was rejected."""
-    return EXIT_FAILURES if stats.errors or stats.rejected else EXIT_OK
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -5907,6 +6134,7 @@ init();
 # Shell completions: generated from the parser itself, so they cannot drift from --help
 # ════════════════════════════════════════════════════════════════════════════════════════
 
+
 MODE_FLAGS = ("--dump", "--sar", "--generate", "--send", "--echo", "--check-ingest",
               "--ingest-test", "--merge-summaries", "--ui", "--list-scenarios",
               "--version", "--completions")
@@ -5995,7 +6223,7 @@ def zsh_completions(parser: argparse.ArgumentParser) -> str:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# main(): wire options -> discover -> pool -> report
+# main(): options -> the mode's driver -> exit status
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -6022,21 +6250,6 @@ def warn_if_gil() -> None:
               "tools/free-threaded-python finds or builds one)", file=sys.stderr)
 
 
-def excluded_locations(opts: Options, log_paths: list[Path]) -> list[Path]:
-    """Our own output, backup and log files are never input."""
-    places = [Path(DEFAULT_OUTPUT), Path(DEFAULT_BACKUP), *log_paths]
-    if opts.output is not None:
-        places.append(opts.output)
-    if opts.backup is not None:
-        places.append(opts.backup)
-    if opts.summary_json is not None:
-        places.append(opts.summary_json)
-    if opts.log_dir.resolve() not in [p.resolve() for p in opts.paths] and not any(
-            is_within(p, opts.log_dir) for p in opts.paths):
-        places.append(opts.log_dir)
-    return places
-
-
 def run(opts: Options) -> int:
     """Run one mode over the tree; return the exit status."""
     log_paths = setup_logging(opts)
@@ -6046,14 +6259,16 @@ def run(opts: Options) -> int:
              opts.workers, runtime_line())
     stop = StopSignal()
     try:
-        return run_mode(opts, stop.output(sys.stdout), stop, log_paths)
+        code = run_mode(opts, stop.output(sys.stdout), stop, log_paths)
     finally:
         stop.restore()
+    log.info("run finished: free-threaded: %s", "yes" if gil_disabled() else "no")
+    return code
 
 
 def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
              log_paths: list[Path]) -> int:
-    """The chosen mode, fed to the pool; dump and sar are run here, over the walk."""
+    """The chosen mode's driver."""
     if opts.mode == "generate":
         return run_generate(opts, out, stop)
     if opts.mode in ("send", "echo"):
@@ -6066,118 +6281,9 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
         return run_merge(opts, out)
     if opts.mode == "ui":
         return run_ui(opts, stop)
-    task = {"dump": dump_task, "sar": sar_task}[opts.mode]
-    writes = opts.mode == "sar" and not opts.dry_run
-    journal = open_journal(opts) if writes else None
-    if journal is not None:
-        opts = dataclasses.replace(opts, journal=journal.view)
-        log_paths.append(journal.path)
-    excluded = excluded_locations(opts, log_paths)
-    reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if countable(opts) else None)
-    candidates = discover(opts, excluded)
-    litter = Litter(journal.key) if journal is not None and (opts.resume or opts.restart) \
-        else None
-    results = run_ordered(candidates, lambda c: task(c, opts), opts.workers, stop.event,
-                          opts.time_limit)
-    for result in committed(results, Committer(writes and opts.fsync, journal)):
-        if litter is None or not litter.claims(result):
-            reporter.handle(result)
-    if litter is not None:
-        reporter.stats.litter_removed = litter.remove([opts.output, opts.backup])
-    if stop.signum:
-        log.warning("stopped by %s; files in flight were finished", stop.cause())
-        if journal is not None:
-            print(f"stopped by {stop.cause()}: in-flight files finished; rerun with --resume "
-                  "to continue", file=sys.stderr)
-        elif stop.signum != signal.SIGPIPE:  # after `| head` the reader asked for no more
-            print(f"stopped by {stop.cause()}: in-flight files finished", file=sys.stderr)
-    elif journal is not None:
-        journal.finish()
-    data = reporter.finish()
-    if opts.dry_run and opts.mode == "sar" and not opts.quiet:
-        print(f"dry run: would modify {data['would_modify']} files, "
-              f"would reject {data['would_reject']}", file=sys.stderr)
-    log.info("run finished: free-threaded: %s", "yes" if gil_disabled() else "no")
-    return stop.exit_status() or exit_status(reporter.stats)
-
-
-class Litter:
-    """The temporary files an interrupted run with these options left (their names carry
-    its journal key): the run that resumes it removes them, and nobody else's."""
-
-    def __init__(self, key: str):
-        self.prefix = f"{TEMP_PREFIX}{key}-"
-        self.seen: list[Path] = []
-
-    def claims(self, result: FileResult) -> bool:
-        """True for a leftover of ours met by the walk (removed at the end, not reported)."""
-        if result.status == "skipped" and result.path.name.startswith(self.prefix):
-            self.seen.append(result.path)
-            return True
-        return False
-
-    def remove(self, trees: Iterable[Path | None]) -> int:
-        """Once the pool is done (no file of this run is in flight): remove the leftovers
-        the walk met, and those in the trees it does not walk (output, backup)."""
-        found = list(self.seen)
-        for tree in filter(None, trees):
-            for directory, _, files in os.walk(tree):
-                found += [Path(directory, f) for f in files if f.startswith(self.prefix)]
-        removed = 0
-        for path in found:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
-        if removed:
-            log.info("removed %d temporary files left by the interrupted run", removed)
-            print(f"removed {removed} temporary files left by the interrupted run",
-                  file=sys.stderr)
-        return removed
-
-
-class StopSignal:
-    """SIGINT/SIGTERM set an event: no new files are taken, in-flight files finish. So does
-    a closed stdout (`--dump ... | head`), as SIGPIPE would stop dcmdump."""
-
-    def __init__(self, handlers: bool = True) -> None:
-        self.event = threading.Event()
-        self.signum = 0
-        # handlers=False: a --ui job's thread (signals belong to the main thread)
-        self._old = {sig: signal.signal(sig, self._handle)
-                     for sig in (signal.SIGINT, signal.SIGTERM)} if handlers else {}
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.signum = self.signum or signum
-        self.event.set()
-
-    def output(self, stream: Any) -> Callable[[str], None]:
-        """A line writer for stream that stops the run once nobody reads it any more."""
-        def out(line: str) -> None:
-            if self.signum == signal.SIGPIPE:
-                return
-            try:
-                stream.write(line + "\n")
-            except BrokenPipeError:
-                # what is still buffered, and the flush at exit, go nowhere instead of
-                # failing again (the recipe of Python's signal documentation)
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, stream.fileno())
-                os.close(devnull)
-                self._handle(signal.SIGPIPE, None)
-        return out
-
-    def cause(self) -> str:
-        """What stopped the run, in words."""
-        return "a closed output pipe" if self.signum == signal.SIGPIPE else f"signal {self.signum}"
-
-    def restore(self) -> None:
-        """Put the previous handlers back."""
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def exit_status(self) -> int:
-        """130 after SIGINT, 143 after SIGTERM, 141 after a closed output pipe, else 0."""
-        return 128 + self.signum if self.signum else 0
+    if opts.mode == "sar":
+        return run_sar(opts, out, stop, log_paths)
+    return run_dump(opts, out, stop, log_paths)
 
 
 def main(argv: list[str] | None = None, prog: str = "dicom_sar.py") -> int:
@@ -6221,8 +6327,8 @@ def leave(code: int) -> NoReturn:
     """Flush the logs and the standard streams, then exit without the interpreter's
     teardown: every file this run wrote is closed by now, and every pool shut down.
 
-    Why: the teardown frees pydicom's ~100k dictionary objects one by one (~25 ms, a tenth
-    of a tag dump's start-up), and a worker abandoned at the time limit can never be joined.
+    Why: the teardown frees pydicom's ~100k dictionary objects one by one (a tenth of a tag
+    dump's start-up), and a worker abandoned at the time limit can never be joined.
     """
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
