@@ -541,10 +541,10 @@ def output_holds(output: Path, root: Path) -> bool:
     return os.path.realpath(root.parent) == os.path.realpath(output)
 
 
-def is_within(path: Path, root: Path) -> bool:
+def is_within(path: str | Path, root: str | Path) -> bool:
     """True when path is root or lies below it (after resolving symlinks and '..')."""
-    path, root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
-    return path == root or root in path.parents
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -2090,13 +2090,20 @@ def output_path(cand: Candidate, opts: Options) -> Path:
 
 def mirrored(cand: Candidate, base: Path, opts: Options) -> Path:
     """base / (path relative to its root); never escapes base."""
-    rel = Path(cand.path.name) if cand.root == cand.path else cand.path.relative_to(cand.root)
+    rel = cand.path.name if cand.root == cand.path else relative_part(cand.path, cand.root)
     if len(opts.paths) > 1:
-        rel = Path(f"{opts.paths.index(cand.root)}_{cand.root.name or 'root'}") / rel
+        rel = os.path.join(f"{opts.paths.index(cand.root)}_{cand.root.name or 'root'}", rel)
     target = base / rel
     if not is_within(target.parent, base) and target.parent.exists():
         raise PermissionError(f"refusing to write outside {base}: {target}")
     return target
+
+
+def relative_part(path: Path, root: Path) -> str:
+    """path below root, as Path.relative_to answers, by string where the walk's own join
+    shows it (relative_to parses both paths again on every file)."""
+    text, prefix = os.fspath(path), os.fspath(root).rstrip(os.sep) + os.sep
+    return text[len(prefix):] if text.startswith(prefix) else os.fspath(path.relative_to(root))
 
 
 def temp_path(directory: Path, tag: str = "") -> Path:
@@ -4140,16 +4147,18 @@ def plan_config(planner: Planner, config: dict[str, Any]) -> list[InstancePlan]:
 
 
 def pixel_bytes(rows: int, cols: int, seed: int, order: str = "<") -> bytes:
-    """A cheap deterministic 16-bit pattern (no numpy): diagonal ramps, phase set by seed.
+    """A cheap deterministic 16-bit pattern (no numpy): diagonal ramps, phase set by seed."""
+    return bytes(pixel_window(rows, cols, seed, order))
 
-    Every image is a window onto one taller ramp image kept per thread, so the slices of a
-    volume differ (systems that spot duplicate pixel data see no duplicates) at the cost of
-    one copy each.
-    """
+
+def pixel_window(rows: int, cols: int, seed: int, order: str = "<") -> memoryview:
+    """pixel_bytes without the copy: every image is a window onto one taller ramp image kept
+    per thread, so the slices of a volume differ (systems that spot duplicate pixel data
+    see no duplicates)."""
     width = cols * 2
     tall = ramp_image(rows + 255, cols, order)
     start = (seed % 256) * width
-    return tall[start:start + rows * width]
+    return memoryview(tall)[start:start + rows * width]
 
 
 _thread_ramps = threading.local()  # each worker keeps its own last ramp image
@@ -4211,19 +4220,35 @@ def build_instance(plan: InstancePlan, seed: int) -> Dataset:
 VOLUME_THICKNESS = {"CT": 1.0, "MR": 3.0}
 
 
-def instance_elements(plan: InstancePlan, seed: int) -> Dataset:
-    """The elements that differ between the images of one series (see series_template)."""
-    ds = Dataset()  # add_new with the VR: cheaper than attribute access, called per image
-    ds.add_new("SOPInstanceUID", "UI", plan.sop_uid)
-    ds.add_new("InstanceNumber", "IS", plan.number)
-    if plan.fault in ("unsupported_sop", "encapsulated_pdf"):
-        return ds
-    if plan.modality in VOLUME_THICKNESS:
+def varying_values(plan: InstancePlan) -> list[tuple[str, str, Any]]:
+    """(keyword, VR, value) of the text elements that differ between the images of one
+    series; with its pixel data, they are all that does (see series_template)."""
+    values: list[tuple[str, str, Any]] = [("SOPInstanceUID", "UI", plan.sop_uid),
+                                          ("InstanceNumber", "IS", plan.number)]
+    if plan.modality in VOLUME_THICKNESS and not has_no_image(plan):
         z = round(-VOLUME_THICKNESS[plan.modality] * plan.number, 2)
-        ds.add_new("ImagePositionPatient", "DS", [-180, -180, z])
-        ds.add_new("SliceLocation", "DS", z)
+        values += [("ImagePositionPatient", "DS", [-180, -180, z]), ("SliceLocation", "DS", z)]
+    return values
+
+
+def has_no_image(plan: InstancePlan) -> bool:
+    """The faults whose instance carries no pixel data."""
+    return plan.fault in ("unsupported_sop", "encapsulated_pdf")
+
+
+def instance_pixels(plan: InstancePlan, seed: int) -> memoryview:
+    """One image's pixel data: a window onto this thread's ramp (see pixel_window)."""
     rows, cols = plan.size
-    ds.add_new("PixelData", "OW", pixel_bytes(rows, cols, seed + plan.number))
+    return pixel_window(rows, cols, seed + plan.number)
+
+
+def instance_elements(plan: InstancePlan, seed: int) -> Dataset:
+    """The elements that differ between the images of one series, as pydicom elements."""
+    ds = Dataset()  # add_new with the VR: cheaper than attribute access, called per image
+    for keyword, vr, value in varying_values(plan):
+        ds.add_new(keyword, vr, value)
+    if not has_no_image(plan):
+        ds.add_new("PixelData", "OW", bytes(instance_pixels(plan, seed)))
     return ds
 
 
@@ -4547,23 +4572,41 @@ def series_template(plan: InstancePlan, seed: int) -> SeriesTemplate | None:
     return template if b"".join(from_template(template, plan, seed) or ()) == full else None
 
 
-def from_template(template: SeriesTemplate, plan: InstancePlan, seed: int) -> list[bytes] | None:
+def from_template(template: SeriesTemplate, plan: InstancePlan, seed: int
+                  ) -> list[bytes | memoryview] | None:
     """The chunks of one instance's file from its series template (None if it cannot be)."""
-    inst = instance_elements(plan, seed)
-    if len(inst.PixelData) != template.pixel_length:
+    pixels = instance_pixels(plan, seed)
+    if len(pixels) != template.pixel_length:
         return None
-    tags = [p for p in template.pieces if isinstance(p, BaseTag) and p != PIXEL_TAG]
-    sop, *encoded = encode_elements([DataElement(0x00020003, "UI", plan.sop_uid),
-                                     *(inst[t] for t in tags)])
+    encoded = {tag_for_keyword(k): encoded_text(tag_for_keyword(k), vr, v)
+               for k, vr, v in varying_values(plan)}
+    sop = encoded_text(0x00020003, "UI", plan.sop_uid)
     before, after = template.meta_static
-    length = encode_element(DataElement(0x00020000, "UL", len(before) + len(sop) + len(after)))
-    values = iter(encoded)
+    length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(before) + len(sop) + len(after))
     return [template.head, length, before, sop, after, *(
-        p if isinstance(p, bytes) else inst.PixelData if p == PIXEL_TAG else next(values)
+        p if isinstance(p, bytes) else pixels if p == PIXEL_TAG else encoded[p]
         for p in template.pieces)]
 
 
-def instance_chunks(plan: InstancePlan, seed: int) -> list[bytes]:
+def encoded_text(tag: int, vr: str, value: Any) -> bytes:
+    """A UI, IS or DS element in explicit VR little endian without pydicom's writer (which
+    costs most of an image's CPU): the value as pydicom's value types print it, padded to
+    even length as PS3.5 6.2 has it. tests/test_generate.py proves it pydicom's bytes."""
+    if vr == "UI":
+        text, pad = value, b"\x00"
+    elif vr == "IS":
+        text, pad = str(pydicom.valuerep.IS(value)), b" "
+    else:  # DS
+        text = "\\".join(str(pydicom.valuerep.DSfloat(v))
+                         for v in (value if isinstance(value, list) else [value]))
+        pad = b" "
+    data = text.encode("ascii")
+    if len(data) % 2:
+        data += pad
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(data)) + data
+
+
+def instance_chunks(plan: InstancePlan, seed: int) -> list[bytes | memoryview]:
     """The bytes of one planned file, from a per-thread series template where possible."""
     if not templated(plan):
         return [encode_instance(plan, seed)]

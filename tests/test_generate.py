@@ -205,6 +205,21 @@ def test_series_template_writes_the_same_bytes_as_pydicom(modality: str, size: s
         assert b"".join(dicom_sar.instance_chunks(plan, 3)) == dicom_sar.encode_instance(plan, 3)
 
 
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_each_image_from_the_template_is_pydicoms_encoding(modality: str) -> None:
+    """The per-image values are encoded without pydicom's writer: every slice of a long
+    volume (positions of every rounding) must still be the bytes pydicom writes."""
+    ns = dicom_sar.build_parser().parse_args([
+        "--generate", "--scenario", modality.lower(), "--patients", "1", "--instances", "400",
+        "--modality", modality, "--size", "4x4", "--seed", "5"])
+    plans = dicom_sar.plan_generation(dicom_sar.generate_plan_from_args(ns))
+    template = dicom_sar.series_template(plans[0], 5)
+    assert template is not None and len(plans) == 400
+    for plan in plans:
+        chunks = dicom_sar.from_template(template, plan, 5)
+        assert chunks is not None and b"".join(chunks) == dicom_sar.encode_instance(plan, 5)
+
+
 def test_flat_layout_and_counts(tmp_path: Path) -> None:
     run = run_tool("--generate", "--scenario", "ct", "--instances", "3", "--size", "32x32",
                    "--layout", "flat", "--output", tmp_path / "o", cwd=tmp_path)
