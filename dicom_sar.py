@@ -492,13 +492,7 @@ def options_from_args(ns: argparse.Namespace) -> Options:
             raise UsageError(f"--port {ns.port}: use 1-65535, or 0 for a free port")
         return Options(**common, ui_port=ns.port or 0)
     if mode == "dump":
-        if ns.count and not specs:
-            raise UsageError("--count needs --tag (e.g. --count --tag PatientID)")
-        if ns.count and ns.format == "json":
-            raise UsageError("--count and --format json do not go together; pick one")
-        return Options(**common, fmt=ns.format, with_filename=ns.with_filename, count=ns.count,
-                       fast=bool(specs) and ns.format == "text" and not ns.count
-                       and not wants_pixels(specs) and fast_specs_ok(specs))
+        return Options(**common, **dump_options(ns, specs))
     if mode == "sar":
         return Options(**common, **sar_options(ns, specs))
     if mode in ("send", "echo"):
@@ -3238,6 +3232,17 @@ def fast_tagged_lines(path: str | Path, specs: tuple[TagSpec, ...]) -> tuple[lis
                 lines.append(dump_line(tag, vr, info, printed_length(raw, vr, encodings), vm, 0))
     return lines, size
 
+
+def dump_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str, Any]:
+    """The dump-specific part of Options: the output form, and whether the raw scanner
+    alone can answer (a plain text tag dump)."""
+    if ns.count and not specs:
+        raise UsageError("--count needs --tag (e.g. --count --tag PatientID)")
+    if ns.count and ns.format == "json":
+        raise UsageError("--count and --format json do not go together; pick one")
+    return dict(fmt=ns.format, with_filename=ns.with_filename, count=ns.count,
+                fast=bool(specs) and ns.format == "text" and not ns.count
+                and not wants_pixels(specs) and fast_specs_ok(specs))
 
 def wants_pixels(specs: tuple[TagSpec, ...]) -> bool:
     """A tag dump stops before pixel data; a full dump shows its first values, like dcmdump."""
