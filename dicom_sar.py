@@ -2666,7 +2666,8 @@ class Litter:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
-# Report: counters, logs, progress bar, summary and exit status — main thread only
+# Report: counters, logs, progress bar, summary and exit status — main thread only; and
+# over_the_walk(), the pipeline of the walking modes (discover, pool, commit, report)
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
