@@ -4584,7 +4584,7 @@ def from_template(template: SeriesTemplate, plan: InstancePlan, seed: int
     pixels = instance_pixels(plan, seed)
     if len(pixels) != template.pixel_length:
         return None
-    encoded = {tag_for_keyword(k): encoded_text(tag_for_keyword(k), vr, v)
+    encoded = {(tag := tag_for_keyword(k)): encoded_text(tag, vr, v)
                for k, vr, v in varying_values(plan)}
     sop = encoded_text(0x00020003, "UI", plan.sop_uid)
     before, after = template.meta_static
