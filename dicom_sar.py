@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -745,9 +746,9 @@ class Problem(NamedTuple):
         return cls(Status.ERROR, message)
 
 
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """A path found by the walk, the --path root it came from, or why it cannot be used."""
+class Candidate(NamedTuple):
+    """A path found by the walk, the --path root it came from, or why it cannot be used.
+    (A tuple: the walk makes one per file, and a frozen dataclass costs more to build.)"""
 
     path: Path
     root: Path
@@ -1047,8 +1048,12 @@ class RawScan:
     """
 
     def __init__(self, data: bytes, size: int, wanted: dict[int, None],
-                 keep_top: dict[int, None] | None = None, fd: int = -1):
+                 keep_top: dict[int, None] | None = None, fd: int = -1, record: bool = False):
         self.data, self.size, self.wanted, self.fd = data, size, wanted, fd
+        # record: every byte range a decision of the scan read, for a Shape (8-byte element
+        # headers by position alone); None when not recording, or when a Shape cannot say it
+        self.heads: list[int] | None = [] if record else None
+        self.spans: list[tuple[int, int]] = []
         self.hits: list[tuple[int, RawElement, str, list[str]]] = []
         self.top_level = 0  # dataset elements seen at the top: none means a broken file
         self.odd = 0  # the first element of odd length (PS3.5 wants even ones), if any
@@ -1067,6 +1072,8 @@ class RawScan:
         pos, implicit, little = 0, False, True
         if kind == "part10":
             pos, syntax = self.scan_meta(132)
+            if syntax in (None, DEFLATED):
+                self.heads = None
             if syntax == DEFLATED:
                 if self.keep_top:  # their offsets would be the inflated data's
                     raise RawScanError("deflated")
@@ -1079,6 +1086,7 @@ class RawScan:
                 implicit, little = syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
         else:
             implicit, little = guessed_encoding(self.data[:8])
+            self.heads = None
         self.implicit, self.little = implicit, little
         end = self.scan(pos, len(self.data), implicit, little, 0, ["iso8859"])
         if end >= len(self.data) < self.size:
@@ -1104,12 +1112,13 @@ class RawScan:
         """count bytes at pos, from data or beyond it from the file."""
         if pos + count <= len(self.data) or self.fd < 0:
             return self.data[pos:pos + count]
+        self.heads = None
         return os.pread(self.fd, count, pos)
 
     def past_pixels(self, pos: int, implicit: bool, little: bool) -> None:
         """The pixel data element and what follows it must run to the end of the file."""
         order = "<" if little else ">"
-        head = self.read_at(pos, 12)
+        head = self.read_at(pos, 12)  # as header() read it: its bytes are recorded
         if len(head) < 8:
             raise RawScanError("the file ends inside the pixel data's element header")
         group, elem = struct.unpack(order + "HH", head[:4])
@@ -1131,11 +1140,13 @@ class RawScan:
                 raise RawScanError(f"{name} declares {length} bytes, the file ends after "
                                    f"{self.size - vpos}")
         else:
+            self.heads = None
             end = self.fragments(vpos, order, name)
         if end < self.size:  # trailing elements (padding, signatures): they must parse too
             if self.size - end > 1 << 24:
                 raise RawScanError(f"{self.size - end} bytes after {name} that no element holds")
             tail = RawScan(self.read_at(end, self.size - end), self.size - end, {})
+            self.heads = None
             if tail.scan(0, tail.size, implicit, little, 1, ["iso8859"]) != tail.size:
                 raise RawScanError(f"a delimiter after {name} outside any sequence")
             self.odd = self.odd or tail.odd
@@ -1162,6 +1173,8 @@ class RawScan:
         while pos + 8 <= len(data):
             # the file meta is explicit VR little endian, but what follows it may not be
             group, elem, vr_code, length = EXPLICIT_LE_HEADER.unpack_from(data, pos)
+            if self.heads is not None:
+                self.spans.append((pos, 8))
             if group != 0x0002:
                 break
             if SHORT_VR_CODES[vr_code]:
@@ -1172,11 +1185,13 @@ class RawScan:
             if tag == 0x00020010 or keep or tag in wanted:  # values only where someone looks
                 value = self.value(vpos, length)
                 if tag == 0x00020010:
+                    if self.heads is not None:
+                        self.spans.append((vpos, length))
                     syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
                 if keep:
                     self.meta.append(RawElement(tag, vr, length, value, vpos, False, True))
                 if tag in wanted:
-                    self.collect(tag, vr, length, value, True, ["iso8859"])
+                    self.collect(tag, vr, vpos, length, value, True, ["iso8859"])
             pos = vpos + length
         return pos, syntax
 
@@ -1187,6 +1202,8 @@ class RawScan:
             raise RawScanError(f"the data ends inside an element header at byte {pos}")
         group, elem, length = struct.unpack_from("<HHI" if little else ">HHI", data, pos)
         tag = group << 16 | elem
+        if self.heads is not None:
+            self.spans.append((pos, 12 if pos + 12 <= len(data) else 8))
         if implicit or group == 0xFFFE:
             vr = implicit_vr(tag, length) if group != 0xFFFE else "na"
             return tag, pos + 8, length, vr
@@ -1207,9 +1224,9 @@ class RawScan:
             raise RawScanError("value past the data read")
         return self.data[vpos:vpos + length]
 
-    def collect(self, tag: int, vr: str, length: int, value: bytes, little: bool,
+    def collect(self, tag: int, vr: str, vpos: int, length: int, value: bytes, little: bool,
                 encodings: list[str]) -> None:
-        raw = RawElement(tag, vr, length, value, 0, False, little)
+        raw = RawElement(tag, vr, length, value, vpos, False, little)
         self.hits.append((tag, raw, vr, encodings))
 
     def scan(self, pos: int, end: int, implicit: bool, little: bool, level: int,
@@ -1219,6 +1236,7 @@ class RawScan:
         # Globals bound to locals: on 3.13t every global load touches a shared refcount,
         # which two workers scanning at once would fight over on every element.
         unpack, short_vrs, delimiters = EXPLICIT_LE_HEADER.unpack_from, SHORT_VR_CODES, DELIMITERS
+        heads = self.heads
         (lo, hi), (glo, ghi) = self.interesting, self.interesting_groups
         inline_end = size - 7 if not implicit and little else 0
         while pos < end:
@@ -1229,6 +1247,8 @@ class RawScan:
                 # bytecode, so every instruction here costs on each of ~100 elements a file).
                 group, elem, vr_code, length = unpack(data, pos)
                 if group < 0x7FE0 and short_vrs[vr_code]:
+                    if heads is not None:
+                        heads.append(pos)
                     vpos = pos + 8
                     pos = vpos + length
                     if length & 1 and not self.odd:
@@ -1278,6 +1298,8 @@ class RawScan:
                 encodings: list[str]) -> list[str]:
         """Collect an element if wanted; return the encodings in force after it."""
         if tag == 0x00080005:
+            if self.heads is not None:
+                self.spans.append((vpos, length))
             try:
                 encodings = python_encodings(
                     [v.strip() for v in self.value(vpos, length).decode(
@@ -1285,7 +1307,7 @@ class RawScan:
             except (LookupError, ValueError):  # garbage, not a character set: pydicom decides
                 raise RawScanError("an unknown SpecificCharacterSet") from None
         if tag in self.wanted:
-            self.collect(tag, vr, length, self.value(vpos, length), self.little, encodings)
+            self.collect(tag, vr, vpos, length, self.value(vpos, length), self.little, encodings)
         if level == 0 and tag in self.keep_top:
             self.top[tag] = RawElement(tag, vr, length, self.value(vpos, length), vpos,
                                        self.implicit, self.little)
@@ -1325,10 +1347,81 @@ def read_rest(fd: int, count: int) -> bytes:
     return b"".join(chunks)
 
 
+class Scanned(NamedTuple):
+    """What a whole-file raw scan found (RawScan's findings, or a Shape's for a file like)."""
+
+    kind: str
+    implicit: bool
+    little: bool
+    odd: int
+    hits: list[tuple[int, RawElement, str, list[str]]]
+    top: dict[int, RawElement]
+    meta: list[RawElement]
+
+    @classmethod
+    def of(cls, scan: RawScan) -> Scanned:
+        return cls(scan.kind, scan.implicit, scan.little, scan.odd, scan.hits, scan.top,
+                   scan.meta)
+
+
+class Shape:
+    """Where a scanned file's element headers lie, and what the scan made of them.
+
+    The scan's every decision comes from the bytes it recorded (element headers, the
+    transfer syntax, character sets) and the file's size. Another file of that size with
+    the same bytes there would scan the same way, element for element: only the values it
+    collects differ, and they are sliced from where they lie. Files of one series often
+    share their shape.
+    """
+
+    def __init__(self, scan: RawScan):
+        slices = [slice(p, p + 8) for p in scan.heads or ()]
+        slices += [slice(p, p + n) for p, n in scan.spans]
+        self.bytes_read = operator.itemgetter(*slices)
+        self.expected = b"".join(self.bytes_read(scan.data))
+        self.found = Scanned.of(scan)
+        self.hits, self.misses = 0, 0
+
+    def fits(self, data: bytes) -> bool:
+        """Whether data (a file of the recorded size) holds the same bytes where they matter."""
+        return b"".join(self.bytes_read(data)) == self.expected
+
+    def scanned(self, data: bytes) -> Scanned:
+        """The scan of data: the recorded findings, the values sliced from data."""
+        f = self.found
+        return f._replace(
+            hits=[(tag, valued(raw, data), vr, enc) for tag, raw, vr, enc in f.hits],
+            top={tag: valued(raw, data) for tag, raw in f.top.items()},
+            meta=[valued(raw, data) for raw in f.meta])
+
+
+def valued(raw: RawElement, data: bytes) -> RawElement:
+    """raw with its value taken from data, at its position."""
+    at = raw.value_tell
+    return RawElement(raw.tag, raw.VR, raw.length, data[at:at + raw.length], at,
+                      raw.is_implicit_VR, raw.is_little_endian)
+
+
+_worker_shapes = threading.local()  # each thread's own shapes: no thread sees another's
+SHAPES_KEPT = 4096  # per thread and request; past it, they are forgotten and learnt anew
+
+
+def shapes(request: tuple[tuple[int, ...], tuple[int, ...]]) -> dict[tuple[int, int, str], Any]:
+    """This thread's shapes for one request (its wanted and kept tags), by (size, bytes
+    read, kind): a Shape, None for a size seen once, False where shapes kept missing."""
+    by_request = getattr(_worker_shapes, "by_request", None)
+    if by_request is None:
+        by_request = _worker_shapes.by_request = {}
+    known = by_request.get(request)
+    if known is None or len(known) > SHAPES_KEPT:
+        known = by_request[request] = {}
+    return known
+
+
 def raw_scan(path: str | Path, wanted: dict[int, None], keep_top: dict[int, None] | None = None
-             ) -> tuple[RawScan | None, int]:
-    """Scan a file raw, the whole of it (see RawScan): (scan, size), scan None for a file that
-    is not DICOM.
+             ) -> tuple[Scanned | None, int]:
+    """Scan a file raw, the whole of it (see RawScan): (findings, size), None for a file that
+    is not DICOM. A file shaped like one this thread scanned before takes its Shape.
 
     Raises RawScanError when the file should go the pydicom way, or cannot be read to its end.
     """
@@ -1341,7 +1434,15 @@ def raw_scan(path: str | Path, wanted: dict[int, None], keep_top: dict[int, None
         kind = sniff_dicom(data[:132], size)
         if kind is None:
             return None, size
-        scan = RawScan(data, size, wanted, keep_top, fd)
+        known = shapes(((*wanted,), (*(keep_top or ()),)))
+        key = (size, len(data), kind)
+        shape = known.get(key)
+        if shape:
+            if shape.fits(data):
+                shape.hits += 1
+                return shape.scanned(data), size
+            shape.misses += 1
+        scan = RawScan(data, size, wanted, keep_top, fd, record=shape is not False and key in known)
         try:
             scan.run(kind)
         except RawScanError:
@@ -1354,7 +1455,22 @@ def raw_scan(path: str | Path, wanted: dict[int, None], keep_top: dict[int, None
         raise RawScanError("sequences nested too deeply") from None
     finally:
         os.close(fd)
-    return scan, size
+    learn_shape(known, key, shape, scan)
+    return Scanned.of(scan), size
+
+
+def learn_shape(known: dict[tuple[int, int, str], Any], key: tuple[int, int, str],
+                shape: Shape | bool | None, scan: RawScan) -> None:
+    """Keep what scan teaches about files of its key: its Shape, when it recorded one, or
+    that shapes of this key keep missing (more often than they fit, past a few)."""
+    if shape and shape.misses > max(4, shape.hits):
+        known[key] = False
+    elif scan.heads is not None and len(scan.heads) + len(scan.spans) >= 2:
+        known[key] = Shape(scan)
+        if shape:  # a new shape for the key: the tally goes on
+            known[key].hits, known[key].misses = shape.hits, shape.misses
+    elif key not in known:
+        known[key] = None
 
 
 def checked_whole(path: str | Path) -> int:

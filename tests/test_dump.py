@@ -427,6 +427,109 @@ def test_property_on_damaged_files_the_raw_scanner_defers_or_agrees(
     assert fast == (dicom_sar.tagged_lines(ds, specs) if ds is not None else None)
 
 
+# ── shapes: a file laid out like one scanned before is not scanned again ─────────────────
+
+SHAPE_REQUESTS = [  # what a tag dump asks, and what the SAR's raw header asks
+    ({0x00100020: None, 0x00100010: None}, None),
+    ({}, {0x00100020: None, 0x00100000: None, 0x00080005: None})]
+
+
+def scan_outcome(path: Path, request: tuple) -> object:
+    """raw_scan's findings, or the error it raised, as a comparable value."""
+    import dicom_sar
+    try:
+        return dicom_sar.raw_scan(path, *request)
+    except dicom_sar.RawScanError as exc:
+        return repr(exc)
+
+
+def fresh_outcome(path: Path, request: tuple) -> object:
+    """The outcome of a thread that has seen no file before."""
+    import dicom_sar
+    dicom_sar._worker_shapes.by_request = {}
+    return scan_outcome(path, request)
+
+
+def learnt_then(path: Path, learnt_from: bytes, data: bytes, request: tuple) -> object:
+    """The outcome for data after a thread has learnt the shape of learnt_from."""
+    import dicom_sar
+    dicom_sar._worker_shapes.by_request = {}
+    path.write_bytes(learnt_from)
+    for _ in range(2):  # seen once, then recorded
+        scan_outcome(path, request)
+    path.write_bytes(data)
+    return scan_outcome(path, request)
+
+
+def test_files_of_one_shape_are_scanned_once_and_read_each_its_own_values(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A series whose headers lie alike: after the second file, the scanner no longer runs,
+    and each file's values are its own; a file of the same size laid out otherwise (a
+    longer PatientID, a shorter PatientName) is scanned, and read right."""
+    from pydicom.dataset import Dataset
+
+    import dicom_sar
+
+    def instance(patient_id: str, name: str) -> bytes:
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPInstanceUID = "1.2.3.4"
+        ds.PatientName, ds.PatientID = name, patient_id
+        return as_part10(ds)
+
+    runs = []
+    run = dicom_sar.RawScan.run
+    monkeypatch.setattr(dicom_sar.RawScan, "run", lambda self, kind: (runs.append(1),
+                                                                       run(self, kind)))
+    dicom_sar._worker_shapes.by_request = {}
+    specs = tuple(dicom_sar.parse_tag_specs("PatientID"))
+    path = tmp_path / "f"
+    seen = []
+    for patient_id, name in [("A1", "DOE^JO"), ("B2", "ROE^AL"), ("C3", "POE^ED"),
+                             ("D4AB", "POE^"), ("E5", "DOE^JO")]:
+        path.write_bytes(instance(patient_id, name))
+        lines, _ = dicom_sar.fast_tagged_lines(path, specs)
+        seen.append((lines[0].split()[2], len(runs)))
+        assert lines == dicom_sar.tagged_lines(pydicom.dcmread(path), specs)
+    assert len({len(instance(*pair)) for pair in [("A1", "DOE^JO"), ("D4AB", "POE^")]}) == 1
+    assert seen == [("[A1]", 1), ("[B2]", 2), ("[C3]", 2), ("[D4AB]", 3), ("[E5]", 4)]
+
+
+@pytest.mark.parametrize("change", [(b"ISO_IR 100", b"ISO_IR 101"),  # Latin-1 to Latin-2
+                                    (b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.2\0"),
+                                    (b"ISO_IR 100", b"ISO_IR 1x0")])
+@pytest.mark.parametrize("request_", SHAPE_REQUESTS)
+def test_a_file_of_the_same_size_and_headers_with_another_encoding_is_scanned_anew(
+        change: tuple[bytes, bytes], request_: tuple, tmp_path: Path) -> None:
+    """The character set and the transfer syntax are the two values the scan's decisions
+    read: changed (same length), the learnt shape does not fit."""
+    from pydicom.dataset import Dataset
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName, ds.PatientID = "D\xf6E^J\xfc", "P\xe9"
+    data = as_part10(ds)
+    other = data.replace(*change)
+    assert other != data and len(other) == len(data)
+    path = tmp_path / "f"
+    before = fresh_outcome(path, request_) if path.write_bytes(data) else None
+    after = learnt_then(path, data, other, request_)
+    assert after == fresh_outcome(path, request_) != before
+
+
+@property_settings(300)
+@given(dicom_files(), st.sampled_from(SHAPE_REQUESTS), st.data())
+def test_property_a_learnt_shape_answers_as_a_fresh_scan(
+        file: tuple[bytes, list[str]], request: tuple, draw: st.DataObject) -> None:
+    """A file of the size of one whose shape the thread has learnt, with a byte changed
+    anywhere (in a header, a length, a character set, the transfer syntax, a value): the
+    same findings, or the same error, as a thread that has seen nothing."""
+    data = damaged(file[0], "flip", draw) if draw.draw(st.booleans()) else file[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f"
+        after_learning = learnt_then(path, file[0], data, request)
+        assert after_learning == fresh_outcome(path, request)
+
+
 # ── the raw tag dump without pydicom: start-up, and pydicom's tables ─────────────────────
 
 WITHOUT_PYDICOM = """\
