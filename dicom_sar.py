@@ -1964,14 +1964,16 @@ STOP_GRACE = 10.0  # seconds a file in flight may still take after Ctrl-C or SIG
 
 def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
                 workers: int, stop: threading.Event, time_limit: float = 0,
-                batch: int = 16) -> Iterator[FileResult]:
+                batch: int = 16, ahead: int = 0) -> Iterator[FileResult]:
     """Run task over candidates on a thread pool, yielding results in submission order.
 
     Files go to the pool in small batches (fewer futures and wake-ups for the main thread),
-    and at most a few batches per worker are in flight (backpressure on the walk). A file
-    that runs past time_limit seconds becomes an error (see Pool).
+    and at most a few batches per worker, plus ahead files, are in flight (backpressure on
+    the walk). A file that runs past time_limit seconds becomes an error (see Pool).
     """
-    pool = Pool(workers, task, time_limit, stop)
+    # ahead: a writing mode's commit batch, so that the workers go on while the main
+    # thread flushes and renames one
+    pool = Pool(workers, task, time_limit, stop, max(2, workers * 3) + -(-ahead // batch))
     try:
         chunk: list[Candidate] = []
         for cand in candidates:
@@ -2003,8 +2005,9 @@ class Pool:
     """
 
     def __init__(self, workers: int, task: Callable[[Candidate], FileResult],
-                 time_limit: float, stop: threading.Event):
+                 time_limit: float, stop: threading.Event, depth: int):
         self.workers, self.task, self.time_limit, self.stop = workers, task, time_limit, stop
+        self.depth = depth  # batches in flight at most
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG)
         self.retired: list[ThreadPoolExecutor] = []
         self.stuck = False  # a worker had to be abandoned: close() cannot wait for it
@@ -2020,8 +2023,8 @@ class Pool:
         self.slots.append(Slot([], *self.start(files)))
 
     def full(self) -> bool:
-        """Backpressure: a few batches per worker in flight at most."""
-        return len(self.slots) >= max(2, self.workers * 3)
+        """Backpressure: depth batches in flight at most."""
+        return len(self.slots) >= self.depth
 
     def next_results(self) -> list[FileResult]:
         """The oldest slot's results, in order, once its batch is finished or given up on."""
@@ -2204,9 +2207,29 @@ def mirrored(cand: Candidate, base: Path, opts: Options) -> Path:
     if len(opts.paths) > 1:
         rel = os.path.join(f"{opts.paths.index(cand.root)}_{cand.root.name or 'root'}", rel)
     target = base / rel
-    if not is_within(target.parent, base) and target.parent.exists():
+    if not leads_nowhere_else(target.parent, base):
         raise PermissionError(f"refusing to write outside {base}: {target}")
     return target
+
+
+_checked_directories = threading.local()  # each worker's own, for the one run it lives for
+DIRECTORIES_KEPT = 4096
+
+
+def leads_nowhere_else(directory: Path, base: Path) -> bool:
+    """Whether directory lies below base once symlinks are resolved, or is not there yet
+    (it will be made as a plain directory); remembered by the thread (realpath walks every
+    component of the path with a system call, and a tree's files share their directories)."""
+    known = _checked_directories.__dict__.setdefault("known", {})
+    key = (os.fspath(directory), os.fspath(base))
+    if key in known:
+        return True
+    if not is_within(directory, base) and directory.exists():
+        return False
+    if len(known) >= DIRECTORIES_KEPT:
+        known.clear()
+    known[key] = None
+    return True
 
 
 def relative_part(path: Path, root: Path) -> str:
@@ -3135,7 +3158,8 @@ def over_the_walk(opts: Options, task: Callable[[Candidate, Options], FileResult
     litter = Litter(journal.key) if journal is not None and (opts.resume or opts.restart) \
         else None
     results = run_ordered(discover(opts, excluded), lambda c: task(c, opts), opts.workers,
-                          stop.event, opts.time_limit)
+                          stop.event, opts.time_limit,
+                          ahead=COMMIT_FILES if journal is not None else 0)
     for result in committed(results, Committer(journal is not None and opts.fsync, journal)):
         if litter is None or not litter.claims(result):
             reporter.handle(result)
@@ -4841,7 +4865,7 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal,
     cands = (Candidate(Path(p.relpath), output) for p in plans)
     by_path = {p.relpath: p for p in plans}
     results = run_ordered(cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
-                          opts.workers, stop.event, opts.time_limit)
+                          opts.workers, stop.event, opts.time_limit, ahead=COMMIT_FILES)
     for result in committed(results, Committer(opts.fsync)):
         reporter.handle(result)
         if watch is not None:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -383,6 +384,28 @@ def test_time_limit_gives_up_on_a_stuck_file_and_commits_nothing_for_it(tmp_path
     time.sleep(0.3)
     assert not (tmp_path / "f05.out").exists()
     assert not list(tmp_path.glob(".dicom_sar-tmp-*"))
+
+
+@pytest.mark.parametrize("ahead", [0, 256])
+def test_the_walk_runs_ahead_by_a_few_batches_per_worker_plus_a_commit_batch(
+        tmp_path: Path, ahead: int) -> None:
+    """Backpressure: when the first result comes out, the walk has been read only as far as
+    the batches in flight; a writing mode (ahead: its commit batch) keeps more of them, so
+    that the workers go on while the main thread commits."""
+    pulled = 0
+
+    def walk() -> Iterator[dicom_sar.Candidate]:
+        nonlocal pulled
+        for i in range(2000):
+            pulled += 1
+            yield dicom_sar.Candidate(tmp_path / f"f{i:04d}", tmp_path)
+
+    results = dicom_sar.run_ordered(walk(), lambda c: dicom_sar.FileResult(c.path, "ok"), 2,
+                                    dicom_sar.threading.Event(), batch=16, ahead=ahead)
+    first = next(results)
+    assert first.path.name == "f0000"
+    assert pulled == (2 * 3 + ahead // 16) * 16
+    assert [r.path.name for r in [first, *results]] == [f"f{i:04d}" for i in range(2000)]
 
 
 def test_after_a_stop_a_stuck_file_is_given_up_on_within_the_grace(tmp_path: Path,

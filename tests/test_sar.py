@@ -764,6 +764,28 @@ def test_writes_never_follow_a_symlink_out_of_the_tree(generated: Path, manifest
     assert sorted(p.name for p in outside.iterdir()) == ["target"]
 
 
+def test_an_output_tree_whose_directory_links_elsewhere_gets_nothing_through_it(
+        generated: Path, manifest: dict, tmp_path: Path) -> None:
+    """A directory of the output tree that is a symlink out of it: every file bound for it
+    is refused (the thread remembers only directories found inside), the others written."""
+    entries = instances(manifest, scenario="default")[:3]
+    tree = tmp_path / "in"
+    for name, entry in zip(["a/one", "a/two", "b/three"], entries, strict=True):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(generated / entry["path"], tree / name)
+    outside, out = tmp_path / "outside", tmp_path / "out"
+    outside.mkdir()
+    out.mkdir()
+    (out / "a").symlink_to(outside, target_is_directory=True)
+    run = run_tool("--sar", "--tag", "PatientID", *GENHOSP, "--path", tree, "--output", out,
+                   "-j", "1", cwd=tmp_path)
+    assert run.code == 1, run.err
+    errors = (tmp_path / "errors.log").read_text().splitlines()
+    assert len(errors) == 2 and all("refusing to write outside" in e for e in errors)
+    assert not list(outside.iterdir())
+    assert pydicom.dcmread(out / "b" / "three").PatientID.startswith("GENHOSP")
+
+
 def test_values_appear_in_logs_only_with_verbose(generated: Path, manifest: dict,
                                                  tmp_path: Path) -> None:
     entry = instances(manifest, scenario="default")[0]
