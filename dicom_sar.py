@@ -4848,9 +4848,9 @@ def plan_line(p: InstancePlan) -> str:
 
 
 def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal,
-                 watch: Callable[[FileResult, int], None] | None = None) -> int:
-    """Plan, then encode and write on the pool in plan order; manifest last. watch(result,
-    total) hears of each file (the --ui page's progress)."""
+                 watch: Callable[[int, int], None] | None = None) -> int:
+    """Plan, then encode and write on the pool in plan order; manifest last. watch(1, files)
+    hears of each file (the --ui page's progress)."""
     req: GenerateRequest = opts.generate
     output = opts.output or Path((req.config or {}).get("outputDir") or DEFAULT_GENERATED)
     check_generate_output(output)
@@ -4869,7 +4869,7 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal,
     for result in committed(results, Committer(opts.fsync)):
         reporter.handle(result)
         if watch is not None:
-            watch(result, len(plans))
+            watch(1, len(plans))
     path = write_manifest(output, req, plans)
     log.info("generated %d planned instances into %s; manifest %s", len(plans), output, path)
     reporter.finish()
@@ -5385,21 +5385,24 @@ class Session:
     log: logging.Logger
 
 
-def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int:
+def run_send(opts: Options, out: Callable[[str], None], stop: StopSignal,
+             watch: Callable[[int, int], None] | None = None) -> int:
     """Index, group by study, send study by study over the pool; log and summarise.
-    pynetdicom's settings are ours for the run, before any thread, and restored after."""
+    pynetdicom's settings are ours for the run, before any thread, and restored after.
+    watch(nbytes, total bytes) hears of each file sent or given up (the --ui page's bar)."""
     from pynetdicom import _config
 
     saved = _config.STORE_SEND_CHUNKED_DATASET, _config.LOG_HANDLER_LEVEL
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream files
     _config.LOG_HANDLER_LEVEL = "standard" if opts.verbose else "none"
     try:
-        return send_run(opts, out, stop)
+        return send_run(opts, out, stop, watch)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET, _config.LOG_HANDLER_LEVEL = saved
 
 
-def send_run(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int:
+def send_run(opts: Options, out: Callable[[str], None], stop: StopSignal,
+             watch: Callable[[int, int], None] | None = None) -> int:
     """run_send's work: echo, or index, then send_studies."""
     import uuid
 
@@ -5429,7 +5432,7 @@ def send_run(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int
                 print(f"warning: {result.path}: {result.record.note}", file=sys.stderr)
     reporter.close_bar()
     try:
-        return send_studies(studies, opts, out, reporter, stop, session)
+        return send_studies(studies, opts, out, reporter, stop, session, watch)
     finally:
         for handler in list(session.log.handlers):  # the session's log is closed with it
             session.log.removeHandler(handler)
@@ -5437,7 +5440,8 @@ def send_run(opts: Options, out: Callable[[str], None], stop: StopSignal) -> int
 
 
 def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable[[str], None],
-                 reporter: Reporter, stop: StopSignal, session: Session) -> int:
+                 reporter: Reporter, stop: StopSignal, session: Session,
+                 watch: Callable[[int, int], None] | None = None) -> int:
     """Announce, send (or list, for a dry run), verify, and write the session summary."""
     target: SendTarget = opts.send
     total_files = sum(len(v) for v in studies.values())
@@ -5450,7 +5454,7 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
                 out(f"study {study}  association {i + 1}: {len(batch)} files, "
                     f"{len(contexts)} presentation contexts")
         return stop.exit_status() or (EXIT_FAILURES if reporter.stats.errors else EXIT_OK)
-    sent = transfer(studies, target, opts, session.log, stop.event, reporter)
+    sent = transfer(studies, target, opts, session.log, stop.event, reporter, watch)
     problems = verify_sent(target, sent) if target.verify else []
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -5478,8 +5482,10 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
 
 
 def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Options,
-             sender_log: logging.Logger, stop: threading.Event, reporter: Reporter) -> list[Sent]:
-    """Studies over the pool; events drive the reporter's bar and the detailed log."""
+             sender_log: logging.Logger, stop: threading.Event, reporter: Reporter,
+             watch: Callable[[int, int], None] | None = None) -> list[Sent]:
+    """Studies over the pool; events drive the reporter's bar (and watch), and the
+    detailed log."""
     import queue
 
     events: queue.SimpleQueue[Sent] = queue.SimpleQueue()
@@ -5499,6 +5505,8 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
                 continue
             sent.append(outcome)
             bar.update(outcome.size)
+            if watch is not None:
+                watch(outcome.size, total)
             if outcome.outcome == "failed":
                 sender_log.error("failed: %s: %s", outcome.path, outcome.reason)
                 reporter.error(outcome.path, "SendFailed", outcome.reason)
@@ -6004,16 +6012,16 @@ def wizard_server(port: int, opts: Options) -> Any:
             summary = self.opts.log_dir / f"dicom_sar-ui-{kind}-{job_id}.json"
             opts = dataclasses.replace(opts, summary_json=summary)
 
-            def watch(result: FileResult, total: int) -> None:
+            def watch(amount: int, total: int) -> None:  # files generated, bytes sent
                 with job.lock:
-                    job.done += 1 if kind == "generate" else result.nbytes
+                    job.done += amount
                     job.total = total
 
             def run_job() -> None:
                 stop = StopSignal(handlers=False)
                 try:
                     code = (run_generate(opts, lambda _: None, stop, watch) if kind == "generate"
-                            else run_send(opts, lambda _: None, stop))
+                            else run_send(opts, lambda _: None, stop, watch))
                     data = json.loads(summary.read_text()) if summary.exists() else None
                     with job.lock:
                         job.code, job.summary = code, data

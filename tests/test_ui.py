@@ -215,6 +215,7 @@ def test_the_send_section_echoes_sends_and_checks(ns, orthanc, tmp_path: Path) -
     while not (state := api(f"/api/jobs/{sent['job']}"))["finished"]:
         time.sleep(0.2)
     assert state["summary"]["successful_transfers"] == 12 and state["code"] == 0
+    assert state["done"] == state["total"] > 0  # the page's bar moved, to the end, in bytes
     assert orthanc("/statistics")["CountInstances"] == 12
     check = api("/api/check", receiver)
     assert check["report"]["scenarios"]["default"]["accept"] == {"expected": 4, "held": 4,
