@@ -1964,16 +1964,18 @@ STOP_GRACE = 10.0  # seconds a file in flight may still take after Ctrl-C or SIG
 
 def run_ordered(candidates: Iterable[Candidate], task: Callable[[Candidate], FileResult],
                 workers: int, stop: threading.Event, time_limit: float = 0,
-                batch: int = 16, ahead: int = 0) -> Iterator[FileResult]:
+                batch: int = 16, ahead: Callable[[], int] | None = None
+                ) -> Iterator[FileResult]:
     """Run task over candidates on a thread pool, yielding results in submission order.
 
     Files go to the pool in small batches (fewer futures and wake-ups for the main thread),
-    and at most a few batches per worker, plus ahead files, are in flight (backpressure on
-    the walk). A file that runs past time_limit seconds becomes an error (see Pool).
+    and at most a few batches per worker, plus ahead() files, are in flight (backpressure
+    on the walk). A file that runs past time_limit seconds becomes an error (see Pool).
     """
-    # ahead: a writing mode's commit batch, so that the workers go on while the main
-    # thread flushes and renames one
-    pool = Pool(workers, task, time_limit, stop, max(2, workers * 3) + -(-ahead // batch))
+    # ahead: a writing mode's commit batch (Committer.batch_files), so that the workers go
+    # on while the main thread flushes and renames one
+    pool = Pool(workers, task, time_limit, stop,
+                lambda: max(2, workers * 3) + (-(-ahead() // batch) if ahead else 0))
     try:
         chunk: list[Candidate] = []
         for cand in candidates:
@@ -2005,9 +2007,9 @@ class Pool:
     """
 
     def __init__(self, workers: int, task: Callable[[Candidate], FileResult],
-                 time_limit: float, stop: threading.Event, depth: int):
+                 time_limit: float, stop: threading.Event, depth: Callable[[], int]):
         self.workers, self.task, self.time_limit, self.stop = workers, task, time_limit, stop
-        self.depth = depth  # batches in flight at most
+        self.depth = depth  # batches in flight at most, asked before each new one
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=PROG)
         self.retired: list[ThreadPoolExecutor] = []
         self.stuck = False  # a worker had to be abandoned: close() cannot wait for it
@@ -2023,8 +2025,8 @@ class Pool:
         self.slots.append(Slot([], *self.start(files)))
 
     def full(self) -> bool:
-        """Backpressure: depth batches in flight at most."""
-        return len(self.slots) >= self.depth
+        """Backpressure: depth() batches in flight at most."""
+        return len(self.slots) >= self.depth()
 
     def next_results(self) -> list[FileResult]:
         """The oldest slot's results, in order, once its batch is finished or given up on."""
@@ -2398,6 +2400,7 @@ class Committer:
         self.waiting: list[FileResult] = []
         self.pending = self.nbytes = 0
         self.since = 0.0
+        self.staged_files = self.staged_bytes = 0  # over the run, for batch_files
 
     def add(self, result: FileResult) -> list[FileResult]:
         """Take one result; return those ready to report, in order."""
@@ -2408,10 +2411,20 @@ class Committer:
             self.since = time.monotonic()
         self.pending += 1
         self.nbytes += result.staged.nbytes
+        self.staged_files += 1
+        self.staged_bytes += result.staged.nbytes
         if self.pending >= COMMIT_FILES or self.nbytes >= COMMIT_BYTES or \
                 time.monotonic() - self.since >= COMMIT_SECONDS:
             return self.flush()
         return []
+
+    def batch_files(self) -> int:
+        """How many files a batch holds at the run's mean size so far (0 before the first):
+        what the workers may stage ahead while one is committed (run_ordered's ahead)."""
+        if not self.staged_files:
+            return 0
+        mean = max(1, self.staged_bytes // self.staged_files)
+        return min(COMMIT_FILES, COMMIT_BYTES // mean)
 
     def flush(self) -> list[FileResult]:
         """Commit the waiting batch; return its results (a file that failed: an error)."""
@@ -3157,10 +3170,11 @@ def over_the_walk(opts: Options, task: Callable[[Candidate, Options], FileResult
     reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if countable(opts) else None)
     litter = Litter(journal.key) if journal is not None and (opts.resume or opts.restart) \
         else None
+    committer = Committer(journal is not None and opts.fsync, journal)
     results = run_ordered(discover(opts, excluded), lambda c: task(c, opts), opts.workers,
                           stop.event, opts.time_limit,
-                          ahead=COMMIT_FILES if journal is not None else 0)
-    for result in committed(results, Committer(journal is not None and opts.fsync, journal)):
+                          ahead=committer.batch_files if journal is not None else None)
+    for result in committed(results, committer):
         if litter is None or not litter.claims(result):
             reporter.handle(result)
     if litter is not None:
@@ -4864,9 +4878,10 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal,
     reporter = Reporter(opts, out, total=len(plans))
     cands = (Candidate(Path(p.relpath), output) for p in plans)
     by_path = {p.relpath: p for p in plans}
+    committer = Committer(opts.fsync)
     results = run_ordered(cands, lambda c: generate_task(by_path[str(c.path)], output, req.seed),
-                          opts.workers, stop.event, opts.time_limit, ahead=COMMIT_FILES)
-    for result in committed(results, Committer(opts.fsync)):
+                          opts.workers, stop.event, opts.time_limit, ahead=committer.batch_files)
+    for result in committed(results, committer):
         reporter.handle(result)
         if watch is not None:
             watch(1, len(plans))

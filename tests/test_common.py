@@ -390,8 +390,8 @@ def test_time_limit_gives_up_on_a_stuck_file_and_commits_nothing_for_it(tmp_path
 def test_the_walk_runs_ahead_by_a_few_batches_per_worker_plus_a_commit_batch(
         tmp_path: Path, ahead: int) -> None:
     """Backpressure: when the first result comes out, the walk has been read only as far as
-    the batches in flight; a writing mode (ahead: its commit batch) keeps more of them, so
-    that the workers go on while the main thread commits."""
+    the batches in flight; a writing mode (ahead(): its commit batch) keeps more of them,
+    so that the workers go on while the main thread commits."""
     pulled = 0
 
     def walk() -> Iterator[dicom_sar.Candidate]:
@@ -401,11 +401,26 @@ def test_the_walk_runs_ahead_by_a_few_batches_per_worker_plus_a_commit_batch(
             yield dicom_sar.Candidate(tmp_path / f"f{i:04d}", tmp_path)
 
     results = dicom_sar.run_ordered(walk(), lambda c: dicom_sar.FileResult(c.path, "ok"), 2,
-                                    dicom_sar.threading.Event(), batch=16, ahead=ahead)
+                                    dicom_sar.threading.Event(), batch=16,
+                                    ahead=lambda: ahead)
     first = next(results)
     assert first.path.name == "f0000"
     assert pulled == (2 * 3 + ahead // 16) * 16
     assert [r.path.name for r in [first, *results]] == [f"f{i:04d}" for i in range(2000)]
+
+
+@pytest.mark.parametrize(("size", "files"), [(0, 0), (525_000, 256), (100 << 20, 2)])
+def test_a_commit_batch_holds_as_many_files_as_the_mean_size_allows(
+        tmp_path: Path, size: int, files: int) -> None:
+    """What the workers may stage ahead: a batch's 256 files, or fewer where 256 MB fills
+    first (100 MB files: two), nothing before the first file is known."""
+    committer = dicom_sar.Committer(fsync=False)
+    if size:
+        staged = dicom_sar.Staged(tmp_path / "tmp", tmp_path / "target", 1, size)
+        assert committer.add(dicom_sar.FileResult(tmp_path / "f", "written",
+                                                  staged=staged)) == []
+    assert committer.batch_files() == files
+    committer.abandon()
 
 
 def test_after_a_stop_a_stuck_file_is_given_up_on_within_the_grace(tmp_path: Path,
