@@ -3734,8 +3734,7 @@ def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
             continue
         if not isinstance(raw, RawDataElement):
             raw = raw_of(owner[tag], owner)
-        value_offset = layout.base(owner) + raw.value_tell if raw.value_tell is not None \
-            else getattr(owner.get_item(tag), "file_tell", None)
+        value_offset = layout.value_offset(owner, tag)  # of the element as read, not raw_of's
         encodings = charset_of(owner)
         old_text = decode_text(raw.value or b"", vr, encodings)
         old_values = [old_text] if vr in SINGLE_VALUE_VRS else old_text.split("\\")

@@ -927,6 +927,27 @@ def test_property_the_splice_writes_what_a_full_rewrite_writes(
     assert written == spliced_expectation(data, {p.tag: p.encoded for p in planned})
 
 
+def test_an_element_already_decoded_is_never_patched_at_a_guessed_offset(
+        generated: Path, manifest: dict, tmp_path: Path) -> None:
+    """An element pydicom has converted carries no raw offset: the plan says it does not
+    know where the value lies (so the file is rewritten whole), never the dataset's start."""
+    import dicom_sar
+    source = generated / instances(manifest, scenario="default")[0]["path"]
+    opts = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
+        ["--sar", "--tag", "PatientID", *GENHOSP, "--output", str(tmp_path / "out"),
+         "--path", str(source.parent)]))
+    dicom_sar.load_pydicom()
+    ds, _, _, _ = dicom_sar.header_with(source, [0x00100020])
+    offset = ds.get_item(0x00100020).value_tell
+    raw = dicom_sar.plan_changes(ds, opts)[0][0]
+    assert raw.value_offset == offset > 0
+    assert ds.PatientID  # pydicom decodes it in place
+    decoded = dicom_sar.plan_changes(ds, opts)[0][0]
+    assert decoded.encoded == raw.encoded and decoded.value_offset in (None, offset)
+    if decoded.value_offset is None:
+        assert dicom_sar.splice_patches(source, ds, [decoded]) is None
+
+
 @property_settings(300)
 @given(dicom_files(), st.sampled_from(DAMAGE), st.data(),
        st.sampled_from(["PatientID", "PatientName,StudyID", "Modality"]),
