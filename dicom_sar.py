@@ -1748,9 +1748,10 @@ class Layout:
         elem = ds.get_item(tag)
         if elem is None:
             return None
-        if isinstance(elem, RawDataElement):
-            return self.base(ds) + elem.value_tell if elem.value_tell is not None else None
-        return getattr(elem, "file_tell", None)
+        # a decoded element keeps its raw value_tell as file_tell: relative to its item too
+        tell = elem.value_tell if isinstance(elem, RawDataElement) else \
+            getattr(elem, "file_tell", None)
+        return self.base(ds) + tell if tell is not None else None
 
     def length_fields(self, ds: Dataset, group: int, meta: Dataset | None) -> tuple[int, ...]:
         """4-byte length fields that enclose an element of group in ds: group lengths,
@@ -3755,7 +3756,7 @@ def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
             old = meta[0x00020003]
             planned.append(Planned(meta, 0x00020003, "UI", encoded, Change(
                 "(0002,0003) MediaStorageSOPInstanceUID", str(old.value), new_text),
-                getattr(old, "file_tell", None), layout.length_fields(meta, 0x0002, meta)))
+                layout.value_offset(meta, 0x00020003), layout.length_fields(meta, 0x0002, meta)))
     return planned, rejections
 
 

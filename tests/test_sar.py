@@ -929,8 +929,8 @@ def test_property_the_splice_writes_what_a_full_rewrite_writes(
 
 def test_an_element_already_decoded_is_never_patched_at_a_guessed_offset(
         generated: Path, manifest: dict, tmp_path: Path) -> None:
-    """An element pydicom has converted carries no raw offset: the plan says it does not
-    know where the value lies (so the file is rewritten whole), never the dataset's start."""
+    """An element pydicom has converted is planned where it lies in the file, or as not
+    known (then the file is rewritten whole), never at the dataset's start."""
     import dicom_sar
     source = generated / instances(manifest, scenario="default")[0]["path"]
     opts = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
@@ -946,6 +946,31 @@ def test_an_element_already_decoded_is_never_patched_at_a_guessed_offset(
     assert decoded.encoded == raw.encoded and decoded.value_offset in (None, offset)
     if decoded.value_offset is None:
         assert dicom_sar.splice_patches(source, ds, [decoded]) is None
+
+
+def test_a_decoded_element_in_an_item_keeps_its_file_offset(tmp_path: Path) -> None:
+    """Layout.value_offset answers the same before and after pydicom decodes an element of a
+    sequence item (pydicom keeps the offset relative to the sequence's value, as raw)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    import dicom_sar
+    dicom_sar.load_pydicom()
+    ds = Dataset()
+    ds.PatientID = "TOP"
+    other = Dataset()
+    other.PatientID = "INSIDE"
+    ds.OtherPatientIDsSequence = [other]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "f", enforce_file_format=False)
+    data = (tmp_path / "f").read_bytes()
+    read, _, _ = dicom_sar.read_dataset(tmp_path / "f", header_only=True)
+    layout = dicom_sar.Layout()
+    item = layout.sequence(read, 0x00101002).value[0]
+    raw = layout.value_offset(item, 0x00100020)
+    assert data[raw:raw + 6] == b"INSIDE"
+    assert item.PatientID == "INSIDE"  # pydicom decodes it in place
+    assert layout.value_offset(item, 0x00100020) == raw
 
 
 @property_settings(300)
