@@ -284,13 +284,16 @@ def main() -> None:
     real = real_tree(cache)
     if real is not None:
         orthanc_pair(bench, "8 send real files to Orthanc", {
-            "ours": [*ours, "--send", "--path", str(real), "-a", "ORTHANC", "-t", w],
+            "ours": [*ours, "--send", "--path", str(real), "-H", "{host}", "-p", "{port}",
+                     "-a", "ORTHANC", "-t", w],
             "dcmsend": ["dcmsend", "--no-halt", "-aec", "ORTHANC", "--scan-directories",
                         "--recurse", "-nh", "{host}", "{port}", str(real)]}, work,
             target="ours stores >= dcmsend's instances and takes <= 1.0x its time")
     orthanc_pair(bench, f"9 send {ct_n} CT to Orthanc", {
-        "ours -j2": [*ours, "--send", "--path", str(ct), "-a", "ORTHANC", "-t", "2"],
-        "ours -j4": [*ours, "--send", "--path", str(ct), "-a", "ORTHANC", "-t", "4"],
+        "ours -j2": [*ours, "--send", "--path", str(ct), "-H", "{host}", "-p", "{port}",
+                     "-a", "ORTHANC", "-t", "2"],
+        "ours -j4": [*ours, "--send", "--path", str(ct), "-H", "{host}", "-p", "{port}",
+                     "-a", "ORTHANC", "-t", "4"],
         "dcmsend": ["dcmsend", "-aec", "ORTHANC", "--scan-directories", "--recurse", "-nh",
                     "{host}", "{port}", str(ct)]}, work, target="ours faster than dcmsend")
 
@@ -371,8 +374,6 @@ def orthanc_pair(bench: Bench, name: str, sides: dict[str, list[str]], work: Pat
                     wait_http(prefix)
                     full = [a.replace("{host}", "127.0.0.1").replace("{port}", "11198")
                             for a in cmd]
-                    if full[0] == PY:
-                        full += ["-H", "127.0.0.1", "-p", "11198"]
                     os.sync()
                     seconds, cpu_seconds, _ = run_measured([*prefix, *full])
                     times[side].append(seconds)
