@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # imported by load_pydicom(), on first need
 __version__ = "0.1.0"
 PROG = "dicom_sar"
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_INTERNAL = 70  # a bug of ours (sysexits' EX_SOFTWARE), never a file's or a peer's fault
 LOG_NAME, ERROR_LOG_NAME = "dicom_sar.log", "errors.log"
 TEMP_PREFIX = ".dicom_sar-tmp-"  # every temporary file this tool writes starts with this
 DEFAULT_OUTPUT, DEFAULT_BACKUP = "dicom_sar_output", "dicom_sar_backup"
@@ -259,8 +260,9 @@ examples (fish):
   generate:  python dicom_sar.py --generate --scenario default --patients 3 --seed 7 --output demo
   send:      python dicom_sar.py --send --path demo -H 127.0.0.1 -p 11112 -a STORESCP -t 4
 
-exit status: 0 all fine, 1 some files failed or were rejected, 2 usage error,
-130 interrupted (143 SIGTERM), 141 the reader of the output went away.
+exit status: 0 all fine, 1 some files failed or were rejected (or a peer refused), 2 usage
+error, 70 internal error (a bug: the traceback is in dicom_sar.log), 130 interrupted (143
+SIGTERM), 141 the reader of the output went away.
 """
 
 
@@ -297,8 +299,8 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
                              "Seq[*].Tag | (0029,\"CREATOR\",10); comma lists; repeatable")
     common.add_argument("--glob", metavar="PATTERN", help="only file names matching this pattern")
     common.add_argument("--files-from", metavar="FILE",
-                        help="work on the files listed in FILE (- for stdin), one per line, "
-                             "below a --path root")
+                        help="work on the files listed in FILE (- for stdin), one per line: "
+                             "as listed, or below a --path root when one is given")
     common.add_argument("-0", "--null", action="store_true",
                         help="--files-from is NUL-separated (find -print0)")
     common.add_argument("--shard", metavar="I/N",
@@ -383,7 +385,8 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
     send.add_argument("--acse-timeout", type=float, default=30, metavar="S",
                       help="association negotiation timeout (default 30 s)")
     send.add_argument("--dimse-timeout", type=float, default=60, metavar="S",
-                      help="timeout for each C-STORE response (default 60 s)")
+                      help="timeout for each C-STORE response, and for a whole C-FIND "
+                           "query (default 60 s)")
     send.add_argument("--network-timeout", type=float, default=60, metavar="S",
                       help="timeout for a silent connection (default 60 s)")
     send.add_argument("--max-pdu", type=int, default=0, metavar="BYTES",
@@ -466,7 +469,12 @@ def options_from_args(ns: argparse.Namespace) -> Options:
     if not 0 <= ns.time_limit < 1e9:
         raise UsageError(f"--time-limit must be 0 (none) or a number of seconds, "
                          f"not {ns.time_limit:g}")
-    paths = tuple(Path(p) for p in (ns.path or ["."]))
+    # --files-from without --path takes the listed paths as they are (find /mnt/archive ...)
+    paths = tuple(Path(p) for p in (ns.path or ([] if ns.files_from else ["."])))
+    if ns.files_from and not paths and mode == "sar":
+        raise UsageError("--sar with --files-from needs --path: the tree the listed files are "
+                         "in, whose layout the output and the backup mirror (e.g. --path "
+                         "~/archive)")
     for path in paths:
         if not path.exists() and not path.is_symlink() and mode in ("dump", "sar", "send"):
             raise UsageError(f"--path {path}: no such file or directory")
@@ -772,31 +780,38 @@ def discover(opts: Options, excluded: Iterable[Path]) -> Iterator[Candidate]:
         return
     index, count = opts.shard
     for cand in found:
-        if shard_of(cand, count) == index:
+        if shard_of(cand, count, as_listed=not opts.paths) == index:
             yield cand
 
 
-def shard_of(cand: Candidate, count: int) -> int:
+def shard_of(cand: Candidate, count: int, *, as_listed: bool = False) -> int:
     """Which of count shards a file belongs to: a stable hash of its path below its --path
-    root, the same whatever the host, its mount point or the order of the walk."""
-    rel = cand.path.name if cand.root == cand.path else os.path.relpath(cand.path, cand.root)
+    root (of the path as --files-from lists it, without --path), the same whatever the
+    host, its mount point or the order of the walk."""
+    rel = str(cand.path) if as_listed else cand.path.name if cand.root == cand.path else \
+        os.path.relpath(cand.path, cand.root)
     digest = hashlib.blake2b(os.fsencode(rel), digest_size=8).digest()
     return int.from_bytes(digest, "big") % count + 1
 
 
 def listed(opts: Options, excluded: list[Path]) -> Iterator[Candidate]:
-    """The files --files-from names (relative to the current directory), each below one of
-    the --path roots (default .), with the walk's rules: content decides, our own files and
-    temporary files are not input, FIFOs and devices are skipped, directories ignored."""
+    """The files --files-from names (relative to the current directory): as they are
+    without --path, else each below one of the --path roots; with the walk's rules: content
+    decides, our own files and temporary files are not input, FIFOs and devices are
+    skipped, directories ignored. A first name outside every root is a usage error."""
     roots = [(root, os.path.abspath(root)) for root in opts.paths]
-    for name in listed_names(opts):
+    for i, name in enumerate(listed_names(opts)):
         path = Path(name)
         absolute = os.path.abspath(path)
         root = next((r for r, a in roots if absolute == a or absolute.startswith(
-            a.rstrip(os.sep) + os.sep)), None)
+            a.rstrip(os.sep) + os.sep)), None) if roots else path
         if root is None:
-            yield Candidate(path, path, Problem.error(
-                "not below any --path root (--files-from lists files inside the tree you name)"))
+            where = " ".join(f"--path {r}" for r, _ in roots)
+            if i == 0:  # the list and the roots do not go together: say so once
+                raise UsageError(f"--files-from lists {name}, which is not below {where}: "
+                                 "name the tree the list is in, or leave --path out to take "
+                                 "the listed paths as they are")
+            yield Candidate(path, path, Problem.error(f"not below {where}"))
             continue
         if path.name.startswith(TEMP_PREFIX):
             yield Candidate(path, root, Problem.skip("leftover temporary file of an earlier run"))
@@ -956,8 +971,9 @@ def excluded_locations(opts: Options, log_paths: list[Path]) -> list[Path]:
         places.append(opts.backup)
     if opts.summary_json is not None:
         places.append(opts.summary_json)
-    if opts.log_dir.resolve() not in [p.resolve() for p in opts.paths] and not any(
-            is_within(p, opts.log_dir) for p in opts.paths):
+    roots = opts.paths or (Path(),)  # files listed as they are: from the current directory
+    if opts.log_dir.resolve() not in [p.resolve() for p in roots] and not any(
+            is_within(p, opts.log_dir) for p in roots):
         places.append(opts.log_dir)
     return places
 
@@ -1267,6 +1283,8 @@ class RawScan:
             if tag == 0xFFFEE000 or (top and tag in delimiters):
                 raise RawScanError(f"an item or delimiter {tag_label(tag)} outside any sequence")
             if tag in delimiters:
+                if tag != 0xFFFEE00D:  # an item ends with its own delimiter, as DCMTK insists
+                    raise RawScanError("a sequence delimiter where an item delimiter belongs")
                 self.top_level += top and pos > start  # elements before the delimiter
                 return vpos
             if top and tag in PIXEL_TAGS:
@@ -1274,6 +1292,10 @@ class RawScan:
                 if length != 0xFFFFFFFF and vpos + length > self.size:
                     raise RawScanError("pixel data past the end of the file")
                 return pos  # a tag dump stops before the pixel data
+            if tag == 0x7FE00010 and length == 0xFFFFFFFF:  # encapsulated, in an item (an
+                self.heads = None  # icon): fragments, whose lengths a Shape cannot record
+                pos = self.fragments(vpos, "<" if little else ">", "PixelData")
+                continue
             if vr == "SQ" or length == 0xFFFFFFFF:
                 # an undefined-length UN holds implicit VR little endian items (CP-246)
                 un = vr == "UN"
@@ -3832,7 +3854,12 @@ def run_sar(opts: Options, out: Callable[[str], None], stop: StopSignal,
     if journal is not None:
         opts = dataclasses.replace(opts, journal=journal.view)
         log_paths = [*log_paths, journal.path]
-    reporter = over_the_walk(opts, sar_task, out, stop, log_paths, journal)
+    try:
+        reporter = over_the_walk(opts, sar_task, out, stop, log_paths, journal)
+    except UsageError:  # the walk's first file (--files-from) told: nothing was done
+        if journal is not None:
+            journal.finish()
+        raise
     if journal is not None and not stop.signum:
         journal.finish()
     data = reporter.finish()
@@ -4982,7 +5009,7 @@ def valid_ae(title: str, flag: str) -> str:
 
 def send_options(ns: argparse.Namespace) -> SendTarget:
     """Validate the destination and timeouts of --send / --echo."""
-    if not ns.host or not ns.port:
+    if not ns.host or ns.port is None:
         raise UsageError("the receiver needs -H/--host and -p/--port (and -a/--ae-title), "
                          "e.g. -H 127.0.0.1 -p 11112 -a STORESCP")
     if not 1 <= ns.port <= 65535:
@@ -5003,7 +5030,8 @@ class TLSSetupError(Exception):
 
 def tls_context(target: SendTarget) -> Any:
     """The one ssl.SSLContext of a run (None without TLS): TLS 1.2 or later and the standard
-    library's defaults (BCP 195), the system's trust store unless --tls-ca names a CA."""
+    library's defaults (BCP 195) but its strict X.509 checks, the system's trust store unless
+    --tls-ca names a CA."""
     if not target.tls:
         return None
     import ssl
@@ -5011,6 +5039,9 @@ def tls_context(target: SendTarget) -> Any:
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=target.tls_ca)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # the chain and the host name are verified; what OpenSSL and DCMTK accept is not
+        # refused (3.13's strict RFC 5280 checks fail hospital CAs without keyUsage)
+        context.verify_flags &= ~ssl.VERIFY_X509_STRICT
         if target.tls_cert:
             context.load_cert_chain(target.tls_cert, target.tls_key)
     except (OSError, ssl.SSLError) as exc:
@@ -5159,6 +5190,11 @@ class Attempt:
     tls_version: str = ""  # the negotiated protocol, on a TLS association
 
 
+def peer_of(target: SendTarget) -> str:
+    """The peer as messages name it: called AE, address, and our calling AE."""
+    return f"{target.called}@{target.host}:{target.port} (we are AE {target.calling})"
+
+
 def no_connection(target: SendTarget) -> str:
     """Why nothing can be sent when nobody answers at the destination."""
     return (f"no connection to {target.host}:{target.port} (refused or timed out): check "
@@ -5176,12 +5212,13 @@ def open_association(target: SendTarget, contexts: list[tuple]) -> Attempt:
         opened.append(sock.version() or "" if hasattr(sock, "version") else "")
         set_nodelay(event)
 
+    t0 = time.monotonic()
     try:
         ae = new_ae(target, contexts)
         assoc = ae.associate(target.host, target.port, ae_title=target.called,
                              max_pdu=target.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
                              tls_args=(target.context, target.host) if target.context else None)
-    except Exception as exc:
+    except (OSError, RuntimeError) as exc:  # the network, or pynetdicom's own refusal
         return Attempt(None, f"{type(exc).__name__}: {one_line(str(exc))}")
     if assoc.is_established:
         return Attempt(assoc, tls_version=opened[0] if opened else "")
@@ -5192,8 +5229,16 @@ def open_association(target: SendTarget, contexts: list[tuple]) -> Attempt:
         return Attempt(None, no_connection(target), connected=False)
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
-        why = f"association rejected ({rj.result_str}): {rj.reason_str} [{rj.source_str}]"
+        hint = {(0x01, 0x03): f": register AE title {target.calling} there, or use "
+                "--calling-ae with one it knows",
+                (0x01, 0x07): ": check -a/--ae-title, the PACS's own AE title"}.get(
+                    (rj.result_source, rj.diagnostic), "")
+        why = (f"{peer_of(target)} rejected the association ({rj.result_str}): "
+               f"{rj.reason_str} [{rj.source_str}]{hint}")
         return Attempt(None, why, permanent=rj.result == 0x01)
+    if time.monotonic() - t0 >= target.acse_timeout:
+        return Attempt(None, f"{peer_of(target)} did not answer the association request within "
+                       f"--acse-timeout {target.acse_timeout:g} s")
     hint = "; or does it want a client certificate (--tls-cert, --tls-key)?" if \
         target.context and not target.tls_cert else "" if target.context else \
         "; or does it speak TLS only (--tls)?"
@@ -5335,31 +5380,86 @@ def echo(target: SendTarget) -> tuple[bool, str]:
         return False, f"{where}: no association: {tried.why}"
     status = tried.assoc.send_c_echo()
     rtt = (time.perf_counter() - t0) * 1000
-    tried.assoc.release()
-    ok = bool(status) and status.Status == 0
+    if tried.assoc.is_established:
+        tried.assoc.release()
+    if not status or "Status" not in status:
+        return False, (f"{where}: no answer to the C-ECHO (the peer aborted the association or "
+                       f"did not answer within --dimse-timeout {target.dimse_timeout:g} s)")
+    ok = status.Status == 0
     tls = f", {tried.tls_version}" if tried.tls_version else ""
-    return ok, f"{where}: {'success' if ok else 'failed'}, {rtt:.1f} ms round trip{tls}"
+    return ok, (f"{where}: {'success' if ok else f'failed, status 0x{status.Status:04X}'}, "
+                f"{rtt:.1f} ms round trip{tls}")
 
 
-def held_instances(assoc: Any, study: str, series: str) -> set[str] | None:
+class QueryFailedError(Exception):
+    """A C-FIND that gave no answer to rely on: refused, unanswered, or cut off."""
+
+
+def refused_query(target: SendTarget, how: str) -> str:
+    """What to do when the PACS will not answer queries from our AE title."""
+    return (f"the PACS {peer_of(target)} refused the query ({how}): register AE title "
+            f"{target.calling} there as a modality allowed to query (Orthanc: DicomModalities, "
+            "or DicomAlwaysAllowFind), or use --calling-ae with one it knows")
+
+
+def held_instances(assoc: Any, study: str, series: str, target: SendTarget) -> set[str]:
     """The SOP Instance UIDs the receiver holds in a series (or a study, series unknown): one
-    IMAGE-level C-FIND, Study Root; None when the receiver did not answer the query."""
+    IMAGE-level C-FIND, Study Root, finished within --dimse-timeout. Raises QueryFailedError."""
+    from pynetdicom import evt
+    from pynetdicom.pdu import A_ABORT_RQ
+
+    if not assoc.is_established:
+        raise QueryFailedError(f"the association with {peer_of(target)} was lost before the query")
     query = Dataset()
     query.QueryRetrieveLevel = "IMAGE"
     query.StudyInstanceUID = study
     if series:
         query.SeriesInstanceUID = series
     query.SOPInstanceUID = ""
-    held, answered = set(), False
-    for status, ident in assoc.send_c_find(query, sop_class(
-            "StudyRootQueryRetrieveInformationModelFind")):
+    aborted: list[bool] = []
+
+    def on_pdu(event: Any) -> None:
+        aborted.append(isinstance(event.pdu, A_ABORT_RQ))
+
+    assoc.bind(evt.EVT_PDU_RECV, on_pdu)
+    try:
+        return find_held(assoc, query, target, aborted)
+    finally:
+        assoc.unbind(evt.EVT_PDU_RECV, on_pdu)
+
+
+def find_held(assoc: Any, query: Dataset, target: SendTarget, aborted: list[bool]) -> set[str]:
+    """held_instances' C-FIND and what its answers mean (aborted: A-ABORTs received)."""
+    from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, code_to_category
+
+    held: set[str] = set()
+    peer, t0 = peer_of(target), time.monotonic()
+    responses = assoc.send_c_find(query, sop_class("StudyRootQueryRetrieveInformationModelFind"))
+    for answers, (status, ident) in enumerate(responses):
         if not status or "Status" not in status:
-            return None
-        answered = answered or status.Status == 0x0000
-        if status.Status in (0xFF00, 0xFF01) and ident is not None and ident.get(
-                "SOPInstanceUID"):
+            if any(aborted) and not answers:
+                raise QueryFailedError(refused_query(target,
+                                                     "it aborted the association when asked"))
+            if time.monotonic() - t0 >= target.dimse_timeout:
+                raise QueryFailedError(f"the PACS {peer} did not answer the query within "
+                                       f"--dimse-timeout {target.dimse_timeout:g} s")
+            raise QueryFailedError(f"the PACS {peer} dropped the connection during the query, "
+                                   f"after {answers} answers")
+        code = int(status.Status)
+        category = code_to_category(code)
+        if category == "Success":
+            return held
+        if category != "Pending":
+            meaning = QR_FIND_SERVICE_CLASS_STATUS.get(code, (category, "unknown status"))[1]
+            raise QueryFailedError(refused_query(target,
+                                                 f"C-FIND status 0x{code:04X}: {meaning}"))
+        if ident is not None and ident.get("SOPInstanceUID"):
             held.add(str(ident.SOPInstanceUID))
-    return held if answered else None
+        if time.monotonic() - t0 > target.dimse_timeout:
+            assoc.abort()
+            raise QueryFailedError(f"the PACS {peer} kept answering Pending for --dimse-timeout "
+                                   f"{target.dimse_timeout:g} s without finishing the query")
+    raise QueryFailedError(f"the PACS {peer} ended the query without a final status")
 
 
 def find_contexts() -> list[tuple[str, str]]:
@@ -5367,27 +5467,41 @@ def find_contexts() -> list[tuple[str, str]]:
     return [(sop_class("StudyRootQueryRetrieveInformationModelFind"), ts) for ts in UNCOMPRESSED]
 
 
-def verify_sent(target: SendTarget, sent: list[Sent]) -> list[str]:
-    """After a send, C-FIND every series it delivered to: name each file the receiver
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """What --verify found: files acknowledged but not held, or why it could not check."""
+
+    not_held: tuple[Sent, ...] = ()
+    unchecked: int = 0  # delivered files it could not check
+    error: str = ""
+
+    def problems(self) -> list[str]:
+        """One line for each thing wrong, for stderr and the session log."""
+        lines = [f"verify: the check could not be made for {self.unchecked} delivered files: "
+                 f"{self.error}"] if self.error else []
+        return lines + [f"verify: {s.path}: acknowledged (status 0x{s.status or 0:04X}) but "
+                        "not held by the receiver" for s in self.not_held]
+
+    def summary(self) -> dict[str, Any]:
+        """The summary's "verify" field."""
+        return {"made": not self.error, "error": self.error or None,
+                "unchecked": self.unchecked, "not_held": len(self.not_held)}
+
+
+def verify_sent(target: SendTarget, sent: list[Sent]) -> Verification:
+    """After a send, C-FIND every series it delivered to: each file the receiver
     acknowledged but does not hold (instances it held before do not matter)."""
     delivered: dict[tuple[str, str], list[Sent]] = {}
     for s in sent:
         if s.delivered:
             delivered.setdefault((s.study, s.series), []).append(s)
     if not delivered:
-        return []
+        return Verification()
     held, why = held_by_series(target, list(delivered), 1)  # one association, as before
-    if why:
-        return [f"verify: no association for C-FIND: {why}"]
-    problems = []
-    for (study, series), files in delivered.items():
-        got = held[(study, series)]
-        if got is None:
-            problems.append(f"verify: the receiver did not answer the C-FIND for study {study}")
-            continue
-        problems += [f"verify: {s.path}: acknowledged (status 0x{s.status or 0:04X}) but "
-                     f"not held by the receiver" for s in files if s.sop_instance not in got]
-    return problems
+    not_held = [s for key, files in delivered.items() if held[key] is not None
+                for s in files if s.sop_instance not in held[key]]
+    return Verification(tuple(not_held), sum(len(files) for key, files in delivered.items()
+                                             if held[key] is None), why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5470,12 +5584,15 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
                     f"{len(contexts)} presentation contexts")
         return stop.exit_status() or (EXIT_FAILURES if reporter.stats.errors else EXIT_OK)
     sent = transfer(studies, target, opts, session.log, stop.event, reporter, watch)
-    problems = verify_sent(target, sent) if target.verify else []
+    verified = verify_sent(target, sent) if target.verify else None
+    problems = verified.problems() if verified else []
     for problem in problems:
         print(problem, file=sys.stderr)
         session.log.warning(problem)
     summary = send_summary(session.id, session.started, time.perf_counter() - session.t0, sent,
                            target, opts, len(studies), reporter.stats.errors)
+    if verified:
+        summary["verify"] = verified.summary()
     tls = summary["tls"]
     session.log.info("transport: %s", f"encrypted, {tls['protocol']}" if tls["encrypted"]
                      else "not encrypted" if summary["successful_transfers"] else "nothing sent")
@@ -5489,6 +5606,10 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
         shown = {k: v for k, v in summary.items() if k not in ("failed_files", "files")}
         tls = shown.pop("tls")
         shown["tls"] = f"yes, {tls['protocol']}" if tls["encrypted"] else "no"
+        if verified:
+            check = shown.pop("verify")
+            shown["verified"] = (f"{check['not_held']} acknowledged but not held"
+                                 if check["made"] else "no: the check could not be made")
         print(render_summary(shown), file=sys.stderr)
     if summary["not_sent_stopped"]:
         print(f"stopped: {summary['not_sent_stopped']} files not sent", file=sys.stderr)
@@ -5604,12 +5725,17 @@ def held_by_series(target: SendTarget, keys: list[SeriesKey], workers: int
     def query(share: list[SeriesKey]) -> tuple[dict[SeriesKey, set[str] | None], str]:
         tried = open_association(target, find_contexts())
         if tried.assoc is None:
-            return dict.fromkeys(share), tried.why
+            return dict.fromkeys(share), f"no association for C-FIND: {tried.why}"
+        held: dict[SeriesKey, set[str] | None] = dict.fromkeys(share)
         try:
-            return {key: held_instances(tried.assoc, *key) for key in share}, ""
+            for key in share:
+                held[key] = held_instances(tried.assoc, *key, target)
+        except QueryFailedError as exc:  # the rest of the share is left unanswered
+            return held, str(exc)
         finally:
             if tried.assoc.is_established:
                 tried.assoc.release()
+        return held, ""
 
     held: dict[SeriesKey, set[str] | None] = {}
     why = ""
@@ -5675,11 +5801,12 @@ def run_check(opts: Options, out: Callable[[str], None]) -> int:
     held, why = held_by_series(target, series_keys(instances), opts.workers)
     report = compare_with_manifest(instances, held)
     report = {"manifest": str(opts.manifest), "destination": f"{target.host}:{target.port}",
-              "instances": len(instances), **report}
+              "instances": len(instances), "checked": not why, "error": why or None, **report}
     for line in render_check(report):
         out(line)
     if why:
         print(f"{paint('error:', RED)} {why}", file=sys.stderr)
+        errlog.error("%s: CheckNotMade: %s", opts.manifest, why)
     log.info("check-ingest: %d instances, %d mismatches, %d unanswered", len(instances),
              len(report["mismatches"]), len(report["unanswered"]))
     for m in report["mismatches"]:
@@ -5693,7 +5820,11 @@ def run_check(opts: Options, out: Callable[[str], None]) -> int:
 
 
 def render_check(report: dict[str, Any]) -> Iterator[str]:
-    """The report: a table per scenario, then every mismatch with its scenario, fault, file."""
+    """The report: a table per scenario, then every mismatch with its scenario, fault, file;
+    a check no series answered is only the reason it could not be made."""
+    if report["error"] and len(report["unanswered"]) == report["instances"]:
+        yield f"{report['instances']} instances: the check could not be made (why: stderr)"
+        return
     width = max([len(s) for s in report["scenarios"]] + [8])
     yield f"{'scenario':<{width}}  expect  files  held  mismatches"
     for scenario, rows in report["scenarios"].items():
@@ -5708,10 +5839,11 @@ def render_check(report: dict[str, Any]) -> Iterator[str]:
         yield (f"note: {m['scenario']} (fault {m['fault']}) {m['path']}: shares its SOP "
                "Instance UID with an accepted instance; C-FIND cannot tell them apart")
     for m in report["unanswered"]:
-        yield f"unanswered: {m['scenario']} {m['path']}: the PACS did not answer for its series"
+        yield f"unanswered: {m['scenario']} {m['path']}: no answer for its series"
     verdict = "the PACS behaved exactly as the manifest expects" if not (
         report["mismatches"] or report["unanswered"]) else \
-        f"{len(report['mismatches'])} mismatches, {len(report['unanswered'])} unanswered"
+        f"{len(report['mismatches'])} mismatches, {len(report['unanswered'])} unanswered" + (
+            f" (the check could not be completed: {report['error']})" if report["error"] else "")
     yield f"{report['instances']} instances checked: {verdict}"
 
 
@@ -5749,9 +5881,9 @@ def settle(opts: Options, instances: list[dict[str, Any]]) -> None:
     keys = series_keys(instances)
     deadline, last = time.monotonic() + target.settle_timeout, -1
     while time.monotonic() < deadline:
-        held, _ = held_by_series(target, keys, opts.workers)
+        held, why = held_by_series(target, keys, opts.workers)
         count = sum(len(h) for h in held.values() if h is not None)
-        if count == last:
+        if count == last or why:  # settled, or no query answers: the check will say why
             return
         last = count
         time.sleep(1.0)
@@ -6499,9 +6631,25 @@ def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
 
 
 def main(argv: list[str] | None = None, prog: str = "dicom_sar.py") -> int:
-    """Entry point: parse, validate, run; usage errors exit 2 before any file is touched."""
+    """Entry point: parse, validate, run; usage errors exit 2 before any file is touched,
+    and a bug of ours is one line and exit 70, never a traceback."""
+    threading.excepthook = thread_died
     parser = build_parser(prog)
-    ns = parser.parse_args(argv)
+    try:
+        return command_line(parser, parser.parse_args(argv))
+    except UsageError as exc:
+        print(f"{parser.prog}: {paint('error:', RED)} {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_SIGINT
+    except BrokenPipeError:  # stderr's reader is gone too (fish: `&| head`): nobody to tell
+        return 128 + signal.SIGPIPE
+    except Exception as exc:  # the last boundary
+        return internal_error(exc)
+
+
+def command_line(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    """What the parsed command line asks for: an answer of its own, or a run."""
     if not ns.dump:  # a dump decides in run(): its raw tag dump runs without pydicom
         load_pydicom()
     with contextlib.suppress(AttributeError, ValueError):  # a file name, a value not UTF-8:
@@ -6517,22 +6665,27 @@ def main(argv: list[str] | None = None, prog: str = "dicom_sar.py") -> int:
         for name, what in scenario_catalogue().items():
             print(f"{name:<32} {what}")
         return EXIT_OK
-    try:
-        opts = options_from_args(ns)
-    except UsageError as exc:
-        print(f"{parser.prog}: {paint('error:', RED)} {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        if not opts.quiet:
-            warn_if_gil()
-        return run(opts)
-    except UsageError as exc:
-        print(f"{parser.prog}: {paint('error:', RED)} {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_SIGINT
-    except BrokenPipeError:  # stderr's reader is gone too (fish: `&| head`): nobody to tell
-        return 128 + signal.SIGPIPE
+    opts = options_from_args(ns)
+    if not opts.quiet:
+        warn_if_gil()
+    return run(opts)
+
+
+def internal_error(exc: BaseException, where: str = "") -> int:
+    """Say in one line that dicom_sar itself failed; the traceback goes to dicom_sar.log."""
+    log.error("internal error%s: %s: %s", where, type(exc).__name__, exc,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{PROG}: {paint('internal error', RED)}{where}: {type(exc).__name__}: "
+              f"{one_line(str(exc))} (a bug in {PROG}, not in your files or your peer; the "
+              f"traceback is in {LOG_NAME} for a bug report)", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def thread_died(args: threading.ExceptHookArgs) -> None:
+    """threading's hook: a thread that dies of a bug says so in one line, as main does."""
+    if args.exc_value is not None and not isinstance(args.exc_value, SystemExit):
+        internal_error(args.exc_value, f" in thread {args.thread.name if args.thread else '?'}")
 
 
 def leave(code: int) -> NoReturn:

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -358,6 +359,23 @@ def orthanc(ns: Namespace, tmp_path: Path):
 
 
 
+@pytest.fixture
+def default_orthanc(ns: Namespace, tmp_path: Path):
+    """Debian's Orthanc with its configuration untouched but its ports and storage, as a
+    user has it: C-STORE and C-ECHO from anyone, C-FIND only from AEs it knows."""
+    need("Orthanc")
+    config = tmp_path / "orthanc-default"
+    config.mkdir()
+    for source in Path("/etc/orthanc").glob("*.json"):
+        text = source.read_text()
+        for key, value in (("HttpPort", str(HTTP_PORT)), ("DicomPort", str(PORT))):
+            text = re.sub(rf'"{key}"\s*:\s*\d+', f'"{key}" : {value}', text)
+        text = re.sub(r'"/var/lib/orthanc/[^"]*"', json.dumps(str(tmp_path / "db")), text)
+        (config / source.name).write_text(text)
+    ns.start(need("Orthanc"), config, log=tmp_path / "orthanc.log")
+    ns.wait_for_port(PORT)
+
+
 # ── Random DICOM files for the property tests (hypothesis) ──────────────────────────────
 
 def property_settings(examples: int) -> settings:
@@ -476,3 +494,59 @@ def damaged(data: bytes, damage: str, draw: st.DataObject) -> bytes:
     else:
         del out[at:at + draw.draw(st.integers(1, 4))]
     return bytes(out)
+
+
+# ── Files whose readability DCMTK decides (built with pydicom) ───────────────────────────
+
+def _encapsulated(ds: Dataset) -> None:
+    """Give ds a 2x2 monochrome image as one JPEG 2000 fragment (undefined length)."""
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 2
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + bytes(12)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+
+
+def icon_in_item(depth: int) -> bytes:
+    """A JPEG 2000 MR image whose IconImageSequence item (undefined length) holds its own
+    encapsulated PixelData, depth 1 or 2 (inside a ReferencedImageSequence item): the
+    compressed icon that Siemens and GE archives carry, which dcmdump reads cleanly."""
+    icon = Dataset()
+    _encapsulated(icon)
+    holder = Dataset()
+    holder.IconImageSequence = Sequence([icon])
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = pydicom.uid.MRImageStorage, pydicom.uid.generate_uid()
+    ds.StudyInstanceUID = ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.PatientID, ds.Modality = "ICON^PATIENT", "MR"
+    if depth == 1:
+        ds.IconImageSequence = holder.IconImageSequence
+    else:
+        outer = Dataset()
+        outer.ReferencedSOPInstanceUID = pydicom.uid.generate_uid()
+        outer.IconImageSequence = holder.IconImageSequence
+        ds.ReferencedImageSequence = Sequence([outer])
+    _encapsulated(ds)
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            elem.is_undefined_length = True
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = True
+    return as_part10(ds, pydicom.uid.JPEG2000Lossless)
+
+
+def sequence_delimiter_in_item(data: bytes) -> bytes:
+    """data with its first item delimiter (FFFE,E00D) made a sequence delimiter (FFFE,E0DD):
+    dcmdump refuses it ("Parse error in sequence item")."""
+    item_end = bytes.fromhex("feff0de000000000")
+    at = data.index(item_end)
+    return data[:at] + bytes.fromhex("feffdde000000000") + data[at + 8:]
+
+
+def readability_cases() -> dict[str, bytes]:
+    """Built files on the edge of readability, by name."""
+    return {"icon_depth1": icon_in_item(1), "icon_depth2": icon_in_item(2),
+            "seqdelim_in_item_depth1": sequence_delimiter_in_item(icon_in_item(1)),
+            "seqdelim_in_item_depth2": sequence_delimiter_in_item(icon_in_item(2))}

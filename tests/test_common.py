@@ -21,7 +21,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dicom_sar
-from conftest import FREE_THREADED_BUILD, TOOL, instances, need, property_settings, run_tool
+from conftest import (
+    FREE_THREADED_BUILD,
+    TOOL,
+    dcmdump,
+    instances,
+    need,
+    property_settings,
+    readability_cases,
+    run_tool,
+)
 from dicom_sar import Step, UsageError, parse_tag_specs
 
 PID, PNAME = 0x00100020, 0x00100010
@@ -226,10 +235,11 @@ def test_free_threaded_mode_is_reported(generated: Path, tmp_path: Path) -> None
     assert ("GIL enabled" in run.err) is not FREE_THREADED_BUILD
 
 
+@pytest.mark.skipif(not FREE_THREADED_BUILD, reason="a GIL build has no GIL to keep off")
 def test_gil_disabled_after_imports() -> None:
-    if FREE_THREADED_BUILD:
-        assert not sys._is_gil_enabled()
-        assert dicom_sar.gil_disabled()
+    """No import (pydicom, pynetdicom, tqdm) turned the GIL back on under 3.13t."""
+    assert not sys._is_gil_enabled()
+    assert dicom_sar.gil_disabled()
 
 
 @pytest.mark.parametrize(("before", "after"), [("", "True"), ("gc.disable(); ", "False")])
@@ -364,8 +374,11 @@ def test_time_limit_gives_up_on_a_stuck_file_and_commits_nothing_for_it(tmp_path
     release = dicom_sar.threading.Event()
     names = [f"f{i:02d}" for i in range(40)]
 
+    stuck: list[dicom_sar.threading.Thread] = []
+
     def task(cand: dicom_sar.Candidate) -> dicom_sar.FileResult:
         if cand.path.name == "f05":
+            stuck.append(dicom_sar.threading.current_thread())
             release.wait(60)  # stuck (sleeping releases the GIL, so both builds can test this)
             dicom_sar.write_bytes_atomic(b"late", tmp_path / "f05.out", fsync=False)
         return dicom_sar.FileResult(cand.path, "ok")
@@ -381,7 +394,8 @@ def test_time_limit_gives_up_on_a_stuck_file_and_commits_nothing_for_it(tmp_path
     assert [r.path.name for r in results] == names
     assert [r.path.name for r in results if r.status == "error"] == ["f05"]
     assert results[5].error_type == "TimeLimit" and "left as it was" in results[5].message
-    time.sleep(0.3)
+    stuck[0].join(30)  # the abandoned worker has tried its late write
+    assert not stuck[0].is_alive()
     assert not (tmp_path / "f05.out").exists()
     assert not list(tmp_path.glob(".dicom_sar-tmp-*"))
 
@@ -429,8 +443,11 @@ def test_after_a_stop_a_stuck_file_is_given_up_on_within_the_grace(tmp_path: Pat
     monkeypatch.setattr(dicom_sar, "STOP_GRACE", 0.5)
     release, stop = dicom_sar.threading.Event(), dicom_sar.threading.Event()
 
+    stuck: list[dicom_sar.threading.Thread] = []
+
     def task(cand: dicom_sar.Candidate) -> dicom_sar.FileResult:
         if cand.path.name == "f02":
+            stuck.append(dicom_sar.threading.current_thread())
             stop.set()  # the signal arrives while this file is stuck
             release.wait(60)
             dicom_sar.write_bytes_atomic(b"late", tmp_path / "f02.out", fsync=False)
@@ -446,7 +463,8 @@ def test_after_a_stop_a_stuck_file_is_given_up_on_within_the_grace(tmp_path: Pat
     assert [r.status for r in results[:4]] == ["ok", "ok", "error", "ok"]
     assert "after the stop signal" in results[2].message
     assert len(results) < 100  # no new files were taken after the stop
-    time.sleep(0.3)
+    stuck[0].join(30)  # the abandoned worker has tried its late write
+    assert not stuck[0].is_alive()
     assert not (tmp_path / "f02.out").exists()
 
 
@@ -556,13 +574,13 @@ def test_files_from_lists_files_with_the_walks_rules(generated: Path, manifest: 
     names = [f"t/d{i}/f {i}" for i in range(5)] + ["t/notes", "t/fifo", "t/d0", "/etc/passwd"]
     (tmp_path / "list0").write_bytes(b"\0".join(n.encode() for n in names) + b"\0")
     run = run_tool("--dump", "--tag", "PatientID", "--files-from", "list0", "-0",
-                   "--with-filename", "--summary-json", "s.json", cwd=tmp_path)
-    assert run.code == 1  # /etc/passwd is not below the --path root (.)
+                   "--with-filename", "--summary-json", "s.json", "--path", "t", cwd=tmp_path)
+    assert run.code == 1  # /etc/passwd is not below the --path root
     assert len(run.out.splitlines()) == 5
     s = json.loads((tmp_path / "s.json").read_text())
     assert (s["dicom_files"], s["skipped_not_dicom"], s["skipped_other"], s["errors"]) == \
         (5, 1, 1, 1)
-    assert "not below any --path root" in (tmp_path / "errors.log").read_text()
+    assert "not below --path t" in (tmp_path / "errors.log").read_text()
     piped = subprocess.run([sys.executable, str(TOOL), "--dump", "--tag", "PatientID",
                             "--files-from", "-", "-q"], cwd=tmp_path, capture_output=True,
                            input="\n".join(names[:5]).encode())
@@ -709,3 +727,85 @@ def test_the_readme_slurm_array_script_adds_up(slurm: dict, tmp_path: Path) -> N
     assert merged.code == 0, merged.err
     m, o = (json.loads((tmp_path / name).read_text()) for name in ("m.json", "one.json"))
     assert (m["modified"], m["files_seen"], m["errors"]) == (o["modified"], o["files_seen"], 0)
+
+
+# ── One rule for "readable", equal to DCMTK's ───────────────────────────────────────────
+
+def refused_by(mode: list[str], tree: Path, cwd: Path) -> set[str]:
+    """The files of tree that a run of mode reports unreadable in errors.log (a file read
+    whole that lacks what the mode needs, such as a send's UIDs, is not one)."""
+    cwd.mkdir()
+    run = run_tool(*mode, "--path", tree, "--no-progress", "-q", cwd=cwd)
+    assert run.code in (0, 1) and "Traceback" not in run.err, run.err
+    lines = [line.split(" ERROR ", 1)[1].split(": ", 2)
+             for line in (cwd / "errors.log").read_text().splitlines() if " ERROR " in line]
+    return {path.rsplit("/", 1)[-1] for path, kind, _ in lines if kind != "MissingAttribute"}
+
+
+def test_every_mode_decides_readability_as_dcmdump_does(real_files: list[Path],
+                                                        tmp_path: Path) -> None:
+    """A file dcmdump refuses is refused by --dump, --sar and --send; one it reads without
+    a word is read by all three: over the real files and the built edge cases (a compressed
+    icon in an undefined-length item at depth 1 and 2; a sequence delimiter in an item)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name, data in readability_cases().items():
+        (tree / name).write_bytes(data)
+    for i, path in enumerate(real_files):
+        shutil.copyfile(path, tree / f"real{i:03d}_{path.name}")
+    errors, clean = set(), set()
+    for path in tree.iterdir():
+        with path.open("rb") as f:
+            if dicom_sar.sniff_dicom(f.read(132), path.stat().st_size) is None:
+                continue  # not DICOM by its content: no mode reads it
+        proc = dcmdump(path)
+        if proc.returncode:
+            errors.add(path.name)
+        elif not proc.stderr.strip():
+            clean.add(path.name)
+    assert {"seqdelim_in_item_depth1", "seqdelim_in_item_depth2"} <= errors
+    assert {"icon_depth1", "icon_depth2"} <= clean
+    modes = {"dump": ["--dump"], "tag dump": ["--dump", "--tag", "PatientID"],
+             "sar": ["--sar", "--force", "--regex_search", "^$", "--regex_replace", "",
+                     "--output", tmp_path / "out"],
+             "send": ["--send", "--dry-run", "-H", "127.0.0.1", "-p", "104", "-a", "ANY"]}
+    for i, (name, mode) in enumerate(modes.items()):
+        refused = refused_by(mode, tree, tmp_path / f"run{i}")
+        assert errors <= refused, (name, sorted(errors - refused))
+        assert not refused & clean, (name, sorted(refused & clean))
+
+
+def test_files_from_without_path_takes_the_listed_paths_as_they_are(
+        generated: Path, manifest: dict, tmp_path: Path) -> None:
+    """`find /abs/tree -print0 | dicom_sar --dump --files-from - -0` reads every listed file,
+    wherever it is; shards split the list by the path as listed; a --path that the list is
+    not below is one usage error, before any file; --sar needs --path (its output mirrors it)."""
+    tree = tmp_path / "elsewhere"
+    for e in instances(manifest, scenario="multi_patient")[:6]:
+        (tree / e["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(generated / e["path"], tree / e["path"])
+    work = tmp_path / "work"
+    work.mkdir()
+    listing = subprocess.run(["find", str(tree), "-type", "f", "-print0"], capture_output=True,
+                             check=True).stdout
+
+    def piped(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(TOOL), *args, "--files-from", "-", "-0",
+                               "--no-progress"], cwd=work, input=listing.decode(),
+                              capture_output=True, text=True, timeout=120)
+
+    whole = piped("--dump", "--tag", "PatientID", "--with-filename", "-q")
+    assert whole.returncode == 0, whole.stderr
+    assert sorted(line.split(": ")[0] for line in whole.stdout.splitlines()) == \
+        sorted(os.fsdecode(n) for n in listing.split(b"\0") if n)
+    assert not (work / "errors.log").read_text()
+    halves = [piped("--dump", "--tag", "PatientID", "--with-filename", "-q", "--shard",
+                    f"{i}/2") for i in (1, 2)]
+    assert sorted(line for h in halves for line in h.stdout.splitlines()) == \
+        sorted(whole.stdout.splitlines())
+    wrong = piped("--dump", "--tag", "PatientID", "--path", str(work), "-q")
+    assert wrong.returncode == 2 and not wrong.stdout
+    assert len(wrong.stderr.strip().splitlines()) == 1 and "not below --path" in wrong.stderr
+    sar = piped("--sar", "--tag", "PatientID", "--regex_search", "A", "--regex_replace", "B",
+                "--inplace")
+    assert sar.returncode == 2 and "--sar with --files-from needs --path" in sar.stderr

@@ -517,8 +517,10 @@ def test_resume_never_applies_a_change_twice(five_hundred: tuple[Path, Path],
     tree = tmp_path / "tree"
     shutil.copytree(orig, tree)
     proc = sar_inplace(tree, tmp_path, "--no-backup")
+    deadline = time.monotonic() + 120
     while len((tmp_path / "dicom_sar.log").read_text().split("modified: ")) < 60 \
             if (tmp_path / "dicom_sar.log").exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline, "60 files never committed"
         time.sleep(0.01)
     proc.kill()
     proc.communicate()
@@ -639,8 +641,10 @@ def test_signals_stop_cleanly_with_a_summary(sig: int, code: int,
     proc = sar_inplace(tree, tmp_path, "--no-backup")
     # the signal comes once the first file is staged: a batch is then in flight, and the
     # tree cannot be finished before the signal lands (a batch commits up to 256 files)
+    deadline = time.monotonic() + 120
     while not any(p.name.startswith(dicom_sar_temp_prefix()) for p in os.scandir(tree)):
         assert proc.poll() is None, "the run ended before a file was staged"
+        assert time.monotonic() < deadline, "no file was staged"
         time.sleep(0.002)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)

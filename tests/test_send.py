@@ -135,14 +135,18 @@ def test_dry_run_plans_without_connecting(generated: Path, manifest: dict,
     assert run.out.count("association 1: 4 files, 2 presentation contexts") == 6
 
 
-@pytest.mark.parametrize("bad", [["-a", "THIS_TITLE_IS_TOO_LONG"], ["-a", "BAD\\AE"],
-                                 ["-c", ""], ["-p", "0"]])
-def test_ae_titles_and_ports_are_usage_errors(bad: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("bad", "message"), [
+    (["-a", "THIS_TITLE_IS_TOO_LONG"], "an AE title is 1-16 printable characters"),
+    (["-a", "BAD\\AE"], "an AE title is 1-16 printable characters"),
+    (["-c", ""], "an AE title is 1-16 printable characters"),
+    (["-p", "0"], "--port 0: use 1-65535"), (["-p", "70000"], "--port 70000: use 1-65535")])
+def test_ae_titles_and_ports_are_usage_errors(bad: list[str], message: str,
+                                              tmp_path: Path) -> None:
     args = {"-H": "127.0.0.1", "-p": "104", "-a": "STORESCP"} | dict(zip(bad[::2], bad[1::2],
                                                                          strict=True))
     run = run_tool("--send", "--path", tmp_path, *[x for kv in args.items() for x in kv],
                    cwd=tmp_path)
-    assert run.code == 2
+    assert run.code == 2 and message in run.err, run.err
 
 
 def test_receiver_stopped_mid_run(ns, storescp, generated: Path, manifest: dict,
@@ -405,8 +409,10 @@ def test_wrong_called_ae_is_a_clear_error(ns, orthanc, generated: Path, manifest
     code, summary, _err = send(ns, tree, tmp_path, called="NOT_ORTHANC")
     assert code == 1
     assert summary["successful_transfers"] == 0 and summary["failed_transfers"] == 4
-    assert "association rejected (Rejected Permanent)" in summary["failed_files"][0]["reason"]
-    assert "Called AE title not recognised" in summary["failed_files"][0]["reason"]
+    reason = summary["failed_files"][0]["reason"]
+    assert "NOT_ORTHANC@127.0.0.1:11112 (we are AE DICOM_SAR) rejected the association " \
+           "(Rejected Permanent)" in reason
+    assert "Called AE title not recognised" in reason and "check -a/--ae-title" in reason
 
 
 def test_files_without_identity_are_errors_for_that_file(generated: Path, manifest: dict,
@@ -837,3 +843,204 @@ def test_ingest_test_against_orthanc_reports_what_it_kept(ns, orthanc, tmp_path:
     normal.mkdir()
     code, report, out = ingest_test(ns, normal, "ORTHANC", "multi_patient")
     assert code == 0 and report["mismatches"] == [], out
+
+
+# ── Peers as users configure them: restrictive, hostile, broken ─────────────────────────
+
+HOSTILE_SCP = textwrap.dedent("""
+    # A Storage and Study Root C-FIND SCP that misbehaves in one way (argv[1]: JSON options):
+    # reject (every association, calling AE not recognised), abort_after (A-ABORT after that
+    # many stores), refuse_find (C-FIND failure status 0xC000), pending_forever (C-FIND
+    # answers Pending and never finishes), drop (closes the socket mid-PDU on the second
+    # store and on any C-FIND), silent (accepts TCP connections and says nothing).
+    import json, socket, sys, threading, time
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt, AllStoragePresentationContexts, _config
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+    _config.LOG_HANDLER_LEVEL = "none"
+    opts = json.loads(sys.argv[1])
+    how, stores, kept, lock = opts["how"], [0], {}, threading.Lock()
+    if how == "silent":
+        server = socket.create_server(("127.0.0.1", opts["port"]))
+        held = []
+        while True:
+            held.append(server.accept()[0])
+
+    def drop(event):  # a P-DATA-TF header that promises 1000 bytes, two of them, then close
+        sock = event.assoc.dul.socket.socket
+        sock.sendall(bytes([4, 0, 0, 0, 3, 232]) + b"\\x00\\x00")
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    def on_store(event):
+        with lock:
+            stores[0] += 1
+            n = stores[0]
+        if how == "abort_after" and n > opts["n"]:
+            event.assoc.abort()
+            return 0xA700
+        if how == "drop" and n == 2:
+            drop(event)
+            return 0xA700
+        ds = event.dataset
+        with lock:
+            kept[str(ds.SOPInstanceUID)] = (str(ds.StudyInstanceUID),
+                                            str(ds.get("SeriesInstanceUID", "")))
+        return 0x0000
+
+    def on_find(event):
+        if how == "refuse_find":
+            yield 0xC000, None
+            return
+        if how == "drop":
+            drop(event)
+            time.sleep(5)
+            return
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "IMAGE"
+        ident.SOPInstanceUID = "1.2.3.4"
+        while how == "pending_forever":
+            yield 0xFF00, ident
+            time.sleep(0.05)
+        q = event.identifier
+        for uid, (study, series) in list(kept.items()):
+            if study == q.StudyInstanceUID and series == q.get("SeriesInstanceUID", series):
+                ident = Dataset()
+                ident.QueryRetrieveLevel = "IMAGE"
+                ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
+                ident.SOPInstanceUID = uid
+                yield 0xFF00, ident
+        yield 0x0000, None
+
+    ae = AE(ae_title="HOSTILE")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(Verification)
+    if how == "reject":  # pynetdicom's own rejection: calling AE title not recognised
+        ae.require_calling_aet = ["SOMEONE_ELSE"]
+    ae.start_server(("127.0.0.1", opts["port"]), block=True,
+                    evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_C_FIND, on_find)])
+""")
+
+
+def network_modes(ns: Namespace, tmp_path: Path, called: str) -> dict[str, tuple[int, str, dict]]:
+    """Every network mode against the peer on PORT: (exit status, stderr, its summary)."""
+    common = ["-H", "127.0.0.1", "-p", str(PORT), "-a", called, "--retries", "1",
+              "--dimse-timeout", "3", "--acse-timeout", "2", "--no-progress",
+              "--log-dir", str(tmp_path / "logs")]
+    small = ["--scenario", "multi_patient", "--patients", "1", "--studies", "1", "--size",
+             "16x16"]
+    tree = tmp_path / "tree"
+    made = run_tool("--generate", *small, "--output", tree, "--no-progress", cwd=tmp_path)
+    assert made.code == 0, made.err
+    runs = {"echo": ["--echo"], "send": ["--send", "--path", str(tree)],
+            "send --verify": ["--send", "--verify", "--path", str(tree)],
+            "check-ingest": ["--check-ingest", str(tree / "manifest.json")],
+            "ingest-test": ["--ingest-test", *small, "--output", str(tmp_path / "gen"),
+                            "--settle-timeout", "10"]}
+    results = {}
+    for name, args in runs.items():
+        summary = tmp_path / f"{name.replace(' ', '_')}.json"
+        run = run_tool(*args, *common, "--summary-json", summary, cwd=tmp_path,
+                       prefix=ns.prefix, timeout=120)
+        results[name] = (run.code, run.err, json.loads(summary.read_text())
+                         if summary.exists() else {})
+    return results
+
+
+REFUSED_QUERY = "refused the query"
+# per peer: what each mode must say (a phrase of its one line) and exit with; None: exit 0
+PEERS = {
+    "default_orthanc": ("ORTHANC", {"echo": None, "send": None,
+                                    "send --verify": "register AE title DICOM_SAR there",
+                                    "check-ingest": "(Orthanc: DicomModalities",
+                                    "ingest-test": REFUSED_QUERY}),
+    "reject": ("HOSTILE", dict.fromkeys(["echo", "send", "send --verify", "check-ingest",
+                                         "ingest-test"], "Calling AE title not recognised")),
+    "abort_after": ("HOSTILE", {"echo": None, "send": "aborted the association",
+                                "send --verify": "aborted the association",
+                                "check-ingest": "mismatches", "ingest-test": "aborted"}),
+    "refuse_find": ("HOSTILE", {"echo": None, "send": None,
+                                "send --verify": "C-FIND status 0xC000",
+                                "check-ingest": "C-FIND status 0xC000",
+                                "ingest-test": "C-FIND status 0xC000"}),
+    "pending_forever": ("HOSTILE", dict(
+        {"echo": None, "send": None}, **dict.fromkeys(
+            ["send --verify", "check-ingest", "ingest-test"], "kept answering Pending"))),
+    "silent": ("HOSTILE", dict.fromkeys(["echo", "send", "send --verify", "check-ingest",
+                                         "ingest-test"], "did not answer the association")),
+    "drop": ("HOSTILE", {"echo": None, "send": "not sent again",
+                         "send --verify": "dropped the connection during the query",
+                         "check-ingest": "dropped the connection during the query",
+                         "ingest-test": "dropped the connection during the query"}),
+}
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_every_network_mode_against_restrictive_and_hostile_peers(peer: str, request, ns,
+                                                                   tmp_path: Path) -> None:
+    """Each network mode against each peer: one clear line naming what went wrong, exit 1,
+    a summary that says a check could not be made (never "0 mismatches"), no traceback."""
+    called, expected = PEERS[peer]
+    if peer == "default_orthanc":
+        request.getfixturevalue("default_orthanc")
+    else:
+        script = tmp_path / "hostile.py"
+        script.write_text(HOSTILE_SCP)
+        ns.start(sys.executable, script, json.dumps({"port": PORT, "how": peer, "n": 2}),
+                 log=tmp_path / "hostile.log")
+        ns.wait_for_port(PORT)
+    for mode, (code, err, summary) in network_modes(ns, tmp_path, called).items():
+        assert "Traceback" not in err, (mode, err)
+        phrase = expected[mode]
+        if phrase is None:
+            assert code == 0, (mode, err)
+            continue
+        assert code == 1, (mode, err)
+        assert phrase in err or phrase in json.dumps(summary), (mode, phrase, err)
+        if mode in ("check-ingest", "ingest-test") and peer != "abort_after":  # no C-FIND
+            assert summary["checked"] is False and summary["error"], (mode, summary)
+            assert "0 mismatches" not in err
+        if mode == "send --verify" and summary.get("successful_transfers"):
+            assert summary["verify"]["made"] is False, summary
+
+
+def test_a_ca_made_the_classic_way_is_accepted_as_dcmtk_accepts_it(
+        ns, tmp_path: Path, generated: Path, manifest: dict) -> None:
+    """A CA from a bare `openssl req -x509` (no keyUsage, as many hospital CAs) and a
+    server certificate it signed for localhost: DCMTK's storescu stores to storescp +tls
+    with them, and so do we, the chain and the host name verified (Python 3.13's strict
+    X.509 flag refused it: 'CA cert does not include key usage extension')."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=hospital-ca", "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout",
+            "server.key", "-out", "server.csr", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem", cwd=d)
+    assert b"Key Usage" not in subprocess.run(
+        ["openssl", "x509", "-in", d / "ca.pem", "-noout", "-text"], capture_output=True,
+        check=True).stdout
+    rx = tmp_path / "rx"
+    rx.mkdir()
+    ns.start(need("storescp"), "--fork", "-aet", "STORESCP", "-od", rx, "+tls",
+             d / "server.key", d / "server.pem", "-ic", PORT, log=tmp_path / "storescp.log")
+    ns.wait_for_port(PORT)
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    files = sorted(p for p in tree.rglob("*") if p.is_file())
+    dcmtk = subprocess.run([*ns.prefix, need("storescu"), "+tla", "+cf", d / "ca.pem",
+                            "-aec", "STORESCP", "localhost", str(PORT), files[0]],
+                           capture_output=True, timeout=60)
+    assert dcmtk.returncode == 0, dcmtk.stderr  # the oracle accepts this CA
+    run = run_tool("--send", "--path", tree, "-H", "localhost", "-p", PORT, "-a", "STORESCP",
+                   "--tls-ca", d / "ca.pem", "--log-dir", tmp_path / "logs", "--no-progress",
+                   "--summary-json", tmp_path / "s.json", cwd=tmp_path, prefix=ns.prefix)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert run.code == 0, run.err
+    assert summary["successful_transfers"] == len(files) and summary["tls"]["verified"]
+    assert len(received(rx)) == len(files)
+    other = run_tool("--echo", "-H", "127.0.0.1", "-p", PORT, "-a", "STORESCP", "--tls-ca",
+                     d / "ca.pem", cwd=tmp_path, prefix=ns.prefix)
+    assert other.code == 1 and "not accepted" in other.err  # the host name is still checked

@@ -50,9 +50,14 @@ def call(base: str, path: str, token: str | None, body: dict | None = None) -> t
 
 
 def wait_job(base: str, token: str, job: str) -> dict:
+    return finished(lambda path: call(base, path, token)[1], job)
+
+
+def finished(api, job: str) -> dict:
+    """A job's state once it has finished, asked of api(path) -> JSON; at most 120 s."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        _, state = call(base, f"/api/jobs/{job}", token)
+        state = api(f"/api/jobs/{job}")
         if state["finished"]:
             return state
         time.sleep(0.2)
@@ -185,11 +190,10 @@ def test_the_wizard_in_headless_chromium(ui, tmp_path: Path) -> None:
     assert pydicom.dcmread(tmp_path / "out" / first["path"]).InstitutionName == "WIZARD HOSPITAL"
 
 
-def test_the_send_section_echoes_sends_and_checks(ns, orthanc, tmp_path: Path) -> None:
-    """The page's Send section through its API, inside a loopback-only namespace with
-    Orthanc: echo, send the generated tree, and the ingestion check's report."""
-    proc = ns.start(sys.executable, TOOL, "--ui", "--port", "18099", "--log-dir",
-                    tmp_path / "logs", log=tmp_path / "ui.log")
+def wizard_in(ns, tmp_path: Path):
+    """The wizard served inside the namespace: its API as a function (path, body) -> JSON."""
+    ns.start(sys.executable, TOOL, "--ui", "--port", "18099", "--log-dir", tmp_path / "logs",
+             log=tmp_path / "ui.log")
     ns.wait_for_port(18099)
     deadline = time.monotonic() + 20
     while "token=" not in (tmp_path / "ui.log").read_text() and time.monotonic() < deadline:
@@ -204,16 +208,21 @@ def test_the_send_section_echoes_sends_and_checks(ns, orthanc, tmp_path: Path) -
                 "print(urllib.request.urlopen(r).read().decode())")
         return json.loads(ns.python(code))
 
+    return api
+
+
+def test_the_send_section_echoes_sends_and_checks(ns, orthanc, tmp_path: Path) -> None:
+    """The page's Send section through its API, inside a loopback-only namespace with
+    Orthanc: echo, send the generated tree, and the ingestion check's report."""
+    api = wizard_in(ns, tmp_path)
     out = str(tmp_path / "gen")
     job = api("/api/generate", {"scenarios": ["default", "cu_bits_mismatch"], "output": out})
-    while not api(f"/api/jobs/{job['job']}")["finished"]:
-        time.sleep(0.2)
+    finished(api, job["job"])
     receiver = {"host": "127.0.0.1", "port": PORT, "called": "ORTHANC", "output": out}
     echo = api("/api/echo", receiver)
     assert echo["ok"] and "success" in echo["message"]
     sent = api("/api/send", receiver)
-    while not (state := api(f"/api/jobs/{sent['job']}"))["finished"]:
-        time.sleep(0.2)
+    state = finished(api, sent["job"])
     assert state["summary"]["successful_transfers"] == 12 and state["code"] == 0
     assert state["done"] == state["total"] > 0  # the page's bar moved, to the end, in bytes
     assert orthanc("/statistics")["CountInstances"] == 12
@@ -221,4 +230,19 @@ def test_the_send_section_echoes_sends_and_checks(ns, orthanc, tmp_path: Path) -
     assert check["report"]["scenarios"]["default"]["accept"] == {"expected": 4, "held": 4,
                                                                  "mismatches": 0}
     assert check["code"] == 1  # Orthanc keeps the bits_mismatch image the manifest rejects
-    ns.stop(proc)
+
+
+def test_the_send_section_against_a_pacs_that_refuses_queries(ns, default_orthanc,
+                                                              tmp_path: Path) -> None:
+    """Orthanc as Debian configures it stores from anyone but refuses C-FIND from an AE it
+    does not know: the page's check says it could not be made, and why, with exit 1."""
+    api = wizard_in(ns, tmp_path)
+    out = str(tmp_path / "gen")
+    finished(api, api("/api/generate", {"scenarios": ["default"], "output": out})["job"])
+    receiver = {"host": "127.0.0.1", "port": PORT, "called": "ORTHANC", "output": out}
+    state = finished(api, api("/api/send", receiver)["job"])
+    assert state["code"] == 0 and not state["error"], state
+    check = api("/api/check", receiver)
+    assert check["code"] == 1 and check["report"]["checked"] is False
+    assert "register AE title DICOM_SAR there" in check["report"]["error"]
+    assert api("/api/echo", receiver)["ok"]  # C-ECHO, as C-STORE, it allows anyone
