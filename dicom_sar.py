@@ -266,6 +266,50 @@ SIGTERM), 141 the reader of the output went away.
 """
 
 
+RUN_MODES = ("dump", "sar", "generate", "send", "echo", "check_ingest", "ingest_test",
+             "merge_summaries", "ui")
+WALKING = ("dump", "sar", "send")  # the modes that read a tree
+DESTINATION = ("send", "echo", "check_ingest", "ingest_test", "ui")  # a PACS's options
+# The modes that take each option (by argparse dest) that not every mode takes: any other
+# mode refuses it (exit 2) rather than ignore it. ui takes the destination's options as
+# the defaults of its page's Send section, and --port as the port it listens on.
+OPTION_MODES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("path", "glob", "files_from", "null", "shard", "follow_symlinks"),
+                    WALKING),
+    "tag": ("dump", "sar"),
+    "workers": ("dump", "sar", "generate", "send", "check_ingest", "ingest_test", "ui"),
+    "time_limit": ("dump", "sar", "generate", "send", "ingest_test"),
+    "summary_json": ("dump", "sar", "generate", "send", "check_ingest", "ingest_test",
+                     "merge_summaries"),
+    "dry_run": ("sar", "generate", "send"),
+    **dict.fromkeys(("resume", "restart"), ("sar",)),
+    **dict.fromkeys(("format", "with_filename", "count"), ("dump",)),
+    **dict.fromkeys(("regex_search", "regex_replace", "force", "deep", "inplace", "backup_dir",
+                     "no_backup", "copy_unmodified"), ("sar",)),
+    **dict.fromkeys(("output", "no_fsync"), ("sar", "generate", "ingest_test")),
+    **dict.fromkeys(("scenario", "seed", "patients", "studies", "series", "instances",
+                     "modality", "size", "layout", "config"), ("generate", "ingest_test")),
+    **dict.fromkeys(("host", "ae_title", "calling_ae", "retries", "acse_timeout",
+                     "dimse_timeout", "network_timeout", "max_pdu", "tls", "tls_ca",
+                     "tls_cert", "tls_key", "tls_no_verify"), DESTINATION[:4]),
+    "port": DESTINATION,
+    "verify": ("send",),
+    "settle_timeout": ("ingest_test",),
+}
+
+
+def refuse_foreign_options(parser: argparse.ArgumentParser, ns: argparse.Namespace,
+                           mode: str) -> None:
+    """A usage error for an option given to a mode that would ignore it, naming its modes."""
+    for action in parser._actions:
+        modes = OPTION_MODES.get(action.dest)
+        if modes is None or mode in modes or getattr(ns, action.dest) == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        raise UsageError(f"{flag} belongs to " + ", ".join(
+            f"--{m.replace('_', '-')}" for m in modes) + f", not to --{mode.replace('_', '-')}")
+
+
 def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
     """The command line, grouped by mode."""
     p = argparse.ArgumentParser(
@@ -373,7 +417,8 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
 
     send = p.add_argument_group("send")
     send.add_argument("--host", "-H", metavar="HOST", help="receiver's host name or address")
-    send.add_argument("--port", "-p", type=int, metavar="PORT", help="receiver's port")
+    send.add_argument("--port", "-p", type=int, metavar="PORT",
+                      help="receiver's port (--ui: the port the wizard listens on)")
     send.add_argument("--ae-title", "-a", default="ANY-SCP", metavar="AET",
                       help="called AE title (default ANY-SCP)")
     send.add_argument("--calling-ae", "-c", default="DICOM_SAR", metavar="AET",
@@ -454,14 +499,14 @@ class UsageError(Exception):
     """A problem with the command line; reported before any file is touched (exit 2)."""
 
 
-def options_from_args(ns: argparse.Namespace) -> Options:
-    """Validate the parsed command line into Options; raise UsageError with advice."""
-    mode = next((m for m in ("dump", "sar", "generate", "send", "echo", "check_ingest",
-                             "ingest_test", "merge_summaries", "ui") if getattr(ns, m)), None)
+def options_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser | None = None
+                      ) -> Options:
+    """Validate the command line parser parsed into Options; raise UsageError with advice."""
+    mode = next((m for m in RUN_MODES if getattr(ns, m)), None)
     if mode is None:
-        raise UsageError("choose a mode: --dump, --sar, --generate, --send, --echo, "
-                         "--check-ingest, --ingest-test, --merge-summaries or --ui "
-                         "(see --help)")
+        raise UsageError("choose a mode: " + ", ".join(
+            f"--{m.replace('_', '-')}" for m in RUN_MODES) + " (see --help)")
+    refuse_foreign_options(parser or build_parser(), ns, mode)
     specs = tuple(s for text in (ns.tag or ()) for s in parse_tag_specs(text))
     workers = ns.workers if ns.workers is not None else default_workers()
     if workers < 1:
@@ -3614,9 +3659,9 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
         raise UsageError("no --tag given: SAR on every string element needs --force "
                          "(or give --tag PatientID)")
     for spec in specs:
-        vr = spec.dictionary_vr()
-        if vr is not None and vr not in STRING_VRS:
-            raise UsageError(f"--tag {spec.text}: VR {vr} is not a string VR; "
+        entry = dictionary_entry(spec.leaf.tag) if spec.leaf.creator is None else None
+        if entry is not None and not any(vr in STRING_VRS for vr in entry[0].split(" or ")):
+            raise UsageError(f"--tag {spec.text}: VR {entry[0]} is not a string VR; "
                              "SAR changes string values only")
     if ns.inplace and ns.output:
         raise UsageError("--inplace and --output exclude each other; pick one")
@@ -6031,7 +6076,8 @@ def wizard_run_options(argv: list[str], base: Options) -> Options:
         ns = parser.parse_args(argv)
     except (argparse.ArgumentError, SystemExit) as exc:
         raise UsageError(str(exc) or "invalid options") from None
-    return dataclasses.replace(options_from_args(ns), log_dir=base.log_dir, progress=False,
+    return dataclasses.replace(options_from_args(ns, parser), log_dir=base.log_dir,
+                               progress=False,
                                quiet=True, workers=base.workers)
 
 
@@ -6665,7 +6711,7 @@ def command_line(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int
         for name, what in scenario_catalogue().items():
             print(f"{name:<32} {what}")
         return EXIT_OK
-    opts = options_from_args(ns)
+    opts = options_from_args(ns, parser)
     if not opts.quiet:
         warn_if_gil()
     return run(opts)

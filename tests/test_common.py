@@ -809,3 +809,58 @@ def test_files_from_without_path_takes_the_listed_paths_as_they_are(
     sar = piped("--sar", "--tag", "PatientID", "--regex_search", "A", "--regex_replace", "B",
                 "--inplace")
     assert sar.returncode == 2 and "--sar with --files-from needs --path" in sar.stderr
+
+
+# ── Every option with every mode ─────────────────────────────────────────────────────────
+
+EVERY_MODE = {"dump": ["--dump"], "sar": ["--sar", "--tag", "PatientID", "--regex_search",
+                                           "A", "--regex_replace", "B"],
+              "generate": ["--generate"], "send": ["--send", "-H", "h", "-p", "104"],
+              "echo": ["--echo", "-H", "h", "-p", "104"],
+              "check_ingest": ["--check-ingest", "MANIFEST", "-H", "h", "-p", "104"],
+              "ingest_test": ["--ingest-test", "--output", "OUT", "-H", "h", "-p", "104"],
+              "merge_summaries": ["--merge-summaries", "MANIFEST"], "ui": ["--ui"]}
+SAMPLE = {"tag": "PatientID", "shard": "1/2", "size": "8x8", "scenario": "default",
+          "regex_search": "A", "regex_replace": "B", "port": "105", "workers": "2"}
+EVERY_MODE_TAKES = {"help", "log_dir", "no_progress", "verbose", "quiet"}
+
+
+def test_an_option_a_mode_would_ignore_is_a_usage_error(tmp_path: Path) -> None:
+    """Every option with every mode: the modes the table names take it; any other refuses it
+    naming the modes it belongs to (today --dump --inplace and --generate --tag ran and
+    ignored them). Every option is in the table or taken by every mode."""
+    parser = dicom_sar.build_parser()
+    mode_flags = {a.dest for a in parser._mutually_exclusive_groups[0]._group_actions}
+    options = [a for a in parser._actions if a.option_strings and a.dest not in mode_flags]
+    assert {a.dest for a in options} - set(dicom_sar.OPTION_MODES) == EVERY_MODE_TAKES
+    (tmp_path / "MANIFEST").write_text('{"instances": []}')
+
+    def options_of(argv: list[str]) -> str:
+        argv = [str(tmp_path / a) if a in ("MANIFEST", "OUT") else a for a in argv]
+        try:
+            dicom_sar.options_from_args(parser.parse_args(argv), parser)
+        except UsageError as exc:
+            return str(exc)
+        return ""
+
+    for mode, base in EVERY_MODE.items():
+        assert options_of(base) == "", mode
+        for action in options:
+            if action.dest in EVERY_MODE_TAKES:
+                continue
+            flag = max(action.option_strings, key=len)
+            value = [] if action.nargs == 0 else [
+                action.choices[-1] if action.choices else SAMPLE.get(action.dest, "7")]
+            said = options_of([*base, flag, *value])
+            foreign = mode not in dicom_sar.OPTION_MODES[action.dest]
+            assert ("belongs to" in said) == foreign, (mode, flag, said)
+            if foreign:
+                assert said.startswith(f"{flag} belongs to --") and mode.replace("_", "-") \
+                    in said.rsplit("not to ", 1)[1]
+
+
+def test_sar_refuses_a_tag_that_is_not_a_string_element(tmp_path: Path) -> None:
+    """--sar --tag PixelData (OB or OW) said 'unchanged 24'; now it is a usage error."""
+    run = run_tool("--sar", "--tag", "PixelData", "--regex_search", "A", "--regex_replace",
+                   "B", "--path", tmp_path, cwd=tmp_path)
+    assert run.code == 2 and "--tag PixelData: VR OB or OW is not a string VR" in run.err
