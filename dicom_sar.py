@@ -266,8 +266,43 @@ SIGTERM), 141 the reader of the output went away.
 """
 
 
-RUN_MODES = ("dump", "sar", "generate", "send", "echo", "check_ingest", "ingest_test",
-             "merge_summaries", "ui")
+class Mode(NamedTuple):
+    """One entry of the mode table: its flag, its --help line, how argparse takes it, and
+    whether it runs (over files or a peer) or only answers (a list, a version, a script)."""
+
+    flag: str
+    help: str
+    takes: dict[str, Any]  # add_argument's keywords beyond the help
+    runs: bool = True
+
+    @property
+    def name(self) -> str:
+        """The mode as Options.mode and the dispatch table (RUNNERS) name it."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+# The mode table: the only list of modes. The parser's mode group, the completions and the
+# option checks read it; RUNNERS (the last section) maps each mode that runs to its driver.
+MODES = (
+    Mode("--dump", "print header elements like dcmdump", {"action": "store_true"}),
+    Mode("--sar", "regex search/replace on tag values", {"action": "store_true"}),
+    Mode("--generate", "write a synthetic DICOM tree", {"action": "store_true"}),
+    Mode("--send", "C-STORE the tree, study by study", {"action": "store_true"}),
+    Mode("--echo", "C-ECHO the destination, send nothing", {"action": "store_true"}),
+    Mode("--check-ingest", "C-FIND what a PACS kept of a generated tree, against its "
+         "manifest", {"metavar": "MANIFEST"}),
+    Mode("--ingest-test", "generate -> send -> wait for the PACS -> --check-ingest, in one run",
+         {"action": "store_true"}),
+    Mode("--ui", "serve the generator's wizard on 127.0.0.1 (--port P, else a free one)",
+         {"action": "store_true"}),
+    Mode("--merge-summaries", "sum the --summary-json files of --shard runs into one",
+         {"nargs": "+", "metavar": "FILE"}),
+    Mode("--list-scenarios", "list --generate presets", {"action": "store_true"}, runs=False),
+    Mode("--version", "print versions for a bug report", {"action": "store_true"}, runs=False),
+    Mode("--completions", "print a shell completion script (see README)",
+         {"choices": ("fish", "bash", "zsh")}, runs=False),
+)
+RUN_MODES = tuple(m.name for m in MODES if m.runs)
 WALKING = ("dump", "sar", "send")  # the modes that read a tree
 DESTINATION = ("send", "echo", "check_ingest", "ingest_test", "ui")  # a PACS's options
 # The modes that take each option (by argparse dest) that not every mode takes: any other
@@ -316,24 +351,8 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Bulk search/replace, dump, generate and send for trees of DICOM files.")
     modes = p.add_argument_group("mode (choose one)").add_mutually_exclusive_group()
-    modes.add_argument("--dump", action="store_true", help="print header elements like dcmdump")
-    modes.add_argument("--sar", action="store_true", help="regex search/replace on tag values")
-    modes.add_argument("--generate", action="store_true", help="write a synthetic DICOM tree")
-    modes.add_argument("--send", action="store_true", help="C-STORE the tree, study by study")
-    modes.add_argument("--echo", action="store_true", help="C-ECHO the destination, send nothing")
-    modes.add_argument("--check-ingest", metavar="MANIFEST",
-                       help="C-FIND what a PACS kept of a generated tree, against its manifest")
-    modes.add_argument("--ingest-test", action="store_true",
-                       help="generate -> send -> wait for the PACS -> --check-ingest, in one run")
-    modes.add_argument("--ui", action="store_true",
-                       help="serve the generator's wizard on 127.0.0.1 (--port P, else a free "
-                            "one)")
-    modes.add_argument("--merge-summaries", nargs="+", metavar="FILE",
-                       help="sum the --summary-json files of --shard runs into one")
-    modes.add_argument("--list-scenarios", action="store_true", help="list --generate presets")
-    modes.add_argument("--version", action="store_true", help="print versions for a bug report")
-    modes.add_argument("--completions", choices=("fish", "bash", "zsh"),
-                       help="print a shell completion script (see README)")
+    for mode in MODES:
+        modes.add_argument(mode.flag, help=mode.help, **mode.takes)
 
     common = p.add_argument_group("common")
     common.add_argument("--path", action="append", metavar="P",
@@ -6525,9 +6544,7 @@ init();
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
-MODE_FLAGS = ("--dump", "--sar", "--generate", "--send", "--echo", "--check-ingest",
-              "--ingest-test", "--merge-summaries", "--ui", "--list-scenarios",
-              "--version", "--completions")
+MODE_FLAGS = tuple(m.flag for m in MODES)
 DIRECTORY_OPTIONS = ("--path", "--output", "--log-dir", "--backup-dir")
 
 
@@ -6656,24 +6673,24 @@ def run(opts: Options) -> int:
     return code
 
 
+Runner = Callable[[Options, Callable[[str], None], StopSignal, list[Path]], int]
+RUNNERS: dict[str, Runner] = {  # each mode of the table that runs: its driver
+    "dump": run_dump,
+    "sar": run_sar,
+    "generate": lambda opts, out, stop, _: run_generate(opts, out, stop),
+    "send": lambda opts, out, stop, _: run_send(opts, out, stop),
+    "echo": lambda opts, out, stop, _: run_send(opts, out, stop),
+    "check_ingest": lambda opts, out, _stop, _: run_check(opts, out),
+    "ingest_test": lambda opts, out, stop, _: run_ingest_test(opts, out, stop),
+    "ui": lambda opts, _out, stop, _: run_ui(opts, stop),
+    "merge_summaries": lambda opts, out, _stop, _: run_merge(opts, out),
+}
+
+
 def run_mode(opts: Options, out: Callable[[str], None], stop: StopSignal,
              log_paths: list[Path]) -> int:
     """The chosen mode's driver."""
-    if opts.mode == "generate":
-        return run_generate(opts, out, stop)
-    if opts.mode in ("send", "echo"):
-        return run_send(opts, out, stop)
-    if opts.mode == "check_ingest":
-        return run_check(opts, out)
-    if opts.mode == "ingest_test":
-        return run_ingest_test(opts, out, stop)
-    if opts.mode == "merge_summaries":
-        return run_merge(opts, out)
-    if opts.mode == "ui":
-        return run_ui(opts, stop)
-    if opts.mode == "sar":
-        return run_sar(opts, out, stop, log_paths)
-    return run_dump(opts, out, stop, log_paths)
+    return RUNNERS[opts.mode](opts, out, stop, log_paths)
 
 
 def main(argv: list[str] | None = None, prog: str = "dicom_sar.py") -> int:

@@ -864,3 +864,13 @@ def test_sar_refuses_a_tag_that_is_not_a_string_element(tmp_path: Path) -> None:
     run = run_tool("--sar", "--tag", "PixelData", "--regex_search", "A", "--regex_replace",
                    "B", "--path", tmp_path, cwd=tmp_path)
     assert run.code == 2 and "--tag PixelData: VR OB or OW is not a string VR" in run.err
+
+
+def test_the_mode_table_is_the_only_list_of_modes() -> None:
+    """Parser, completions and dispatch all come from MODES: each mode that runs has its
+    driver, and the parser's mode group is the table, in order."""
+    parser = dicom_sar.build_parser()
+    group = parser._mutually_exclusive_groups[0]._group_actions
+    assert [max(a.option_strings, key=len) for a in group] == \
+        [m.flag for m in dicom_sar.MODES] == list(dicom_sar.MODE_FLAGS)
+    assert set(dicom_sar.RUNNERS) == set(dicom_sar.RUN_MODES)
