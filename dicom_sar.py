@@ -5306,7 +5306,8 @@ def open_association(target: SendTarget, contexts: list[tuple]) -> Attempt:
     hint = "; or does it want a client certificate (--tls-cert, --tls-key)?" if \
         target.context and not target.tls_cert else "" if target.context else \
         "; or does it speak TLS only (--tls)?"
-    return Attempt(None, f"association aborted by the peer (no acceptable context?{hint})")
+    return Attempt(None, f"{peer_of(target)} aborted the association request (no acceptable "
+                   f"context?{hint})")
 
 
 def accepted_syntaxes(assoc: Any, sop_class: str) -> set[str]:
