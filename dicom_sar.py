@@ -1178,12 +1178,14 @@ class RawScan:
 
     def inflate(self, pos: int) -> None:
         """A deflated file: the dataset after the file meta, inflated."""
+        import zlib
+
         rest = read_rest(self.fd, self.size - len(self.data)) if self.fd >= 0 else b""
         try:
             body = b"".join(inflated([self.data[pos:], rest], self.size))
         except DeflateBombError as exc:
             raise RawScanError(str(exc)) from None
-        except Exception as exc:  # zlib.error: not a deflate stream
+        except zlib.error as exc:  # not a deflate stream
             raise RawScanError(f"the deflated dataset does not inflate: {exc}") from None
         self.data = self.data[:pos] + body
         self.size, self.fd = len(self.data), -1
