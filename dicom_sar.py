@@ -306,8 +306,8 @@ RUN_MODES = tuple(m.name for m in MODES if m.runs)
 WALKING = ("dump", "sar", "send")  # the modes that read a tree
 DESTINATION = ("send", "echo", "check_ingest", "ingest_test", "ui")  # a PACS's options
 # The modes that take each option (by argparse dest) that not every mode takes: any other
-# mode refuses it (exit 2) rather than ignore it. ui takes the destination's options as
-# the defaults of its page's Send section, and --port as the port it listens on.
+# mode refuses it (exit 2) rather than ignore it. ui takes --port as the port it listens on
+# (its page names the destination).
 OPTION_MODES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("path", "glob", "files_from", "null", "shard", "follow_symlinks"),
                     WALKING),

@@ -725,7 +725,21 @@ def test_tls_bytes_on_the_wire_are_encrypted(tls: bool, ns, tls_storescp, stores
 
 # ── the ingestion check: generate -> send -> settle -> check against the manifest ─────────
 
-STRICT_SCP = textwrap.dedent("""
+ANSWERS = textwrap.dedent("""
+    from pydicom.dataset import Dataset
+
+    def answers(kept, q):  # C-FIND at IMAGE level from {SOP instance: (study, series)}
+        for uid, (study, series) in list(kept.items()):
+            if study == q.StudyInstanceUID and series == q.get("SeriesInstanceUID", series):
+                ident = Dataset()
+                ident.QueryRetrieveLevel = "IMAGE"
+                ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
+                ident.SOPInstanceUID = uid
+                yield 0xFF00, ident
+        yield 0x0000, None
+""")
+
+STRICT_SCP = ANSWERS + textwrap.dedent("""
     # A strict ingestion system: refuses what the manifest marks reject, keeps the rest (but
     # for keep_uid, kept though it should be refused, and drop_uid, acknowledged and lost),
     # and answers C-FIND (Study Root, IMAGE level) from what it kept.
@@ -750,15 +764,7 @@ STRICT_SCP = textwrap.dedent("""
         return 0x0000
 
     def on_find(event):
-        q = event.identifier
-        for uid, (study, series) in list(kept.items()):
-            if study == q.StudyInstanceUID and series == q.get("SeriesInstanceUID", series):
-                ident = Dataset()
-                ident.QueryRetrieveLevel = "IMAGE"
-                ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
-                ident.SOPInstanceUID = uid
-                yield 0xFF00, ident
-        yield 0x0000, None
+        yield from answers(kept, event.identifier)
 
     ae = AE(ae_title="STRICT")
     ae.supported_contexts = AllStoragePresentationContexts
@@ -847,7 +853,7 @@ def test_ingest_test_against_orthanc_reports_what_it_kept(ns, orthanc, tmp_path:
 
 # ── Peers as users configure them: restrictive, hostile, broken ─────────────────────────
 
-HOSTILE_SCP = textwrap.dedent("""
+HOSTILE_SCP = ANSWERS + textwrap.dedent("""
     # A Storage and Study Root C-FIND SCP that misbehaves in one way (argv[1]: JSON options):
     # reject (every association, calling AE not recognised), abort_after (A-ABORT after that
     # many stores), refuse_find (C-FIND failure status 0xC000), pending_forever (C-FIND
@@ -902,15 +908,7 @@ HOSTILE_SCP = textwrap.dedent("""
         while how == "pending_forever":
             yield 0xFF00, ident
             time.sleep(0.05)
-        q = event.identifier
-        for uid, (study, series) in list(kept.items()):
-            if study == q.StudyInstanceUID and series == q.get("SeriesInstanceUID", series):
-                ident = Dataset()
-                ident.QueryRetrieveLevel = "IMAGE"
-                ident.StudyInstanceUID, ident.SeriesInstanceUID = study, series
-                ident.SOPInstanceUID = uid
-                yield 0xFF00, ident
-        yield 0x0000, None
+        yield from answers(kept, event.identifier)
 
     ae = AE(ae_title="HOSTILE")
     ae.supported_contexts = AllStoragePresentationContexts
