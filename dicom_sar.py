@@ -303,8 +303,9 @@ MODES = (
          {"choices": ("fish", "bash", "zsh")}, runs=False),
 )
 RUN_MODES = tuple(m.name for m in MODES if m.runs)
+FLAG_OF = {m.name: m.flag for m in MODES}  # "check_ingest" -> "--check-ingest"
 WALKING = ("dump", "sar", "send")  # the modes that read a tree
-DESTINATION = ("send", "echo", "check_ingest", "ingest_test", "ui")  # a PACS's options
+TALKING = ("send", "echo", "check_ingest", "ingest_test")  # the modes that talk to a PACS
 # The modes that take each option (by argparse dest) that not every mode takes: any other
 # mode refuses it (exit 2) rather than ignore it. ui takes --port as the port it listens on
 # (its page names the destination).
@@ -326,8 +327,8 @@ OPTION_MODES: dict[str, tuple[str, ...]] = {
                      "modality", "size", "layout", "config"), ("generate", "ingest_test")),
     **dict.fromkeys(("host", "ae_title", "calling_ae", "retries", "acse_timeout",
                      "dimse_timeout", "network_timeout", "max_pdu", "tls", "tls_ca",
-                     "tls_cert", "tls_key", "tls_no_verify"), DESTINATION[:4]),
-    "port": DESTINATION,
+                     "tls_cert", "tls_key", "tls_no_verify"), TALKING),
+    "port": (*TALKING, "ui"),
     "verify": ("send",),
     "settle_timeout": ("ingest_test",),
 }
@@ -341,8 +342,8 @@ def refuse_foreign_options(parser: argparse.ArgumentParser, ns: argparse.Namespa
         if modes is None or mode in modes or getattr(ns, action.dest) == action.default:
             continue
         flag = max(action.option_strings, key=len)
-        raise UsageError(f"{flag} belongs to " + ", ".join(
-            f"--{m.replace('_', '-')}" for m in modes) + f", not to --{mode.replace('_', '-')}")
+        raise UsageError(f"{flag} belongs to " + ", ".join(FLAG_OF[m] for m in modes)
+                         + f", not to {FLAG_OF[mode]}")
 
 
 def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
@@ -523,8 +524,8 @@ def options_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser | 
     """Validate the command line parser parsed into Options; raise UsageError with advice."""
     mode = next((m for m in RUN_MODES if getattr(ns, m)), None)
     if mode is None:
-        raise UsageError("choose a mode: " + ", ".join(
-            f"--{m.replace('_', '-')}" for m in RUN_MODES) + " (see --help)")
+        raise UsageError("choose a mode: " + ", ".join(FLAG_OF[m] for m in RUN_MODES)
+                         + " (see --help)")
     refuse_foreign_options(parser or build_parser(), ns, mode)
     specs = tuple(s for text in (ns.tag or ()) for s in parse_tag_specs(text))
     workers = ns.workers if ns.workers is not None else default_workers()
@@ -540,7 +541,7 @@ def options_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser | 
                          "in, whose layout the output and the backup mirror (e.g. --path "
                          "~/archive)")
     for path in paths:
-        if not path.exists() and not path.is_symlink() and mode in ("dump", "sar", "send"):
+        if not path.exists() and not path.is_symlink() and mode in WALKING:
             raise UsageError(f"--path {path}: no such file or directory")
     shard = parse_shard(ns.shard) if ns.shard else None
     if ns.files_from and ns.files_from != "-" and not Path(ns.files_from).is_file():
@@ -548,7 +549,7 @@ def options_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser | 
     if ns.null and not ns.files_from:
         raise UsageError("-0/--null goes with --files-from")
     summary_json = Path(ns.summary_json) if ns.summary_json else None
-    if shard and summary_json is None and mode in ("dump", "sar", "send"):
+    if shard and summary_json is None and mode in WALKING:
         summary_json = Path(ns.log_dir) / f"dicom_sar-summary.{shard_tag(shard)}.json"
     common = dict(
         mode=mode, paths=paths, specs=specs, glob=ns.glob, workers=workers,
@@ -6078,7 +6079,7 @@ def wizard_generate_options(request: dict[str, Any], base: Options) -> Options:
 
 def wizard_send_options(request: dict[str, Any], base: Options, mode: str) -> Options:
     """--send / --echo / --check-ingest options from the page's Send section."""
-    argv = [f"--{mode.replace('_', '-')}"]
+    argv = [FLAG_OF[mode]]
     if mode == "check_ingest":
         argv.append(str(Path(request.get("output") or ".") / "manifest.json"))
     argv += ["-H", str(request.get("host") or ""), "-p", str(request.get("port") or 0),
