@@ -10,6 +10,7 @@ Runs on free-threaded CPython 3.13t (parallel) and on any CPython >= 3.11 (GIL, 
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -19,6 +20,7 @@ import fnmatch
 import functools
 import gc
 import hashlib
+import hmac
 import importlib.util
 import io
 import itertools
@@ -40,7 +42,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, NoReturn
@@ -56,6 +58,7 @@ EXIT_INTERNAL = 70  # a bug of ours (sysexits' EX_SOFTWARE), never a file's or a
 LOG_NAME, ERROR_LOG_NAME = "dicom_sar.log", "errors.log"
 TEMP_PREFIX = ".dicom_sar-tmp-"  # every temporary file this tool writes starts with this
 DEFAULT_OUTPUT, DEFAULT_BACKUP = "dicom_sar_output", "dicom_sar_backup"
+DEFAULT_DEID = "dicom_sar_deid"
 DEFAULT_GENERATED = "dicom_sar_generated"
 DEFAULT_TIME_LIMIT = 600.0  # seconds per file; generous: a multi-GB file on slow storage
 
@@ -222,6 +225,7 @@ def load_pydicom() -> None:
             import pydicom.datadict
             import pydicom.encaps
             import pydicom.filewriter
+            import pydicom.multival
             import pydicom.uid
             import pydicom.valuerep
             from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
@@ -287,6 +291,10 @@ MODES = (
     Mode("--dump", "print header elements like dcmdump", {"action": "store_true"}),
     Mode("--sar", "regex search/replace on tag values", {"action": "store_true"}),
     Mode("--generate", "write a synthetic DICOM tree", {"action": "store_true"}),
+    Mode("--deid", "de-identify (PS3.15 Basic Profile), keyed by --key FILE",
+         {"action": "store_true"}),
+    Mode("--deid-audit", "list what the Basic Profile would still act on; exit 1 if any",
+         {"action": "store_true"}),
     Mode("--send", "C-STORE the tree, study by study", {"action": "store_true"}),
     Mode("--echo", "C-ECHO the destination, send nothing", {"action": "store_true"}),
     Mode("--check-ingest", "C-FIND what a PACS kept of a generated tree, against its "
@@ -304,7 +312,7 @@ MODES = (
 )
 RUN_MODES = tuple(m.name for m in MODES if m.runs)
 FLAG_OF = {m.name: m.flag for m in MODES}  # "check_ingest" -> "--check-ingest"
-WALKING = ("dump", "sar", "send")  # the modes that read a tree
+WALKING = ("dump", "sar", "deid", "deid_audit", "send")  # the modes that read a tree
 TALKING = ("send", "echo", "check_ingest", "ingest_test")  # the modes that talk to a PACS
 # The modes that take each option (by argparse dest) that not every mode takes: any other
 # mode refuses it (exit 2) rather than ignore it. ui takes --port as the port it listens on
@@ -313,16 +321,17 @@ OPTION_MODES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("path", "glob", "files_from", "null", "shard", "follow_symlinks"),
                     WALKING),
     "tag": ("dump", "sar"),
-    "workers": ("dump", "sar", "generate", "send", "check_ingest", "ingest_test", "ui"),
-    "time_limit": ("dump", "sar", "generate", "send", "ingest_test"),
-    "summary_json": ("dump", "sar", "generate", "send", "check_ingest", "ingest_test",
-                     "merge_summaries"),
-    "dry_run": ("sar", "generate", "send"),
-    **dict.fromkeys(("resume", "restart"), ("sar",)),
+    "workers": (*WALKING, "generate", "check_ingest", "ingest_test", "ui"),
+    "summary_json": (*WALKING, "generate", "check_ingest", "ingest_test", "merge_summaries"),
+    "time_limit": (*WALKING, "generate", "ingest_test"),
+    "dry_run": ("sar", "deid", "generate", "send"),
+    **dict.fromkeys(("resume", "restart", "inplace", "backup_dir", "no_backup"), ("sar", "deid")),
     **dict.fromkeys(("format", "with_filename", "count"), ("dump",)),
-    **dict.fromkeys(("regex_search", "regex_replace", "force", "deep", "inplace", "backup_dir",
-                     "no_backup", "copy_unmodified"), ("sar",)),
-    **dict.fromkeys(("output", "no_fsync"), ("sar", "generate", "ingest_test")),
+    **dict.fromkeys(("regex_search", "regex_replace", "force", "deep", "copy_unmodified"),
+                    ("sar",)),
+    **dict.fromkeys(("output", "no_fsync"), ("sar", "deid", "generate", "ingest_test")),
+    **dict.fromkeys(("key", "new_key", "allow_burned_in", "mapping"), ("deid",)),
+    **dict.fromkeys(("deid_option", "keep_private"), ("deid", "deid_audit")),
     **dict.fromkeys(("scenario", "seed", "patients", "studies", "series", "instances",
                      "modality", "size", "layout", "config"), ("generate", "ingest_test")),
     **dict.fromkeys(("host", "ae_title", "calling_ae", "retries", "acse_timeout",
@@ -409,9 +418,11 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
     sar.add_argument("--deep", action="store_true",
                      help="also match plain tags inside sequence items at any depth")
     sar.add_argument("--inplace", action="store_true",
-                     help="replace files in place (atomic; original kept in --backup-dir)")
+                     help="sar, deid: replace files in place (atomic; original kept in "
+                          "--backup-dir)")
     sar.add_argument("--output", "-o", metavar="DIR",
-                     help=f"output tree (sar: ./{DEFAULT_OUTPUT}; generate: ./{DEFAULT_GENERATED})")
+                     help=f"output tree (sar: ./{DEFAULT_OUTPUT}; deid: ./{DEFAULT_DEID}; "
+                          f"generate: ./{DEFAULT_GENERATED})")
     sar.add_argument("--backup-dir", metavar="DIR",
                      help=f"backup tree for --inplace (default: ./{DEFAULT_BACKUP}/<UTC time>)")
     sar.add_argument("--no-backup", action="store_true", help="no backup with --inplace")
@@ -420,6 +431,24 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
     sar.add_argument("--no-fsync", action="store_true",
                      help="sar, generate: no flush to disk before the renames (faster; a "
                      "power cut may then leave files empty)")
+
+    deid = p.add_argument_group("deid, deid-audit")
+    deid.add_argument("--key", metavar="FILE",
+                      help="the secret (16+ bytes) that keys pseudonyms, UIDs and date shifts; "
+                           "same key, same output on every host")
+    deid.add_argument("--new-key", metavar="FILE",
+                      help=f"write a new key ({KEY_BYTES} random bytes, mode 0600) and exit")
+    deid.add_argument("--deid-option", action="append", metavar="NAME",
+                      help="a PS3.15 option, repeatable: " + ", ".join(DEID_OPTIONS[1:]))
+    deid.add_argument("--keep-private", action="append", metavar="CREATOR",
+                      help="keep the private blocks of this creator (e.g. 'SIEMENS CSA "
+                           "HEADER'); repeatable; every other private element goes")
+    deid.add_argument("--allow-burned-in", action="store_true",
+                      help="de-identify files whose pixels may show text (the pixels are "
+                           "not cleaned)")
+    deid.add_argument("--mapping", metavar="FILE",
+                      help="write original -> pseudonym rows (PatientID, AccessionNumber, "
+                           "StudyInstanceUID) there, mode 0600")
 
     gen = p.add_argument_group("generate")
     gen.add_argument("--scenario", action="append", metavar="NAME",
@@ -508,6 +537,7 @@ class Options:
     merge: tuple[str, ...] = ()  # --merge-summaries
     ui_port: int = 0  # --ui: 0 for a free port
     send: Any = None
+    deid: DeidOptions | None = None  # --deid, --deid-audit
     resume: bool = False
     restart: bool = False
     journal: JournalView | None = None  # a journalled SAR run's key, and what its
@@ -536,10 +566,10 @@ def options_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser | 
                          f"not {ns.time_limit:g}")
     # --files-from without --path takes the listed paths as they are (find /mnt/archive ...)
     paths = tuple(Path(p) for p in (ns.path or ([] if ns.files_from else ["."])))
-    if ns.files_from and not paths and mode == "sar":
-        raise UsageError("--sar with --files-from needs --path: the tree the listed files are "
-                         "in, whose layout the output and the backup mirror (e.g. --path "
-                         "~/archive)")
+    if ns.files_from and not paths and (mode == "sar" or (mode == "deid" and ns.inplace)):
+        raise UsageError(f"{FLAG_OF[mode]} with --files-from needs --path: the tree the listed "
+                         "files are in, whose layout the output and the backup mirror (e.g. "
+                         "--path ~/archive)")
     for path in paths:
         if not path.exists() and not path.is_symlink() and mode in WALKING:
             raise UsageError(f"--path {path}: no such file or directory")
@@ -569,6 +599,11 @@ def options_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser | 
         return Options(**common, **dump_options(ns, specs))
     if mode == "sar":
         return Options(**common, **sar_options(ns, specs))
+    if mode in ("deid", "deid_audit"):
+        deid = deid_options(ns, mode)
+        if mode == "deid_audit" or deid.new_key is not None:
+            return Options(**common, deid=deid)
+        return Options(**common, deid=deid, **write_targets(ns, DEFAULT_DEID))
     if mode in ("send", "echo"):
         return Options(**common, send=send_options(ns))
     if mode == "check_ingest":
@@ -2481,8 +2516,10 @@ class Committer:
     the same minus the flushes.
     """
 
-    def __init__(self, fsync: bool, journal: Journal | None = None):
+    def __init__(self, fsync: bool, journal: Journal | None = None,
+                 claim: Callable[[FileResult], str] | None = None):
         self.fsync, self.journal = fsync, journal
+        self.claim = claim  # why a staged file may not take its target ('' if it may)
         if fsync:
             # before the pool starts: importing ctypes stops the world on 3.13t, which would
             # wait for a worker stuck in a catastrophic regular expression forever
@@ -2528,6 +2565,12 @@ class Committer:
         done, directories = [], {}
         for r in batch:
             s = r.staged
+            taken = self.claim(r) if self.claim is not None and s is not None else ""
+            if taken:
+                discard(s)
+                done.append(FileResult(r.path, Status.ERROR, nbytes=r.nbytes, seconds=r.seconds,
+                                       error_type="Duplicate", message=taken))
+                continue
             try:
                 if s is not None:
                     if problem is not None:
@@ -2803,7 +2846,9 @@ class Journal:
                           opts.deep, opts.all_strings, opts.inplace,
                           os.path.realpath(opts.output) if opts.output else None,
                           *([opts.shard, opts.files_from] if opts.shard or opts.files_from
-                            else [])])
+                            else []),
+                          *([opts.deid.fingerprint, opts.deid.options, opts.deid.keep_private,
+                             opts.deid.allow_burned_in] if opts.deid is not None else [])])
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return opts.log_dir / f"dicom_sar-{digest}.journal"
 
@@ -2975,13 +3020,17 @@ class Stats:
             "dry_run": opts.dry_run}
         if opts.shard:
             data["shard"] = f"{opts.shard[0]}/{opts.shard[1]}"
-        if opts.mode == "sar":
+        if opts.mode in ("sar", "deid"):
             data |= {"modified" if not opts.dry_run else "would_modify": self.modified,
                      "elements_changed": self.elements_changed,
                      "rejected" if not opts.dry_run else "would_reject": self.rejected,
                      "unchanged": self.unchanged}
             if self.litter_removed is not None:
                 data["temporary_files_removed"] = self.litter_removed
+        if opts.mode == "deid":
+            data["already_deidentified_or_done"] = self.skipped
+        if opts.mode == "deid_audit":
+            data["with_identifying_data"] = self.rejected
         if opts.mode == "generate":
             data |= {"files_written": self.written, "deliberately_absent": self.skipped}
         return data
@@ -3197,7 +3246,8 @@ class Reporter:
     def _changes(self, r: FileResult) -> None:
         if self.opts.dry_run:
             for c in r.changes:
-                self.out(f"{r.path}  {c.label}  {c.old!r} -> {c.new!r}")
+                self.out(f"{r.path}  {c.label}  " + (f"{c.old!r} -> {c.new!r}" if not c.action
+                                                     else self.action_of(c)))
             for why in r.rejections:
                 self.out(f"{r.path}  REJECTED  {why}")
         if r.status == Status.MODIFIED and not self.opts.dry_run:
@@ -3206,6 +3256,12 @@ class Reporter:
             if self.opts.verbose:
                 for c in r.changes:
                     log.debug("  %s %r -> %r", c.label, c.old, c.new)
+
+    def action_of(self, c: Change) -> str:
+        """A --deid change in a preview: what happened to the tag; values only for --verbose."""
+        if self.opts.verbose and (c.old or c.new):
+            return f"{c.action}  {c.old!r} -> {c.new!r}"
+        return c.action
 
     def error(self, path: Path, kind: str, message: str) -> None:
         """One line in errors.log and on stderr, the file named in the run's log."""
@@ -3253,20 +3309,25 @@ def exit_status(stats: Stats) -> int:
 
 def over_the_walk(opts: Options, task: Callable[[Candidate, Options], FileResult],
                   out: Callable[[str], None], stop: StopSignal, log_paths: list[Path],
-                  journal: Journal | None = None) -> Reporter:
+                  journal: Journal | None = None,
+                  also: Callable[[FileResult], None] | None = None,
+                  claim: Callable[[FileResult], str] | None = None) -> Reporter:
     """Discover, run task on the pool, commit what it staged (with journal: a writing run)
-    and report each file in walk order; the reporter is returned unfinished."""
+    and report each file in walk order (and hand it to also); the reporter is returned
+    unfinished."""
     excluded = excluded_locations(opts, log_paths)
     reporter = Reporter(opts, out, count=WalkCount(opts, excluded) if countable(opts) else None)
     litter = Litter(journal.key) if journal is not None and (opts.resume or opts.restart) \
         else None
-    committer = Committer(journal is not None and opts.fsync, journal)
+    committer = Committer(journal is not None and opts.fsync, journal, claim)
     results = run_ordered(discover(opts, excluded), lambda c: task(c, opts), opts.workers,
                           stop.event, opts.time_limit,
                           ahead=committer.batch_files if journal is not None else None)
     for result in committed(results, committer):
         if litter is None or not litter.claims(result):
             reporter.handle(result)
+            if also is not None:
+                also(result)
     if litter is not None:
         reporter.stats.litter_removed = litter.remove([opts.output, opts.backup])
     if stop.signum:
@@ -3685,9 +3746,18 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
         if entry is not None and not any(vr in STRING_VRS for vr in entry[0].split(" or ")):
             raise UsageError(f"--tag {spec.text}: VR {entry[0]} is not a string VR; "
                              "SAR changes string values only")
+    return dict(pattern=pattern, replacement=ns.regex_replace, deep=ns.deep,
+                all_strings=not specs, copy_unmodified=ns.copy_unmodified,
+                fast=bool(specs) and not ns.deep and fast_specs_ok(specs),
+                **write_targets(ns, DEFAULT_OUTPUT))
+
+
+def write_targets(ns: argparse.Namespace, default_output: str) -> dict[str, Any]:
+    """Where a writing mode's files go: an output tree, or in place with a backup tree,
+    neither of which may hold the other or the scanned tree."""
     if ns.inplace and ns.output:
         raise UsageError("--inplace and --output exclude each other; pick one")
-    output = None if ns.inplace else Path(ns.output or DEFAULT_OUTPUT)
+    output = None if ns.inplace else Path(ns.output or default_output)
     backup = None
     if ns.inplace and not ns.no_backup:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -3700,10 +3770,7 @@ def sar_options(ns: argparse.Namespace, specs: tuple[TagSpec, ...]) -> dict[str,
             raise UsageError(f"--output {output} holds the scanned {root}: written files could "
                              "replace originals; choose an output directory outside it, or "
                              "--inplace (which keeps a backup)")
-    return dict(pattern=pattern, replacement=ns.regex_replace, deep=ns.deep,
-                all_strings=not specs, inplace=ns.inplace, output=output, backup=backup,
-                copy_unmodified=ns.copy_unmodified,
-                fast=bool(specs) and not ns.deep and fast_specs_ok(specs))
+    return dict(inplace=ns.inplace, output=output, backup=backup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3713,6 +3780,7 @@ class Change:
     label: str  # "(0010,0020) PatientID"
     old: str
     new: str
+    action: str = ""  # --deid: removed, emptied, replaced, shifted, cleaned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3915,14 +3983,22 @@ def raw_element(tag: int, vr: str, value: bytes) -> RawDataElement:
 
 def run_sar(opts: Options, out: Callable[[str], None], stop: StopSignal,
             log_paths: list[Path]) -> int:
-    """Search/replace over the walk; a writing run keeps a journal, finished only when the
-    walk was (so --resume can take over after a stop)."""
+    """Search/replace over the walk."""
+    return run_journalled(opts, sar_task, out, stop, log_paths)
+
+
+def run_journalled(opts: Options, task: Callable[[Candidate, Options], FileResult],
+                   out: Callable[[str], None], stop: StopSignal, log_paths: list[Path],
+                   also: Callable[[FileResult], None] | None = None,
+                   claim: Callable[[FileResult], str] | None = None) -> int:
+    """A mode that rewrites files (--sar, --deid) over the walk; a writing run keeps a
+    journal, finished only when the walk was (so --resume can take over after a stop)."""
     journal = None if opts.dry_run else open_journal(opts)
     if journal is not None:
         opts = dataclasses.replace(opts, journal=journal.view)
         log_paths = [*log_paths, journal.path]
     try:
-        reporter = over_the_walk(opts, sar_task, out, stop, log_paths, journal)
+        reporter = over_the_walk(opts, task, out, stop, log_paths, journal, also, claim)
     except UsageError:  # the walk's first file (--files-from) told: nothing was done
         if journal is not None:
             journal.finish()
@@ -3933,6 +4009,953 @@ def run_sar(opts: Options, out: Callable[[str], None], stop: StopSignal,
     if opts.dry_run and not opts.quiet:
         print(f"dry run: would modify {data['would_modify']} files, "
               f"would reject {data['would_reject']}", file=sys.stderr)
+    return stop.exit_status() or exit_status(reporter.stats)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Mode --deid: PS3.15 Annex E (the Application Level Confidentiality Profile) on the SAR's
+# engine, keyed and stateless: the same key gives the same pseudonyms, UIDs and date shifts
+# on every host, in every run. --deid-audit reports what the profile would still act on.
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+# BEGIN GENERATED by tools/deid_table.py: PS3.15 Table E.1-1, do not edit
+DEID_EDITION = "2024b"
+DEID_OPTIONS = ("retain-safe-private", "retain-uids",
+                "retain-device-identity", "retain-institution-identity",
+                "retain-patient-characteristics", "retain-long-full-dates",
+                "retain-long-modified-dates", "clean-descriptors",
+                "clean-structured-content", "clean-graphics")
+DEID_TABLE = """\
+00001000 X .K........ 00001001 U .K........ 00020003 U .K........
+00041511 U .K........ 00080012 X/D .....KC... 00080013 X/Z/D .....KC...
+00080014 U .K........ 00080015 X .....KC... 00080017 U .K........
+00080018 U .K........ 00080019 U .K........ 00080020 Z .....KC...
+00080021 X/D .....KC... 00080022 X/Z .....KC... 00080023 Z/D .....KC...
+00080024 X .....KC... 00080025 X .....KC... 0008002a X/Z/D .....KC...
+00080030 Z .....KC... 00080031 X/D .....KC... 00080032 X/Z .....KC...
+00080033 Z/D .....KC... 00080034 X .....KC... 00080035 X .....KC...
+00080050 Z .......... 00080054 X ..C....... 00080055 X ..C.......
+00080058 U .K........ 00080080 X/Z/D ...K...... 00080081 X ...K......
+00080082 X/Z/D ...K...... 00080090 Z .......... 00080092 X ..........
+00080094 X .......... 00080096 X .......... 0008009c Z ..........
+0008009d X .......... 00080106 D .....KC... 00080107 D .....KC...
+00080201 X .....KC... 00081000 X ..C....... 00081010 X/Z/D ..K.......
+00081030 X .......C.. 0008103e X .......C.. 00081040 X ...K......
+00081041 X ...K...... 00081048 X .......... 00081049 X ..........
+00081050 X .......... 00081052 X .......... 00081060 X ..........
+00081062 X .......... 00081070 X/Z/D .......... 00081072 X/D ..........
+00081080 X .......C.. 00081084 X .......C.. 00081088 X .......C..
+00081110 X/Z .K........ 00081111 X/Z/D .K........ 00081120 X .K........
+00081140 X/Z/U* .K........ 00081155 U .K........ 00081195 U .K........
+00082111 X .......C.. 00082112 X/Z/U* .K........ 00083010 U .K........
+00084000 X .......C.. 00100010 Z .......... 00100020 Z/D ..........
+00100021 X .......... 00100030 Z .......... 00100032 X ..........
+00100040 Z ....K..... 00100050 X .......... 00100101 X ..........
+00100102 X .......... 00101000 X .......... 00101001 X ..........
+00101002 X .......... 00101005 X .......... 00101010 X ....K.....
+00101020 X ....K..... 00101030 X ....K..... 00101040 X ..........
+00101050 X .......... 00101060 X .......... 00101080 X ..........
+00101081 X .......... 00101090 X .......... 00101100 X ..........
+00102000 X .......C.. 00102110 X ....C..C.. 00102150 X ..........
+00102152 X .......... 00102154 X .......... 00102155 X ..........
+00102160 X ....K..... 00102180 X .......C.. 001021a0 X ....K.....
+001021b0 X .......C.. 001021c0 X ....K..... 001021d0 X .....KC...
+001021f0 X .......... 00102203 X/Z ....K..... 00102297 X ..........
+00102299 X .......... 00104000 X .......C.. 00120010 D ..........
+00120020 D .......... 00120021 Z .......... 00120022 X ..........
+00120023 X .......... 00120030 Z ...K...... 00120031 Z ...K......
+00120032 X .......... 00120040 D .......... 00120041 X ..........
+00120042 D .......... 00120043 X .......... 00120050 Z ..........
+00120051 X .......C.. 00120055 X .......... 00120060 Z ...K......
+00120071 X .......... 00120072 X .......C.. 00120073 X ..........
+00120081 D ...K...... 00120082 X .......... 00120086 X .....KC...
+00120087 X .....KC... 0014407c X ..K..KC... 0014407e X ..K..KC...
+0016002b X .......C.. 0016004b X .......C.. 0016004d X ..........
+0016004e X ..K....... 0016004f X ..K....... 00160050 X ..K.......
+00160051 X ..K....... 00160070 X .......... 00160071 X ..........
+00160072 X .......... 00160073 X .......... 00160074 X ..........
+00160075 X .......... 00160076 X .......... 00160077 X ..........
+00160078 X .......... 00160079 X .......... 0016007a X ..........
+0016007b X .......... 0016007c X .......... 0016007d X ..........
+0016007e X .......... 0016007f X .......... 00160080 X ..........
+00160081 X .......... 00160082 X .......... 00160083 X ..........
+00160084 X .......... 00160085 X .......... 00160086 X ..........
+00160087 X .......... 00160088 X .......... 00160089 X ..........
+0016008a X .......... 0016008b X .......... 0016008c X ..........
+0016008d X .....KC... 0016008e X .......... 00180010 Z/D .......C..
+00180027 X .....KC... 00180035 X .....KC... 00181000 X/Z/D ..K.......
+00181002 U .KK....... 00181004 X ..K....... 00181005 X ..K.......
+00181007 X ..K....... 00181008 X ..K....... 00181009 X ..K.......
+0018100a X ..K....... 0018100b U .KK....... 00181012 X .....KC...
+00181014 X .....KC... 00181030 X/D .......C.. 00181042 X .....KC...
+00181043 X .....KC... 00181072 X .....KC... 00181073 X .....KC...
+00181078 X .....KC... 00181079 X .....KC... 001811bb D .......C..
+00181200 X ..K..KC... 00181201 X ..K..KC... 00181202 X ..K..KC...
+00181203 Z ..K..KC... 00181204 X ..K..KC... 00181205 X ..K..KC...
+00181400 X/D .......C.. 00182042 U .K........ 00184000 X .......C..
+00185011 X ..K....... 0018700a X/D ..K....... 0018700c X/D ..K..KC...
+0018700e X/D ..K..KC... 00189074 D .....KC... 00189151 D .....KC...
+00189185 X .......C.. 00189367 D ..K....... 00189369 D .....KC...
+0018936a D .....KC... 00189371 D ..K....... 00189373 X ..K.......
+0018937b X .......C.. 0018937f X .......C.. 00189424 X .......C..
+00189516 X/D .....KC... 00189517 X/D .....KC... 00189623 D .....KC...
+00189701 D .....KC... 00189804 D .....KC... 00189919 Z/D .....KC...
+00189937 X .......C.. 0018a002 X .....KC... 0018a003 X .......C..
+0020000d U .K........ 0020000e U .K........ 00200010 Z ..........
+00200027 X .......C.. 00200052 U .K........ 00200200 U .K........
+00203401 X ..K....... 00203403 X .....KC... 00203405 X .....KC...
+00203406 X .......... 00204000 X .......C.. 00209158 X .......C..
+00209161 U .K........ 00209164 U .K........ 00281199 U .K........
+00281214 U .K........ 00284000 X .......... 00320012 X ..........
+00320032 X .....KC... 00320033 X .....KC... 00320034 X .....KC...
+00320035 X .....KC... 00321000 X .....KC... 00321001 X .....KC...
+00321010 X .....KC... 00321011 X .....KC... 00321020 X ..K.......
+00321021 X ..C....... 00321030 X .......C.. 00321032 X ..........
+00321033 X .......... 00321040 X .....KC... 00321041 X .....KC...
+00321050 X .....KC... 00321051 X .....KC... 00321060 X/Z .......C..
+00321066 X .......C.. 00321067 X .......C.. 00321070 X .......C..
+00324000 X .......C.. 00340001 D .......... 00340002 D ..........
+00340005 D .......... 00340007 D .....KC... 00380004 X ..........
+00380010 X .......... 00380011 X .......... 00380014 X ..........
+0038001a X .....KC... 0038001b X .....KC... 0038001c X .....KC...
+0038001d X .....KC... 0038001e X .......... 00380020 X .....KC...
+00380021 X .....KC... 00380030 X .....KC... 00380032 X .....KC...
+00380040 X .......C.. 00380050 X ....C..... 00380060 X ..........
+00380061 X .......... 00380062 X .......C.. 00380064 X ..........
+00380300 X .......... 00380400 X .......... 00380500 X ....C..C..
+00384000 X .......C.. 003a0310 U .K........ 003a0314 D .....KC...
+003a0329 X .......C.. 003a032b X .......C.. 00400001 X ..C.......
+00400002 X .....KC... 00400003 X .....KC... 00400004 X .....KC...
+00400005 X .....KC... 00400006 X .......... 00400007 X .......C..
+00400009 X .......... 0040000b X .......... 00400010 X ..K.......
+00400011 X ..K....... 00400012 X ....C..... 00400241 X ..C.......
+00400242 X ..K....... 00400243 X .......... 00400244 X .....KC...
+00400245 X .....KC... 00400250 X .....KC... 00400251 X .....KC...
+00400253 X .......... 00400254 X .......C.. 00400275 X .......C..
+00400280 X .......C.. 00400310 X .......C.. 0040050a X ..........
+00400512 D .......... 00400513 Z .......... 0040051a X .......C..
+00400551 D .......... 00400554 U .K........ 00400555 X/Z ........C.
+00400562 Z .......... 00400600 X .......C.. 00400602 X .......C..
+00400610 Z ........C. 004006fa X .......... 00401001 X ..........
+00401002 X .......C.. 00401004 X .......... 00401005 X ..........
+0040100a X .......C.. 00401010 X .......... 00401011 X ..........
+00401101 D .......... 00401102 X .......... 00401103 X ..........
+00401104 X .......... 00401400 X .......C.. 00402001 X .......C..
+00402004 X .....KC... 00402005 X .....KC... 00402008 X ..........
+00402009 X .......... 00402010 X .......... 00402011 X ..........
+00402016 Z .......... 00402017 Z .......... 00402400 X .......C..
+00403001 X .......... 00404005 X .....KC... 00404008 X .....KC...
+00404010 X .....KC... 00404011 X .....KC... 00404023 U .K........
+00404025 X ..K....... 00404027 X ..K....... 00404028 X ..K.......
+00404030 X ..K....... 00404034 X .......... 00404035 X ..........
+00404036 X .......... 00404037 X .......... 00404050 X .....KC...
+00404051 X .....KC... 00404052 X .....KC... 0040a023 X .....KC...
+0040a024 X .....KC... 0040a027 D .......... 0040a030 D .....KC...
+0040a032 X/D .....KC... 0040a033 X .....KC... 0040a073 D ..........
+0040a075 D .......... 0040a078 X .......... 0040a07a X ..........
+0040a07c X .......... 0040a082 Z .....KC... 0040a088 Z ..........
+0040a110 X .....KC... 0040a112 X .....KC... 0040a120 D .....KC...
+0040a121 D .....KC... 0040a122 D .....KC... 0040a123 D ..........
+0040a124 U .......... 0040a13a D .....KC... 0040a171 U .K........
+0040a172 U .K........ 0040a192 X .....KC... 0040a193 X .....KC...
+0040a307 X .......... 0040a352 X .......... 0040a353 X ..........
+0040a354 X .......... 0040a358 X .......... 0040a402 U .K........
+0040a730 D ........C. 0040db06 X .....KC... 0040db07 X .....KC...
+0040db0c U .K........ 0040db0d U .K........ 0040e004 X .....KC...
+00420011 D .......... 00440004 X .....KC... 0044000b X .....KC...
+00440010 X .....KC... 00440104 D .....KC... 00440105 X .....KC...
+0050001b X .......... 00500020 X ..K....... 00500021 X .......C..
+00620021 U .K........ 00640003 U .K........ 00686226 D .....KC...
+00686270 D .....KC... 006a0003 D .K........ 006a0005 D .......C..
+006a0006 X .......C.. 00700001 D .........C 00700082 X .....KC...
+00700083 X .....KC... 00700084 Z/D .......... 00700086 X ..........
+0070031a U .K........ 00701101 U .K........ 00701102 U .K........
+0072000a D .....KC... 0072005e D ..C....... 0072005f D ....K.....
+00720061 D .....KC... 00720063 D .....KC... 00720065 D ..........
+00720066 D .......C.. 00720068 D .......C.. 0072006a D ..........
+0072006b D .....KC... 0072006c D .......C.. 0072006d D ..........
+0072006e D .......C.. 00720070 D .......C.. 00720071 D ..........
+00741234 X ..C....... 00741236 X ..C....... 00880140 U .K........
+00880200 X .......... 00880904 X .......... 00880906 X ..........
+00880910 X .......... 00880912 X .......... 01000420 X .....KC...
+04000100 U .......... 04000105 D .....KC... 04000115 D ..........
+04000310 X .....KC... 04000402 X .......... 04000403 X ..........
+04000404 X .......... 04000550 X .......... 04000551 X ..........
+04000552 X .......... 04000561 X .......... 04000562 D .....KC...
+04000563 D ..K....... 04000564 Z ...K...... 04000565 D .......C..
+04000600 X .......... 20300020 X .......... 21000040 X .....KC...
+21000050 X .....KC... 21000070 X ..C....... 21000140 D ..C.......
+22000002 X/Z .......C.. 22000005 X/Z .......... 30020121 X .......C..
+30020123 X .......C.. 30060002 D .......C.. 30060004 X .......C..
+30060006 X .......C.. 30060008 Z .....KC... 30060009 Z .....KC...
+30060024 U .K........ 30060026 Z .......C.. 30060028 X .......C..
+3006002d X .....KC... 3006002e X .....KC... 30060038 X .......C..
+3006004d X .......... 3006004e X .......... 30060085 X .......C..
+30060088 X .......C.. 300600a6 Z .......... 300600c2 U .K........
+30080024 D .....KC... 30080025 D .....KC... 30080054 X/D .....KC...
+30080056 X/D .....KC... 30080105 X/Z ..K....... 30080162 D .....KC...
+30080164 D .....KC... 30080166 D .....KC... 30080168 D .....KC...
+30080250 X/D .....KC... 30080251 X/D .....KC... 300a0002 D .......C..
+300a0003 X .......C.. 300a0004 X .......C.. 300a0006 X/D .....KC...
+300a0007 X/D .....KC... 300a000b X .......C.. 300a000e X .......C..
+300a0013 U .K........ 300a0016 X .......C.. 300a0072 X .......C..
+300a0083 U .K........ 300a00b2 X/Z ..K....... 300a00c3 X .......C..
+300a00dd X .......C.. 300a0196 X .......C.. 300a01a6 X .......C..
+300a01b2 X .......C.. 300a0216 X ..K....... 300a022c D .....KC...
+300a022e D .....KC... 300a02eb X .......C.. 300a0608 D .......C..
+300a0609 U .K........ 300a0611 Z .......... 300a0615 Z ..........
+300a0619 D .......C.. 300a0623 D .......C.. 300a062a D .......C..
+300a0650 U .K........ 300a0676 X .......C.. 300a067c D .......C..
+300a067d Z .......C.. 300a0700 U .K........ 300a0734 D .......C..
+300a0736 D .....KC... 300a073a D .....KC... 300a0741 D .....KC...
+300a0742 D .......C.. 300a0760 D .....KC... 300a0783 D .......C..
+300a0785 U .K........ 300a078e X .......C.. 300a0792 X .......C..
+300a0794 X .......C.. 300a079a X .......C.. 300c0113 X .......C..
+300c0127 D ..K..KC... 300e0004 Z .....KC... 300e0005 Z .....KC...
+300e0008 X/Z .......... 30100006 U .K........ 3010000b U .K........
+3010000f Z .......C.. 30100013 U .K........ 30100015 U .K........
+30100017 Z .......C.. 3010001b Z .......... 3010002d D ..K.......
+30100031 U .K........ 30100033 D .......C.. 30100034 D .......C..
+30100035 D .......C.. 30100036 X .......C.. 30100037 X .......C..
+30100038 D .......C.. 3010003b U .K........ 30100043 Z ..K.......
+3010004c X/D .....KC... 3010004d X/D .....KC... 30100054 D .......C..
+30100056 X/D .......C.. 3010005a Z .......C.. 3010005c Z .......C..
+30100061 X .......C.. 3010006e U .K........ 3010006f U .K........
+30100077 X/D .......C.. 3010007a Z .......C.. 3010007b Z .......C..
+3010007f Z .......C.. 30100081 Z .......C.. 30100085 X .....KC...
+40000010 X .......... 40004000 X .......... 40080040 X ..........
+40080042 X .......... 40080100 X .....KC... 40080101 X .....KC...
+40080102 X .......... 40080108 X .....KC... 40080109 X .....KC...
+4008010a X .......... 4008010b X .......C.. 4008010c X ..........
+40080111 X .......... 40080112 X .....KC... 40080113 X .....KC...
+40080114 X .......... 40080115 X .......C.. 40080118 X ..........
+40080119 X .......... 4008011a X .......... 40080200 X ..........
+40080202 X .......... 40080300 X .......C.. 40084000 X .......C..
+50xxxxxx X .........C 60xx3000 X .........C 60xx4000 X .........C
+fffafffa X .......... fffcfffc X .......... odd X C.........
+"""
+# END GENERATED
+# The Basic Profile's combined actions, as applied here: the choice that stays valid whatever
+# the attribute's type in the IOD (Z for a type 2 or 3 attribute, D for one that may be type 1)
+COMBINED_ACTIONS = {"X/Z": "Z", "X/D": "D", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}
+PARTLY_HONOURED = {  # what an option's C (clean) means here, said at the start of a run
+    "clean-descriptors": "descriptions are kept with this file's own identifying values cut "
+                         "out of them; a name typed only into free text is not found",
+    "clean-structured-content": "content items are kept and de-identified at their depth, "
+                                "as the profile acts on every sequence; free text in them is "
+                                "removed where the table removes TextValue",
+    "clean-graphics": "overlays and curves are kept as they are, not cleaned",
+    "retain-device-identity": "AE titles the option cleans are kept with this file's "
+                              "identifying values cut out of them",
+    "retain-patient-characteristics": "the free-text characteristics it cleans (allergies, "
+                                      "special needs, ...) are kept with this file's "
+                                      "identifying values cut out of them",
+}
+# Files whose pixels often show text burned in (PS3.15 E.1.1 and its guidance on
+# ultrasound, secondary capture and photographs); refused unless --allow-burned-in when
+# BurnedInAnnotation is YES, or absent in one of these classes
+BURNED_IN_CLASSES = table(UID_BY_KEYWORD[k] for k in (
+    "UltrasoundImageStorage", "UltrasoundMultiFrameImageStorage",
+    "UltrasoundImageStorageRetired", "UltrasoundMultiFrameImageStorageRetired",
+    "SecondaryCaptureImageStorage", "MultiFrameSingleBitSecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleWordSecondaryCaptureImageStorage",
+    "MultiFrameTrueColorSecondaryCaptureImageStorage", "VLEndoscopicImageStorage",
+    "VideoEndoscopicImageStorage", "VLMicroscopicImageStorage", "VideoMicroscopicImageStorage",
+    "VLPhotographicImageStorage", "VideoPhotographicImageStorage",
+    "OphthalmicPhotography8BitImageStorage", "OphthalmicPhotography16BitImageStorage",
+    "EncapsulatedPDFStorage", "EncapsulatedCDAStorage"))
+# Elements whose replacement keeps files linked: keyed dummies, not emptied (PatientID and
+# PatientName get the patient's pseudonym)
+LINKING_KEYWORDS = ("AccessionNumber", "StudyID")
+MAPPED_KEYWORDS = ("PatientID", "AccessionNumber", "StudyInstanceUID")  # --mapping's rows
+DUMMIES = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y",
+           "DS": "0", "IS": "0", "UR": "urn:dicom-sar:removed"}
+BINARY_VRS = table("OB OD OF OL OV OW UN US SS UL SL UV SV FL FD AT".split())
+DATE_SHIFT_DAYS = (365, 3650)  # a patient's dates move back by a keyed offset in this range
+KEY_BYTES, MIN_KEY_BYTES = 32, 16
+MIN_IDENTIFYING = 4  # shorter removed values are not searched for (they occur by chance)
+CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")  # not text (ESC is: ISO 2022)
+FILE_META_REMOVED = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)
+DEID_CODES = {  # CID 7050: the profile's and each option's keyword in pydicom's codes.DCM
+    "basic": "BasicApplicationConfidentialityProfile",
+    "retain-safe-private": "RetainSafePrivateOption", "retain-uids": "RetainUidsOption",
+    "retain-device-identity": "RetainDeviceIdentityOption",
+    "retain-institution-identity": "RetainInstitutionIdentityOption",
+    "retain-patient-characteristics": "RetainPatientCharacteristicsOption",
+    "retain-long-full-dates": "RetainLongitudinalTemporalInformationFullDatesOption",
+    "retain-long-modified-dates": "RetainLongitudinalTemporalInformationModifiedDatesOption",
+    "clean-descriptors": "CleanDescriptorsOption",
+    "clean-structured-content": "CleanStructuredContentOption",
+    "clean-graphics": "CleanGraphicsOption"}
+MARKED_BY = PROG + " "  # how DeidentificationMethod's first value starts in our output
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Table E.1-1 resolved for the chosen options: one action (X Z D K C U) per tag."""
+
+    by_tag: Mapping[int, str]
+    curves: str  # (50xx,xxxx)
+    overlay_data: str  # (60xx,3000)
+    overlay_comments: str  # (60xx,4000)
+    private: str
+
+    def action(self, tag: int) -> str:
+        """What the profile does to a public element (K for one the table does not list)."""
+        action = self.by_tag.get(tag)
+        if action is not None:
+            return action
+        group = tag >> 16
+        if group & 0xFF01 == 0x5000:
+            return self.curves
+        if group & 0xFF01 == 0x6000 and tag & 0xFFFF in (0x3000, 0x4000):
+            return self.overlay_data if tag & 0xFFFF == 0x3000 else self.overlay_comments
+        return "K"
+
+
+@functools.cache
+def deid_profile(options: tuple[str, ...]) -> Profile:
+    """The profile of the Basic column with options' K and C over it (K, retain, wins over C)."""
+    chosen = [DEID_OPTIONS.index(o) for o in options]
+    resolved: dict[str, str] = {}
+    cells = DEID_TABLE.split()
+    for row, basic, columns in zip(cells[::3], cells[1::3], cells[2::3], strict=True):
+        overrides = {columns[i] for i in chosen} - {"."}
+        action = "K" if "K" in overrides else "C" if "C" in overrides else basic
+        resolved[row] = COMBINED_ACTIONS.get(action, action)
+    patterns = {row: resolved.pop(row) for row in ("50xxxxxx", "60xx3000", "60xx4000", "odd")}
+    return Profile({int(row, 16): action for row, action in resolved.items()},
+                   patterns["50xxxxxx"], patterns["60xx3000"], patterns["60xx4000"],
+                   patterns["odd"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DeidOptions:
+    """--deid's and --deid-audit's options; the key is never shown (repr=False)."""
+
+    key: bytes = dataclasses.field(repr=False)
+    fingerprint: str  # names the key in the journal's key and the logs, reveals nothing
+    options: tuple[str, ...]
+    keep_private: tuple[str, ...]
+    allow_burned_in: bool = False
+    mapping: Path | None = None
+    new_key: Path | None = None  # --new-key: make a key there, then exit
+    key_exposed: bool = False  # the key file is readable by others
+
+    @property
+    def profile(self) -> Profile:
+        """The table resolved for these options."""
+        return deid_profile(self.options)
+
+
+def deid_options(ns: argparse.Namespace, mode: str) -> DeidOptions:
+    """Check --key, --deid-option and --keep-private; read the key (never shown)."""
+    options = tuple(dict.fromkeys(ns.deid_option or ()))
+    for name in options:
+        if name not in DEID_OPTIONS:
+            raise UsageError(f"--deid-option {name}: unknown; choose from "
+                             + ", ".join(DEID_OPTIONS))
+    if "retain-safe-private" in options:
+        raise UsageError("--deid-option retain-safe-private is not supported: its list of safe "
+                         "private attributes (PS3.15 Table E.3.10-1) is not carried here; "
+                         "keep what you need with --keep-private CREATOR")
+    if {"retain-long-full-dates", "retain-long-modified-dates"} <= set(options):
+        raise UsageError("--deid-option retain-long-full-dates and retain-long-modified-dates "
+                         "exclude each other: keep the dates, or shift them")
+    keep = tuple(dict.fromkeys(c.strip() for c in ns.keep_private or ()))
+    if mode == "deid_audit":
+        return DeidOptions(b"", "", options, keep)
+    if ns.new_key:
+        return DeidOptions(b"", "", options, keep, new_key=Path(ns.new_key))
+    if not ns.key:
+        raise UsageError("--deid needs --key FILE (the secret that keys pseudonyms, UIDs and "
+                         "date shifts); make one with: dicom_sar --deid --new-key FILE")
+    key = read_key(Path(ns.key))
+    exposed = bool(os.stat(ns.key).st_mode & 0o077)
+    fingerprint = hmac.new(key, b"dicom_sar key fingerprint", hashlib.sha256).hexdigest()[:12]
+    return DeidOptions(key, fingerprint, options, keep, ns.allow_burned_in,
+                       Path(ns.mapping) if ns.mapping else None, key_exposed=exposed)
+
+
+def read_key(path: Path) -> bytes:
+    """The key file's bytes, at least MIN_KEY_BYTES of them."""
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--key {path}: cannot read it ({exc.strerror}); make a key with: "
+                         "dicom_sar --deid --new-key FILE") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise UsageError(f"--key {path}: {len(key)} bytes, too short (at least {MIN_KEY_BYTES}; "
+                         f"--new-key makes one of {KEY_BYTES} random bytes)")
+    return key
+
+
+def make_key(path: Path) -> None:
+    """KEY_BYTES random bytes in a new file of mode 0600 (never over an existing one)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise UsageError(f"--new-key {path}: the file exists; a key is never overwritten "
+                         "(the pseudonyms made with it would be lost)") from None
+    except OSError as exc:
+        raise UsageError(f"--new-key {path}: {exc.strerror}") from None
+    try:
+        write_all_fd(fd, os.urandom(KEY_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Keyed:
+    """The keyed functions of one key: pseudonyms, dummies, UIDs and date shifts, the same on
+    every host and in every run (HMAC-SHA256)."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def digest(self, kind: str, text: str) -> bytes:
+        """HMAC-SHA256 of kind and text, kept apart so that no two uses share a value."""
+        data = (kind + "\0" + text if kind else text).encode("utf-8", "surrogateescape")
+        return hmac.new(self.key, data, hashlib.sha256).digest()
+
+    def uid(self, uid: str) -> str:
+        """2.25. and the first 16 bytes of HMAC-SHA256(key, uid) as a decimal number."""
+        return "2.25." + str(int.from_bytes(self.digest("", uid)[:16], "big"))
+
+    def token(self, kind: str, text: str) -> str:
+        """16 characters of A-Z and 2-7: valid in every text VR (CS and SH included)."""
+        return base64.b32encode(self.digest(kind, text)).decode("ascii")[:16]
+
+    def patient(self, issuer: str, patient_id: str) -> str:
+        """The pseudonym of a patient: PatientID and PatientName both become it."""
+        return self.token("patient", issuer + "\0" + patient_id)
+
+    def date_shift(self, issuer: str, patient_id: str) -> int:
+        """Days one patient's dates move back, between DATE_SHIFT_DAYS."""
+        low, high = DATE_SHIFT_DAYS
+        value = int.from_bytes(self.digest("date-shift", issuer + "\0" + patient_id)[:8], "big")
+        return low + value % (high - low + 1)
+
+
+def text_of(ds: Dataset, tag: int, default: str = "") -> str:
+    """A top-level text element's value as one string ('' if absent)."""
+    elem = ds.get(tag)
+    if elem is None or elem.value is None or elem.VR == "SQ":
+        return default
+    value = elem.value
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return "\\".join(map(str, value))
+    return str(value)
+
+
+def raw_parts(ds: Dataset, tag: int, vr: str) -> list[bytes]:
+    """The encoded values of a text element as stored (for the search in the output)."""
+    raw = ds.get_item(tag)
+    value = raw.value if isinstance(raw, RawDataElement) else None
+    if value is None:
+        elem = ds[tag]
+        if elem.value is None or vr in BINARY_VRS:
+            return []
+        try:
+            value = b"\\".join(
+                pydicom.charset.encode_string(str(v), charset_of(ds))
+                for v in (elem.value if elem.VM > 1 else [elem.value]))
+        except (UnicodeError, ValueError, LookupError):
+            return []
+    if not isinstance(value, bytes) or (vr in BINARY_VRS and vr != "UN"):
+        return []
+    parts = [value] if vr in SINGLE_VALUE_VRS else value.split(b"\\")
+    return [p for p in (p.strip(b" \0") for p in parts)
+            if len(p) >= MIN_IDENTIFYING and not CONTROL_BYTES.search(p)]
+
+
+@dataclasses.dataclass
+class Scrub:
+    """One file's de-identification in progress (a worker's own): what it changed, the
+    original values it took out (to search the output for), and the --mapping rows."""
+
+    opts: DeidOptions
+    keyed: Keyed
+    issuer: str
+    patient_id: str
+    changes: list[Change] = dataclasses.field(default_factory=list)
+    identifying: dict[bytes, int] = dataclasses.field(default_factory=dict)  # value: its tag
+    to_clean: list[tuple[Dataset, int]] = dataclasses.field(default_factory=list)
+    mapping: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def note(self, ds: Dataset, tag: int, action: str, old: str = "", new: str = "") -> None:
+        """Record one change (tag and action; values only for --verbose previews)."""
+        self.changes.append(Change(f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {keyword_of(tag)}",
+                                   old, new, action))
+
+    def dataset(self, ds: Dataset) -> None:
+        """Apply the profile to every element of ds, sequence items at any depth included."""
+        for tag in list(ds.keys()):
+            self.element(ds, tag)
+
+    def element(self, ds: Dataset, tag: int) -> None:
+        """Apply the profile to one element (and its items)."""
+        group = tag >> 16
+        if tag & 0xFFFF == 0:  # group lengths (retired): wrong once anything is removed
+            del ds[tag]
+            return
+        if group % 2:
+            self.private(ds, tag)
+            return
+        vr = element_vr(ds.get_item(tag), ds)
+        if vr == "UN" or dictionary_entry(tag) is None:
+            self.remove(ds, tag, vr, "removed (unknown or UN)")
+            return
+        action = self.opts.profile.action(tag)
+        if vr == "SQ":
+            self.sequence(ds, tag, action)
+        elif action == "X":
+            self.remove(ds, tag, vr, "removed")
+        elif action in "ZDU" or (action == "C" and vr in ("DA", "DT")):
+            self.replace(ds, tag, vr, action)
+        elif action == "C" and vr not in BINARY_VRS and vr != "TM":  # times of day stay
+            self.to_clean.append((ds, tag))
+
+    def private(self, ds: Dataset, tag: int) -> None:
+        """Keep the blocks of --keep-private creators (their items de-identified); drop the rest."""
+        element = tag & 0xFFFF
+        if 0x10 <= element <= 0xFF:
+            kept = text_of(ds, tag).strip() in self.opts.keep_private
+        else:
+            kept = element > 0xFF and creator_of(ds, tag) in self.opts.keep_private
+        if not kept:
+            self.remove(ds, tag, element_vr(ds.get_item(tag), ds), "removed (private)")
+        elif is_sequence(ds, tag):
+            for item in ds[tag].value or []:
+                self.dataset(item)
+
+    def remove(self, ds: Dataset, tag: int, vr: str, why: str) -> None:
+        """X: the element goes, and every value in it is searched for in the output."""
+        self.collect(ds, tag, vr)
+        del ds[tag]
+        self.note(ds, tag, why)
+
+    def collect(self, ds: Dataset, tag: int, vr: str) -> None:
+        """Remember the element's original values (items' too) as identifying."""
+        if vr == "SQ" or is_sequence(ds, tag):
+            for item in ds[tag].value or []:
+                for inner in list(item.keys()):
+                    self.collect(item, inner, element_vr(item.get_item(inner), item))
+        elif vr not in BINARY_VRS or vr == "UN":
+            self.identifying.update(dict.fromkeys(raw_parts(ds, tag, vr), tag))
+
+    def sequence(self, ds: Dataset, tag: int, action: str) -> None:
+        """X removes a sequence, Z empties it; D, U, C and K keep its items, de-identified."""
+        if action == "X":
+            self.remove(ds, tag, "SQ", "removed")
+        elif action == "Z":
+            if ds[tag].value:
+                self.collect(ds, tag, "SQ")
+                ds[tag].value = []
+                self.note(ds, tag, "emptied")
+        else:
+            for item in ds[tag].value or []:
+                self.dataset(item)
+
+    def replace(self, ds: Dataset, tag: int, vr: str, action: str) -> None:
+        """Z (emptied, or a keyed dummy where files must stay linked), D, U, or C for a date."""
+        parts = raw_parts(ds, tag, vr)  # before text_of, which decodes the raw element
+        old = text_of(ds, tag)
+        if not old.strip("\\ \0"):
+            return
+        new = self.new_value(ds, tag, vr, action, old)
+        if new == old:
+            return
+        self.identifying.update(dict.fromkeys(parts, tag))
+        ds[tag] = DataElement(tag, vr, new.split("\\") if "\\" in new else new)
+        what = {"Z": "replaced" if new else "emptied", "D": "replaced", "U": "replaced",
+                "C": "shifted"}[action]
+        self.note(ds, tag, what, old, new)
+
+    def new_value(self, ds: Dataset, tag: int, vr: str, action: str, old: str) -> str:
+        """The value an element gets."""
+        keyword = keyword_of(tag)
+        if keyword in ("PatientID", "PatientName") and action != "C":
+            return self.keyed.patient(*self.patient_of(ds))
+        if vr == "UI":
+            return "\\".join(self.keyed.uid(u.strip("\0 ")) for u in old.split("\\"))
+        if action == "C":
+            return "\\".join(shift_date(v, vr, self.shift) for v in old.split("\\"))
+        if action == "Z" and keyword not in LINKING_KEYWORDS:
+            return ""
+        if vr in DUMMIES:
+            return DUMMIES[vr]
+        return self.keyed.token("value", old)
+
+    def patient_of(self, ds: Dataset) -> tuple[str, str]:
+        """The patient an item names (IssuerOfPatientID, PatientID), else the file's."""
+        if 0x00100020 in ds:
+            return text_of(ds, 0x00100021), text_of(ds, 0x00100020)
+        return self.issuer, self.patient_id
+
+    @functools.cached_property
+    def shift(self) -> int:
+        """This file's patient's date shift in days."""
+        return self.keyed.date_shift(self.issuer, self.patient_id)
+
+    def clean(self) -> None:
+        """C for text: the element stays with this file's identifying values cut out."""
+        found = sorted({p.decode("latin-1") for p in self.identifying}, key=len, reverse=True)
+        for ds, tag in self.to_clean:
+            old = text_of(ds, tag)
+            new = old
+            for value in found:
+                new = re.sub(re.escape(value), "", new, flags=re.IGNORECASE)
+            if new != old:
+                vr = element_vr(ds.get_item(tag), ds)
+                ds[tag] = DataElement(tag, vr, new.split("\\") if "\\" in new and vr not in
+                                      SINGLE_VALUE_VRS else new)
+                self.note(ds, tag, "cleaned", old, new)
+
+
+def shift_date(value: str, vr: str, days: int) -> str:
+    """A DA or DT value moved back by days (the time of day kept); '' if it is no date."""
+    value = value.strip()
+    try:
+        day = datetime.strptime(value[:8], "%Y%m%d")
+        moved = (day - timedelta(days=days)).strftime("%Y%m%d")
+    except (ValueError, OverflowError):
+        return ""
+    return moved + value[8:] if vr == "DT" else moved
+
+
+def marked_by_us(ds: Dataset) -> bool:
+    """Whether our own de-identification wrote this file (a second pass would shift twice)."""
+    method = ds.get(0x00120063)
+    values = [] if method is None or method.value is None else \
+        [method.value] if isinstance(method.value, str) else list(method.value)
+    return text_of(ds, 0x00120062).upper() == "YES" and \
+        any(str(v).startswith(MARKED_BY) for v in values)
+
+
+def burned_in(ds: Dataset) -> str:
+    """Why the pixels may show identifying text ('' when nothing says so)."""
+    annotation = text_of(ds, 0x00280301).strip().upper()
+    if annotation == "YES":
+        return "BurnedInAnnotation is YES"
+    sop_class = text_of(ds, 0x00080016).strip("\0 ")
+    if not annotation and sop_class in BURNED_IN_CLASSES:
+        return (f"no BurnedInAnnotation in a {UID_DICTIONARY[sop_class][0]}, whose pixels "
+                "often show text")
+    return ""
+
+
+def mark(ds: Dataset, opts: DeidOptions) -> None:
+    """PatientIdentityRemoved, DeidentificationMethod(+CodeSequence) and whether the dates
+    were kept, shifted or removed."""
+    from pydicom.sr.codedict import codes
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = [f"{MARKED_BY}{__version__}", f"PS3.15 E.1-1 {DEID_EDITION}",
+                                 "Basic Profile", *opts.options]
+    items = []
+    for name in ("basic", *opts.options):
+        code = getattr(codes.DCM, DEID_CODES[name])
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator = code.value, code.scheme_designator
+        item.CodeMeaning = code.meaning
+        items.append(item)
+    ds.DeidentificationMethodCodeSequence = items
+    ds.LongitudinalTemporalInformationModified = (
+        "MODIFIED" if "retain-long-modified-dates" in opts.options else
+        "UNMODIFIED" if "retain-long-full-dates" in opts.options else "REMOVED")
+
+
+def deid_dataset(ds: Dataset, opts: DeidOptions) -> Scrub:
+    """De-identify ds (file meta included) in place; the Scrub tells what it did."""
+    scrub = Scrub(opts, Keyed(opts.key), text_of(ds, 0x00100021), text_of(ds, 0x00100020))
+    top = {k: text_of(ds, tag_for_keyword(k)) for k in MAPPED_KEYWORDS}
+    scrub.dataset(ds)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        for tag in FILE_META_REMOVED:
+            if tag in meta and (tag >> 8 & 0xFF == 1 or
+                                "retain-device-identity" not in opts.options):
+                scrub.remove(meta, tag, element_vr(meta.get_item(tag), meta), "removed")
+        if 0x00020003 in meta and opts.profile.action(0x00020003) == "U":
+            scrub.replace(meta, 0x00020003, "UI", "U")
+    scrub.clean()
+    mark(ds, opts)
+    for keyword, old in top.items():
+        new = text_of(ds, tag_for_keyword(keyword))
+        if old and new != old:
+            scrub.mapping.append((keyword, old, new))
+    return scrub
+
+
+def leftovers(ds: Dataset, opts: DeidOptions, *, marked: bool) -> list[str]:
+    """What the profile would still act on in ds, at any depth: elements it removes, private
+    elements of creators not kept, unknown or UN ones; in a file not marked de-identified,
+    also every element it would replace or empty that holds a value."""
+    found: list[str] = []
+    stack = [ds, *([ds.file_meta] if getattr(ds, "file_meta", None) is not None else [])]
+    while stack:
+        current = stack.pop()
+        for tag in list(current.keys()):
+            why = leftover(current, tag, opts, marked)
+            if why:
+                found.append(f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {keyword_of(tag)}: {why}")
+            elif is_sequence(current, tag):
+                stack.extend(current[tag].value or [])
+    return found
+
+
+def leftover(ds: Dataset, tag: int, opts: DeidOptions, marked: bool) -> str:
+    """Why the profile would still act on one element ('' if it would not)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if element == 0:  # group lengths say nothing of anyone
+        return ""
+    if group % 2:
+        creator = text_of(ds, tag).strip() if 0x10 <= element <= 0xFF else creator_of(ds, tag)
+        return "" if creator in opts.keep_private else "private element"
+    sequence = is_sequence(ds, tag)
+    if not sequence and (dictionary_entry(tag) is None or
+                         element_vr(ds.get_item(tag), ds) == "UN"):
+        return "unknown or UN element"
+    action = opts.profile.action(tag)
+    if action == "X":
+        return "the profile removes it"
+    if marked or action == "K" or (sequence and action != "Z"):
+        return ""
+    held = bool(ds[tag].value) if sequence else bool(text_of(ds, tag).strip("\\ \0"))
+    return "the profile would replace or empty it" if held else ""
+
+
+def checked_output(data: bytes, scrub: Scrub, opts: DeidOptions) -> str:
+    """Read the output back from its bytes: '' when nothing the profile removes is left and
+    no identifying value of the original occurs in it, else why not (no values named)."""
+    out = pydicom.dcmread(io.BytesIO(data), force=True)
+    problems = leftovers(out, opts, marked=True)
+    if problems:
+        return (f"{len(problems)} elements the profile removes are still there, first "
+                + problems[0])
+    kept = {v.strip(" \0") for _, value in all_text_values(out) for v in value.split("\\")}
+    wanted = [v for v in scrub.identifying if v.decode("latin-1") not in kept]
+    if wanted:
+        # a value counts where it stands alone or in text, not inside a longer number or word
+        # (a weight of 70.5 inside a slice location of -170.50)
+        found = re.compile(rb"(?<![A-Za-z0-9.])(" + b"|".join(map(re.escape, wanted))
+                           + rb")(?![A-Za-z0-9.])").search(searched_bytes(data, out))
+        if found:
+            tag = scrub.identifying[found[1]]
+            return (f"the original value of ({tag >> 16:04x},{tag & 0xFFFF:04x}) "
+                    f"{keyword_of(tag)} is still in the output (in an element the profile "
+                    "keeps, or one it does not know)")
+    return ""
+
+
+def searched_bytes(data: bytes, out: Dataset) -> bytes:
+    """The output's bytes as the search sees them: inflated if deflated, and without the
+    pixel data (gated by the burned-in rule, not by this search: noise matches by chance)."""
+    import zlib
+    meta = getattr(out, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID") == DEFLATED and data[128:132] == b"DICM":
+        end = 144 + struct.unpack("<L", data[140:144])[0]
+        return data[:end] + zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[end:])
+    pixels = out.get_item(0x7FE00010)
+    start = getattr(pixels, "value_tell", None)
+    if start is None or not isinstance(pixels.value, bytes):
+        return data
+    return data[:start] + data[start + len(pixels.value):]
+
+
+def all_text_values(ds: Dataset) -> Iterator[tuple[int, str]]:
+    """Every text element's value at any depth, file meta included."""
+    stack = [ds, *([ds.file_meta] if getattr(ds, "file_meta", None) is not None else [])]
+    while stack:
+        current = stack.pop()
+        for tag in list(current.keys()):
+            if is_sequence(current, tag):
+                stack.extend(current[tag].value or [])
+            elif element_vr(current.get_item(tag), current) not in BINARY_VRS:
+                yield tag, text_of(current, tag)
+
+
+def deid_target(cand: Candidate, ds: Dataset, opts: Options) -> Path:
+    """Where a de-identified file goes: OUTPUT/study/series/SOP by its new UIDs, whose
+    names hold nothing of the original (the input's names often are its UIDs)."""
+    assert opts.output is not None and opts.deid is not None
+    parts = [text_of(ds, tag).strip("\0 ") for tag in (0x0020000D, 0x0020000E, 0x00080018)]
+    if not parts[2]:
+        meta = getattr(ds, "file_meta", None)
+        parts[2] = text_of(meta, 0x00020003).strip("\0 ") if meta is not None else ""
+    safe = [p if re.fullmatch(r"[0-9]+(\.[0-9]+)*", p or "") else "" for p in parts]
+    if not safe[2]:
+        safe = ["unnamed", "", Keyed(opts.deid.key).token("path", os.fspath(cand.path))]
+    target = opts.output.joinpath(*[p for p in safe if p])
+    if not leads_nowhere_else(target.parent, opts.output):
+        raise PermissionError(f"refusing to write outside {opts.output}: {target}")
+    return target
+
+
+def deid_task(cand: Candidate, opts: Options) -> FileResult:
+    """De-identify one file: read all of it, apply the profile, check the bytes it would
+    write, then stage them (or preview)."""
+    assert opts.deid is not None
+    stamp = file_stamp(cand.path)
+    ds, size, _ = whole(cand.path, read_dataset(cand.path, header_only=False))
+    if ds is None:
+        return FileResult(cand.path, Status.NOT_DICOM, nbytes=size)
+    if marked_by_us(ds):
+        return FileResult(cand.path, Status.SKIPPED, nbytes=size,
+                          message=f"already de-identified by {PROG}: left as it is")
+    why = "" if opts.deid.allow_burned_in else burned_in(ds)
+    if why:
+        return refused(cand, size, f"{why}: pixels are not cleaned (--allow-burned-in to "
+                       "de-identify the header anyway)")
+    scrub = deid_dataset(ds, opts.deid)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    data = buffer.getvalue()
+    problem = checked_output(data, scrub, opts.deid)
+    if problem:
+        return refused(cand, size, problem, tuple(scrub.changes))
+    changes = tuple(scrub.changes)
+    target = cand.path if opts.inplace else deid_target(cand, ds, opts)
+    if opts.journal is not None and opts.journal.completed(cand.path, target):
+        return FileResult(cand.path, Status.SKIPPED, message="completed by the interrupted run")
+    if opts.dry_run:
+        return FileResult(cand.path, Status.MODIFIED, nbytes=size, changes=changes)
+
+    def write(out: BinaryIO) -> None:
+        if file_stamp(cand.path) != stamp:
+            raise RuntimeError("the file changed while it was being processed; left as it is")
+        write_all(out, [data])
+
+    if opts.inplace:
+        staged = stage_in_place(cand, opts, write)
+    else:
+        staged = stage_atomic(target, write, like=cand.path, tag=run_tag(opts), writable=True,
+                              source=cand.path)
+    return FileResult(cand.path, Status.MODIFIED, nbytes=size, changes=changes, staged=staged,
+                      record=tuple(scrub.mapping))
+
+
+def refused(cand: Candidate, size: int, why: str, changes: tuple[Change, ...] = ()
+            ) -> FileResult:
+    """A file --deid will not write, and why (nothing is written for it)."""
+    return FileResult(cand.path, Status.REJECTED, nbytes=size, rejections=(why,),
+                      changes=changes, error_type="Refused", message=why)
+
+
+def audit_task(cand: Candidate, opts: Options) -> FileResult:
+    """--deid-audit of one file: a line per element the profile would still act on."""
+    assert opts.deid is not None
+    ds, size, _ = whole(cand.path, read_dataset(cand.path, header_only=True))
+    if ds is None:
+        return FileResult(cand.path, Status.NOT_DICOM, nbytes=size)
+    found = leftovers(ds, opts.deid, marked=text_of(ds, 0x00120062).upper() == "YES")
+    if not found:
+        return FileResult(cand.path, Status.OK, nbytes=size)
+    return FileResult(cand.path, Status.REJECTED, nbytes=size,
+                      lines=tuple(f"{cand.path}  {line}" for line in found),
+                      rejections=(f"{len(found)} elements the Basic Profile would act on",))
+
+
+class MappingFile:
+    """--mapping: original -> pseudonym rows (TSV, mode 0600), appended as files commit; the
+    only place where original values are written. Shards write one each: `sort -u` merges."""
+
+    def __init__(self, path: Path):
+        self.path, self.seen = path, set()
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.fchmod(self.fd, 0o600)
+
+    def add(self, result: FileResult) -> None:
+        """The rows of one committed file not written before."""
+        if result.status != Status.MODIFIED or not result.record:
+            return
+        rows = [row for row in result.record if row not in self.seen]
+        self.seen.update(rows)
+        if rows:
+            write_all_fd(self.fd, "".join("\t".join(r) + "\n" for r in rows).encode(
+                "utf-8", "surrogateescape"))
+
+    def close(self) -> None:
+        """Flush the rows to disk and close."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+class TargetClaims:
+    """The main thread's record of which input took each output name: two files of one
+    instance (the same SOP Instance UID) would go to one name, and the second would
+    silently replace the first."""
+
+    def __init__(self) -> None:
+        self.taken: dict[Path, Path] = {}
+
+    def claim(self, result: FileResult) -> str:
+        """'' when the result's target is free (or its own), else why it is not written."""
+        assert result.staged is not None
+        first = self.taken.setdefault(result.staged.target, result.path)
+        if first == result.path:
+            return ""
+        return (f"the same SOP Instance UID as {first}, already written to "
+                f"{result.staged.target}; not written")
+
+
+def mapping_path(opts: Options) -> Path | None:
+    """--mapping's file; a shard's has its shard in its name (one per shard, mergeable)."""
+    assert opts.deid is not None
+    path = opts.deid.mapping
+    if path is None or opts.shard is None:
+        return path
+    return path.with_name(f"{path.stem}.{shard_tag(opts.shard)}{path.suffix}")
+
+
+def announce_deid(opts: Options) -> None:
+    """Say, before any file, what the options cannot fully do and whether the key is exposed."""
+    assert opts.deid is not None
+    notes = [f"--deid-option {o}: {PARTLY_HONOURED[o]}" for o in opts.deid.options
+             if o in PARTLY_HONOURED]
+    if opts.deid.key_exposed:
+        notes.append("the key file is readable by others: chmod 600 it (whoever reads it can "
+                     "link pseudonyms to patients)")
+    for note in notes:
+        log.warning("%s", note)
+        if not opts.quiet:
+            print(f"{PROG}: warning: {note}", file=sys.stderr)
+
+
+def run_deid(opts: Options, out: Callable[[str], None], stop: StopSignal,
+             log_paths: list[Path]) -> int:
+    """De-identify over the walk, journalled as --sar is; or make a key (--new-key)."""
+    assert opts.deid is not None
+    if opts.deid.new_key is not None:
+        make_key(opts.deid.new_key)
+        print(f"wrote a new key to {opts.deid.new_key} ({KEY_BYTES} random bytes, mode 0600); "
+              "keep it as you keep the originals: whoever holds it can link pseudonyms to "
+              "patients", file=sys.stderr)
+        return EXIT_OK
+    log.info("de-identifying with key %s; options: %s", opts.deid.fingerprint,
+             ", ".join(opts.deid.options) or "Basic Profile only")
+    announce_deid(opts)
+    mapping = None
+    path = mapping_path(opts)
+    if path is not None and not opts.dry_run:
+        mapping = MappingFile(path)
+        log_paths = [*log_paths, path]
+    try:
+        return run_journalled(opts, deid_task, out, stop, log_paths,
+                              mapping.add if mapping is not None else None,
+                              None if opts.inplace else TargetClaims().claim)
+    finally:
+        if mapping is not None:
+            mapping.close()
+
+
+def run_audit(opts: Options, out: Callable[[str], None], stop: StopSignal,
+              log_paths: list[Path]) -> int:
+    """Report each file's elements the profile would still act on; exit 1 if any."""
+    reporter = over_the_walk(opts, audit_task, out, stop, log_paths)
+    reporter.finish()
     return stop.exit_status() or exit_status(reporter.stats)
 
 
@@ -3972,6 +4995,9 @@ ENCODING_PRESETS = {
     "compressed": "RLE Lossless encapsulated pixel data",
     "long_values": "values exactly at their VR's maximum length",
     "nested_sequences": "PatientID also inside OtherPatientIDsSequence",
+    "phi_everywhere": "a unique marker in every identifying text element of PS3.15's table, "
+                      "in items at depths 1-3, a private block, a UN element and an overlay "
+                      "comment; the manifest lists them (to test --deid)",
 }
 BROKEN_PRESETS = {
     "truncated": "a DICOM file cut off inside its pixel data",
@@ -4722,6 +5748,64 @@ def apply_encoding(ds: Dataset, plan: InstancePlan) -> None:
         item.IssuerOfPatientID = "OTHERHOSP"
         item.TypeOfPatientID = "TEXT"
         ds.OtherPatientIDsSequence = pydicom.Sequence([item])
+    elif enc == "phi_everywhere":
+        plant_phi(ds, plan)
+
+
+PHI_TEXT_VRS = ("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT")
+PHI_NESTED = ("depth1", "depth2", "depth3", "depth3b", "other_id", "other_issuer", "private",
+              "un", "overlay")
+
+
+def phi_places() -> list[int]:
+    """The current text elements of Table E.1-1 (every one the profile acts on)."""
+    tags = []
+    for row in DEID_TABLE.split()[::3]:
+        entry = DICOM_DICTIONARY.get(int(row, 16)) if re.fullmatch(r"[0-9a-f]{8}", row) else None
+        if entry and entry[0] in PHI_TEXT_VRS and not entry[3] and row[:4] not in ("0000", "0002"):
+            tags.append(int(row, 16))
+    return tags
+
+
+def phi_markers(plan: InstancePlan) -> dict[str, str]:
+    """Where each marker goes (a tag in hex, or a PHI_NESTED place) -> the marker, unique to
+    the instance and the place."""
+    places = [f"{tag:08x}" for tag in phi_places()] + list(PHI_NESTED)
+    return {place: "PHI" + hashlib.sha256(f"{plan.sop_uid}/{place}".encode()).hexdigest()[
+        :10].upper() for place in places}
+
+
+def plant_phi(ds: Dataset, plan: InstancePlan) -> None:
+    """The phi_everywhere preset: its markers in every place phi_markers names."""
+    markers = phi_markers(plan)
+    for tag in phi_places():
+        ds.add_new(tag, DICOM_DICTIONARY[tag][0], markers[f"{tag:08x}"])
+    sop = plan.sop_uid
+
+    def referenced(extra: dict[str, str], inner: list[Dataset] | None = None) -> Dataset:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ds.SOPClassUID, sop
+        for keyword, value in extra.items():
+            setattr(item, keyword, value)
+        if inner is not None:
+            item.SourceImageSequence = pydicom.Sequence(inner)
+        return item
+
+    depth3 = referenced({"PatientName": markers["depth3"],
+                         "ReferringPhysicianName": markers["depth3b"]})
+    depth2 = referenced({"InstitutionName": markers["depth2"]}, [depth3])
+    region = code_item("T-D3000", "SRT", "Chest")
+    region.OperatorsName = markers["depth1"]
+    region.ReferencedImageSequence = pydicom.Sequence([depth2])
+    ds.AnatomicRegionSequence = pydicom.Sequence([region])
+    other = Dataset()
+    other.PatientID, other.IssuerOfPatientID = markers["other_id"], markers["other_issuer"]
+    ds.OtherPatientIDsSequence = pydicom.Sequence([other])
+    ds.private_block(0x0029, "PHI TEST", create=True).add_new(0x10, "LO", markers["private"])
+    ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True).add_new(
+        0x10, "OB", b"SV10\x04\x03\x02\x01")
+    ds.add_new(0x0018FFF0, "UN", markers["un"].encode() + b" ")  # a tag no dictionary knows
+    ds.add_new(0x60004000, "LT", markers["overlay"])
 
 
 def encode_instance(plan: InstancePlan, seed: int) -> bytes:
@@ -4893,7 +5977,9 @@ def manifest_entry(plan: InstancePlan) -> dict[str, Any]:
             "study_role": plan.study.role, "study_date": plan.study.date,
             "accession": plan.study.accession, "series_uid": plan.series_uid,
             "sop_uid": plan.sop_uid, "instance_number": plan.number,
-            "view": plan.view[0] if plan.view else None}
+            "view": plan.view[0] if plan.view else None,
+            **({"markers": sorted(phi_markers(plan).values())}
+               if plan.encoding == "phi_everywhere" else {})}
 
 
 def write_manifest(output: Path, req: GenerateRequest, plans: list[InstancePlan]) -> Path:
@@ -6681,6 +7767,8 @@ Runner = Callable[[Options, Callable[[str], None], StopSignal, list[Path]], int]
 RUNNERS: dict[str, Runner] = {  # each mode of the table that runs: its driver
     "dump": run_dump,
     "sar": run_sar,
+    "deid": run_deid,
+    "deid_audit": run_audit,
     "generate": lambda opts, out, stop, _: run_generate(opts, out, stop),
     "send": lambda opts, out, stop, _: run_send(opts, out, stop),
     "echo": lambda opts, out, stop, _: run_send(opts, out, stop),
