@@ -4700,7 +4700,8 @@ def leftovers(ds: Dataset, opts: DeidOptions, *, marked: bool) -> list[str]:
         for tag in list(current.keys()):
             why = leftover(current, tag, opts, marked)
             if why:
-                found.append(f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {keyword_of(tag)}: {why}")
+                name = keyword_of(tag, creator_of(current, tag))
+                found.append(f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {name}: {why}")
             elif is_sequence(current, tag):
                 stack.extend(current[tag].value or [])
     return found
