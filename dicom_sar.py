@@ -4811,9 +4811,7 @@ def deid_task(cand: Candidate, opts: Options) -> FileResult:
         return refused(cand, size, f"{why}: pixels are not cleaned (--allow-burned-in to "
                        "de-identify the header anyway)")
     scrub = deid_dataset(ds, opts.deid)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=False)
-    data = buffer.getvalue()
+    data = encoded_as_read(ds)
     problem = checked_output(data, scrub, opts.deid)
     if problem:
         return refused(cand, size, problem, tuple(scrub.changes))
@@ -4836,6 +4834,22 @@ def deid_task(cand: Candidate, opts: Options) -> FileResult:
                               source=cand.path)
     return FileResult(cand.path, Status.MODIFIED, nbytes=size, changes=changes, staged=staged,
                       record=tuple(scrub.mapping))
+
+
+def encoded_as_read(ds: Dataset) -> bytes:
+    """The file's bytes in its own transfer syntax, one newer than pydicom's list included
+    (JPEG XL): its encoding is then the one the file was read in."""
+    buffer = io.BytesIO()
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax and not pydicom.uid.UID(syntax).is_transfer_syntax and \
+            None not in ds.original_encoding:
+        implicit, little = ds.original_encoding
+        pydicom.dcmwrite(buffer, ds, implicit_vr=implicit, little_endian=little,
+                         force_encoding=True)
+    else:
+        ds.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
 
 
 def refused(cand: Candidate, size: int, why: str, changes: tuple[Change, ...] = ()

@@ -739,13 +739,14 @@ def refused_by(mode: list[str], tree: Path, cwd: Path) -> set[str]:
     assert run.code in (0, 1) and "Traceback" not in run.err, run.err
     lines = [line.split(" ERROR ", 1)[1].split(": ", 2)
              for line in (cwd / "errors.log").read_text().splitlines() if " ERROR " in line]
-    return {path.rsplit("/", 1)[-1] for path, kind, _ in lines if kind != "MissingAttribute"}
+    return {path.rsplit("/", 1)[-1] for path, kind, _ in lines
+            if kind not in ("MissingAttribute", "Rejected", "Duplicate")}
 
 
 def test_every_mode_decides_readability_as_dcmdump_does(real_files: list[Path],
                                                         tmp_path: Path) -> None:
-    """A file dcmdump refuses is refused by --dump, --sar and --send; one it reads without
-    a word is read by all three: over the real files and the built edge cases (a compressed
+    """A file dcmdump refuses is refused by every mode that reads files; one it reads
+    without a word is read by all: over the real files and the built edge cases (a compressed
     icon in an undefined-length item at depth 1 and 2; a sequence delimiter in an item)."""
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -768,7 +769,11 @@ def test_every_mode_decides_readability_as_dcmdump_does(real_files: list[Path],
     modes = {"dump": ["--dump"], "tag dump": ["--dump", "--tag", "PatientID"],
              "sar": ["--sar", "--force", "--regex_search", "^$", "--regex_replace", "",
                      "--output", tmp_path / "out"],
-             "send": ["--send", "--dry-run", "-H", "127.0.0.1", "-p", "104", "-a", "ANY"]}
+             "send": ["--send", "--dry-run", "-H", "127.0.0.1", "-p", "104", "-a", "ANY"],
+             "deid": ["--deid", "--key", tmp_path / "key", "--allow-burned-in", "--output",
+                      tmp_path / "deid"],
+             "deid-audit": ["--deid-audit"]}
+    (tmp_path / "key").write_bytes(bytes(range(32)))
     for i, (name, mode) in enumerate(modes.items()):
         refused = refused_by(mode, tree, tmp_path / f"run{i}")
         assert errors <= refused, (name, sorted(errors - refused))
@@ -819,9 +824,11 @@ EVERY_MODE = {"dump": ["--dump"], "sar": ["--sar", "--tag", "PatientID", "--rege
               "echo": ["--echo", "-H", "h", "-p", "104"],
               "check_ingest": ["--check-ingest", "MANIFEST", "-H", "h", "-p", "104"],
               "ingest_test": ["--ingest-test", "--output", "OUT", "-H", "h", "-p", "104"],
-              "merge_summaries": ["--merge-summaries", "MANIFEST"], "ui": ["--ui"]}
+              "merge_summaries": ["--merge-summaries", "MANIFEST"], "ui": ["--ui"],
+              "deid": ["--deid", "--key", "KEY"], "deid_audit": ["--deid-audit"]}
 SAMPLE = {"tag": "PatientID", "shard": "1/2", "size": "8x8", "scenario": "default",
-          "regex_search": "A", "regex_replace": "B", "port": "105", "workers": "2"}
+          "regex_search": "A", "regex_replace": "B", "port": "105", "workers": "2",
+          "deid_option": "clean-graphics", "key": "KEY", "new_key": "OUT"}
 EVERY_MODE_TAKES = {"help", "log_dir", "no_progress", "verbose", "quiet"}
 
 
@@ -834,9 +841,10 @@ def test_an_option_a_mode_would_ignore_is_a_usage_error(tmp_path: Path) -> None:
     options = [a for a in parser._actions if a.option_strings and a.dest not in mode_flags]
     assert {a.dest for a in options} - set(dicom_sar.OPTION_MODES) == EVERY_MODE_TAKES
     (tmp_path / "MANIFEST").write_text('{"instances": []}')
+    (tmp_path / "KEY").write_bytes(bytes(range(32)))
 
     def options_of(argv: list[str]) -> str:
-        argv = [str(tmp_path / a) if a in ("MANIFEST", "OUT") else a for a in argv]
+        argv = [str(tmp_path / a) if a in ("MANIFEST", "OUT", "KEY") else a for a in argv]
         try:
             dicom_sar.options_from_args(parser.parse_args(argv), parser)
         except UsageError as exc:
