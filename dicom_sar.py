@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""dicom_sar: bulk search/replace, dump, generate and send for trees of DICOM files.
+"""dicom_sar: bulk search/replace, de-identify, dump, generate and send for trees of DICOM files.
 
 The file reads like its pipeline: options -> tag specs -> discovery -> reading -> engine (a
 bounded, ordered thread pool) -> writing and its journal -> report -> one section per mode,
@@ -359,7 +359,8 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
     """The command line, grouped by mode."""
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Bulk search/replace, dump, generate and send for trees of DICOM files.")
+        description="Bulk search/replace, de-identify, dump, generate and send for trees of "
+                    "DICOM files.")
     modes = p.add_argument_group("mode (choose one)").add_mutually_exclusive_group()
     for mode in MODES:
         modes.add_argument(mode.flag, help=mode.help, **mode.takes)
@@ -4736,19 +4737,29 @@ def checked_output(data: bytes, scrub: Scrub, opts: DeidOptions) -> str:
     if problems:
         return (f"{len(problems)} elements the profile removes are still there, first "
                 + problems[0])
-    kept = {v.strip(" \0") for _, value in all_text_values(out) for v in value.split("\\")}
-    wanted = [v for v in scrub.identifying if v.decode("latin-1") not in kept]
-    if wanted:
-        # a value counts where it stands alone or in text, not inside a longer number or word
-        # (a weight of 70.5 inside a slice location of -170.50)
-        found = re.compile(rb"(?<![A-Za-z0-9.])(" + b"|".join(map(re.escape, wanted))
-                           + rb")(?![A-Za-z0-9.])").search(searched_bytes(data, out))
+    wanted = list(scrub.identifying)
+    searched = searched_bytes(data, out)
+    found = value_in(wanted, searched)
+    if found:  # unless an element of the output holds that very value (a model name)
+        kept = {v.strip(" \0") for _, value in all_text_values(out)
+                for v in value.split("\\")}
+        found = value_in([v for v in wanted if v.decode("latin-1") not in kept], searched)
         if found:
-            tag = scrub.identifying[found[1]]
+            tag = scrub.identifying[found]
             return (f"the original value of ({tag >> 16:04x},{tag & 0xFFFF:04x}) "
                     f"{keyword_of(tag)} is still in the output (in an element the profile "
                     "keeps, or one it does not know)")
     return ""
+
+
+def value_in(values: list[bytes], data: bytes) -> bytes:
+    """The first of values found in data where it stands alone or in text, not inside a
+    longer number or word (a weight of 70.5 inside a slice location of -170.50); b'' if none."""
+    if not values:
+        return b""
+    found = re.compile(rb"(?<![A-Za-z0-9.])(" + b"|".join(map(re.escape, values))
+                       + rb")(?![A-Za-z0-9.])").search(data)
+    return found[1] if found else b""
 
 
 def searched_bytes(data: bytes, out: Dataset) -> bytes:
@@ -4800,7 +4811,7 @@ def deid_task(cand: Candidate, opts: Options) -> FileResult:
     write, then stage them (or preview)."""
     assert opts.deid is not None
     stamp = file_stamp(cand.path)
-    ds, size, _ = whole(cand.path, read_dataset(cand.path, header_only=False))
+    ds, size, pixels_at = header_and_pixels(cand.path)
     if ds is None:
         return FileResult(cand.path, Status.NOT_DICOM, nbytes=size)
     if marked_by_us(ds):
@@ -4826,6 +4837,9 @@ def deid_task(cand: Candidate, opts: Options) -> FileResult:
         if file_stamp(cand.path) != stamp:
             raise RuntimeError("the file changed while it was being processed; left as it is")
         write_all(out, [data])
+        if pixels_at is not None:
+            with read_fd(cand.path) as src:
+                copy_range(src, out.fileno(), pixels_at, size)
 
     if opts.inplace:
         staged = stage_in_place(cand, opts, write)
@@ -4834,6 +4848,45 @@ def deid_task(cand: Candidate, opts: Options) -> FileResult:
                               source=cand.path)
     return FileResult(cand.path, Status.MODIFIED, nbytes=size, changes=changes, staged=staged,
                       record=tuple(scrub.mapping))
+
+
+def header_and_pixels(path: Path) -> tuple[Dataset | None, int, int | None]:
+    """(dataset, size, where the pixel data starts): the header alone when the pixel data
+    ends the file (its bytes are then copied as they are, never decoded or held), else the
+    whole dataset (None); checked to read to its end either way."""
+    with buffered_reader(path) as fp:
+        size = os.fstat(fp.fileno()).st_size
+        head = fp.read(4096 + 132)
+        kind = sniff_dicom(head[:132], size)
+        if kind is None:
+            return None, size, None
+        if kind != "part10" or DEFLATED_UID not in head:
+            fp.seek(0)
+            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
+            start = fp.tell()  # pydicom stops at the pixel data element's first byte
+            check_complete(ds, fp, size)
+            if start < size and pixels_end(fp, start, ds, size) == size:
+                checked_whole(path)
+                return ds, size, start
+    ds, size, _ = whole(path, read_dataset(path, header_only=False))
+    return ds, size, None
+
+
+def pixels_end(fp: BinaryIO, start: int, ds: Dataset, size: int) -> int:
+    """Where the pixel data element at start ends (-1 if that is no pixel data element)."""
+    fp.seek(start)
+    head = fp.read(12)
+    implicit, little = ds.original_encoding
+    order = "<" if little is not False else ">"
+    if len(head) < 12 or struct.unpack(order + "HH", head[:4]) not in (
+            (0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
+        return -1
+    header, (length,) = (8, struct.unpack(order + "I", head[4:8])) if implicit else \
+        (12, struct.unpack(order + "I", head[8:12]))
+    if length == 0xFFFFFFFF:  # encapsulated: the file must end with its delimiter
+        fp.seek(size - 8)
+        return size if fp.read(8) == struct.pack(order + "HHI", 0xFFFE, 0xE0DD, 0) else -1
+    return start + header + length
 
 
 def encoded_as_read(ds: Dataset) -> bytes:

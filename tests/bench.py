@@ -297,6 +297,24 @@ def main() -> None:
         "dcmsend": ["dcmsend", "-aec", "ORTHANC", "--scan-directories", "--recurse", "-nh",
                     "{host}", "{port}", str(ct)]}, work, target="ours faster than dcmsend")
 
+    # 11. de-identification against dicognito (PyPI), as its README runs it (one thread)
+    dicognito = shutil.which("dicognito", path=str(Path(PY).parent))
+    if dicognito:
+        key = work / "deid.key"
+        key.write_bytes(os.urandom(32))
+
+        def clear_deid() -> None:
+            shutil.rmtree(work / "deid", ignore_errors=True)
+        deid = [*ours, "--deid", "--key", str(key), "--path", str(ct), "--output",
+                str(work / "deid"), "-j", w]
+        bench.pair(f"11 de-identify {ct_n} CT vs dicognito", {
+            "ours": deid, "ours --no-fsync": [*deid, "--no-fsync"],
+            "dicognito": [PY, "-m", "dicognito", "--quiet", "--output-directory",
+                          str(work / "deid"), str(ct)]}, prepare=clear_deid, corpus=ct,
+            target="dicognito >= 5x ours")
+    else:
+        print("11 skipped: no dicognito beside the interpreter (pip install dicognito)")
+
     # 10. start-up: one file, one tag, each side a whole process
     one = next(p for p in small.rglob("*") if p.is_file())
     sides: dict[str, object] = {}
