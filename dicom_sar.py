@@ -4651,21 +4651,23 @@ def burned_in(ds: Dataset) -> str:
 def mark(ds: Dataset, opts: DeidOptions) -> None:
     """PatientIdentityRemoved, DeidentificationMethod(+CodeSequence) and whether the dates
     were kept, shifted or removed."""
-    from pydicom.sr.codedict import codes
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = [f"{MARKED_BY}{__version__}", f"PS3.15 E.1-1 {DEID_EDITION}",
                                  "Basic Profile", *opts.options]
-    items = []
-    for name in ("basic", *opts.options):
-        code = getattr(codes.DCM, DEID_CODES[name])
-        item = Dataset()
-        item.CodeValue, item.CodingSchemeDesignator = code.value, code.scheme_designator
-        item.CodeMeaning = code.meaning
-        items.append(item)
+    items = [code_item(*deid_codes()[name]) for name in ("basic", *opts.options)]
     ds.DeidentificationMethodCodeSequence = items
     ds.LongitudinalTemporalInformationModified = (
         "MODIFIED" if "retain-long-modified-dates" in opts.options else
         "UNMODIFIED" if "retain-long-full-dates" in opts.options else "REMOVED")
+
+
+@functools.cache
+def deid_codes() -> dict[str, tuple[str, str, str]]:
+    """CID 7050 from pydicom's codes: profile or option -> (value, scheme, meaning). Called
+    before the pool starts: importing in a worker would stop the others on 3.13t."""
+    from pydicom.sr.codedict import codes
+    return {name: (code.value, code.scheme_designator, code.meaning)
+            for name, code in ((n, getattr(codes.DCM, k)) for n, k in DEID_CODES.items())}
 
 
 def deid_dataset(ds: Dataset, opts: DeidOptions) -> Scrub:
@@ -4957,16 +4959,17 @@ class TargetClaims:
     silently replace the first."""
 
     def __init__(self) -> None:
-        self.taken: dict[Path, Path] = {}
+        self.taken: dict[str, tuple[Path, Path]] = {}  # SOP name: (input, output)
 
     def claim(self, result: FileResult) -> str:
-        """'' when the result's target is free (or its own), else why it is not written."""
+        """'' when the result's SOP Instance UID is new to the run (or its own), else why it
+        is not written (by name: two copies may differ in their study or series UIDs)."""
         assert result.staged is not None
-        first = self.taken.setdefault(result.staged.target, result.path)
+        first, written = self.taken.setdefault(result.staged.target.name,
+                                               (result.path, result.staged.target))
         if first == result.path:
             return ""
-        return (f"the same SOP Instance UID as {first}, already written to "
-                f"{result.staged.target}; not written")
+        return f"the same SOP Instance UID as {first}, already written to {written}; not written"
 
 
 def mapping_path(opts: Options) -> Path | None:
@@ -5004,6 +5007,8 @@ def run_deid(opts: Options, out: Callable[[str], None], stop: StopSignal,
         return EXIT_OK
     log.info("de-identifying with key %s; options: %s", opts.deid.fingerprint,
              ", ".join(opts.deid.options) or "Basic Profile only")
+    deid_codes()  # pydicom's code tables and the profile, made before the pool starts
+    log.debug("profile: %d tags with an action", len(opts.deid.profile.by_tag))
     announce_deid(opts)
     mapping = None
     path = mapping_path(opts)
