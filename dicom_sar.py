@@ -1,9 +1,30 @@
 #!/usr/bin/env python3
 """dicom_sar: bulk search/replace, de-identify, dump, generate and send for trees of DICOM files.
 
-The file reads like its pipeline: options -> tag specs -> discovery -> reading -> engine (a
-bounded, ordered thread pool) -> writing and its journal -> report -> one section per mode,
-each with its checks, its per-file task and its driver -> main().
+The file reads like its pipeline; each section starts with a ═══ header naming it:
+
+    Runtime             which interpreter, how many workers
+    pydicom             its dictionaries at start-up, the package itself on first need
+    Options             the mode table (MODES), the option table (OPTION_MODES), Options
+    Tag specs           --tag: lazy hex, keywords, sequence paths, private tags
+    Discovery           the walk, --files-from, --shard
+    Reading             the raw scanner; every file read to its last byte
+    Engine              the bounded, ordered pool; Status and FileResult
+    Writing             temporary files, group commit (Committer), atomic renames
+    Journal             --resume: exactly once
+    Report              counters, logs, progress bar, summary, exit status
+    Mode --dump         dcmdump's lines, JSON, --count
+    Mode --sar          plan, validate, splice or rewrite
+    Mode --deid         PS3.15 Annex E (Table E.1-1 as generated data), --deid-audit
+    Mode --generate     synthetic trees, faults, manifest.json
+    Mode --send         C-STORE by study (and --echo), TLS
+    Mode --check-ingest C-FIND against a manifest (and --ingest-test)
+    Mode --merge-summaries
+    Mode --ui           the generator's wizard on loopback
+    Shell completions
+    main()              options -> the mode's driver (RUNNERS) -> exit status
+
+Each mode's section holds its checks, its per-file task and its driver.
 Runs on free-threaded CPython 3.13t (parallel) and on any CPython >= 3.11 (GIL, serial speed).
 """
 
@@ -1111,6 +1132,11 @@ class RawElement(NamedTuple):
 def tag_label(tag: int) -> str:
     """(GGGG,EEEE), as pydicom's BaseTag prints a tag."""
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def element_label(tag: int, name: str | None = None) -> str:
+    """(gggg,eeee) Keyword, as dcmdump names an element (and our logs and errors do)."""
+    return f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {name or keyword_of(tag)}"
 
 
 PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # where stop_before_pixels stops
@@ -3195,15 +3221,21 @@ class WalkCount:
     numbers (never paths); only the main thread reads them."""
 
     def __init__(self, opts: Options, excluded: list[Path]):
-        self.count, self.done = 0, False
+        self.count = 0
+        self.finished = threading.Event()  # set once count is final
         self.thread = threading.Thread(target=self.run, args=(opts, excluded), daemon=True,
                                        name=f"{PROG}-count")
         self.thread.start()
 
+    @property
+    def done(self) -> bool:
+        """Whether the count is final."""
+        return self.finished.is_set()
+
     def run(self, opts: Options, excluded: list[Path]) -> None:
-        for _ in discover(opts, excluded):
-            self.count += 1
-        self.done = True
+        for count, _ in enumerate(discover(opts, excluded), start=1):
+            self.count = count
+        self.finished.set()
 
 
 class Reporter:
@@ -3900,7 +3932,7 @@ def plan_changes(ds: Dataset, opts: Options) -> tuple[list[Planned], list[str]]:
         new_values = [opts.pattern.sub(opts.replacement, v) for v in old_values]
         if new_values == old_values or not old_text:
             continue
-        label = f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {keyword_of(tag)}"
+        label = element_label(tag)
         new_text = "\\".join(new_values)
         change = Change(label, old_text, new_text)
         encoded, problem = encode_new_values(vr, new_values, encodings)
@@ -4488,8 +4520,7 @@ class Scrub:
 
     def note(self, ds: Dataset, tag: int, action: str, old: str = "", new: str = "") -> None:
         """Record one change (tag and action; values only for --verbose previews)."""
-        self.changes.append(Change(f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {keyword_of(tag)}",
-                                   old, new, action))
+        self.changes.append(Change(element_label(tag), old, new, action))
 
     def dataset(self, ds: Dataset) -> None:
         """Apply the profile to every element of ds, sequence items at any depth included."""
@@ -4704,7 +4735,7 @@ def leftovers(ds: Dataset, opts: DeidOptions, *, marked: bool) -> list[str]:
             why = leftover(current, tag, opts, marked)
             if why:
                 name = keyword_of(tag, creator_of(current, tag))
-                found.append(f"({tag >> 16:04x},{tag & 0xFFFF:04x}) {name}: {why}")
+                found.append(f"{element_label(tag, name)}: {why}")
             elif is_sequence(current, tag):
                 stack.extend(current[tag].value or [])
     return found
@@ -4748,9 +4779,8 @@ def checked_output(data: bytes, scrub: Scrub, opts: DeidOptions) -> str:
         found = value_in([v for v in wanted if v.decode("latin-1") not in kept], searched)
         if found:
             tag = scrub.identifying[found]
-            return (f"the original value of ({tag >> 16:04x},{tag & 0xFFFF:04x}) "
-                    f"{keyword_of(tag)} is still in the output (in an element the profile "
-                    "keeps, or one it does not know)")
+            return (f"the original value of {element_label(tag)} is still in the output (in "
+                    "an element the profile keeps, or one it does not know)")
     return ""
 
 

@@ -37,7 +37,9 @@ def test_every_scenario_is_listed_and_generated(manifest: dict, tmp_path: Path) 
 
 def test_valid_files_pass_dcmdump_dciodvfy_and_read_back(generated: Path, manifest: dict,
                                                          tmp_path: Path) -> None:
-    valid = instances(manifest, expect="accept")
+    # phi_everywhere plants a marker in every attribute of PS3.15's table, enumerated ones
+    # (PatientSex) and ones of other IODs included: a test of de-identifiers, not an IOD
+    valid = [e for e in instances(manifest, expect="accept") if e["encoding"] != "phi_everywhere"]
     assert len(valid) > 300
     checked_by_validator = set()
     for entry in valid:
