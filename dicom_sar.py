@@ -1923,6 +1923,18 @@ class Layout:
             ds, group = place.parent, place.tag >> 16
 
 
+def retired_group_lengths(ds: Dataset) -> int:
+    """How many group length elements (beyond the command and meta groups) ds holds, nested
+    items included: pydicom writes none of them (PS3.5 7.2), each is 12 bytes in the file."""
+    count = 0
+    for tag in ds.keys():
+        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+            count += 1
+        elif is_sequence(ds, tag):
+            count += sum(retired_group_lengths(item) for item in ds[tag].value or [])
+    return count
+
+
 def item_length(item: Dataset) -> int:
     """Encoded length of an explicit-length item (pydicom keeps no item lengths)."""
     fp = DicomBytesIO()
@@ -3238,6 +3250,12 @@ class WalkCount:
         self.finished.set()
 
 
+def render_count(counter: collections.Counter[tuple[str, str]], out: Callable[[str], None]) -> None:
+    """Print a --count histogram like 'sort | uniq -c | sort -rn'."""
+    for (label, value), n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
+        out(f"{n:7d} {label} {value if value else '(absent)'}")
+
+
 class Reporter:
     """Consumes results in the main thread: output, logs, counters and progress."""
 
@@ -3329,11 +3347,15 @@ class Reporter:
         data = self.stats.summary(self.opts)
         log.info("summary: %s", json.dumps(data))
         if self.opts.summary_json:  # before the terminal, whose reader may be gone
-            write_bytes_atomic((json.dumps(data, indent=2) + "\n").encode(),
-                               self.opts.summary_json, fsync=False)
+            write_summary(data, self.opts.summary_json)
         if not self.opts.quiet:
             print(paint(render_summary(data), BOLD, first_line_only=True), file=sys.stderr)
         return data
+
+
+def write_summary(data: Mapping[str, Any], path: Path) -> None:
+    """A --summary-json file: the summary's raw numbers, indented, written atomically."""
+    write_bytes_atomic((json.dumps(data, indent=2) + "\n").encode(), path, fsync=False)
 
 
 def exit_status(stats: Stats) -> int:
@@ -3543,16 +3565,6 @@ def pixel_sequence_lines(raw: RawDataElement, vr: str, level: int) -> list[str]:
     return lines
 
 
-def retired_group_lengths(ds: Dataset) -> int:
-    """How many group length elements (beyond the command and meta groups) ds holds, nested
-    items included: pydicom writes none of them (PS3.5 7.2), each is 12 bytes in the file."""
-    count = 0
-    for tag in ds.keys():
-        if tag & 0xFFFF == 0 and tag >> 16 > 6:
-            count += 1
-        elif is_sequence(ds, tag):
-            count += sum(retired_group_lengths(item) for item in ds[tag].value or [])
-    return count
 
 
 def fast_tagged_lines(path: str | Path, specs: tuple[TagSpec, ...]) -> tuple[list[str] | None, int]:
@@ -3738,10 +3750,6 @@ def spec_label(spec: TagSpec) -> str:
     return spec.label()
 
 
-def render_count(counter: collections.Counter[tuple[str, str]], out: Callable[[str], None]) -> None:
-    """Print a --count histogram like 'sort | uniq -c | sort -rn'."""
-    for (label, value), n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
-        out(f"{n:7d} {label} {value if value else '(absent)'}")
 
 
 def run_dump(opts: Options, out: Callable[[str], None], stop: StopSignal,
@@ -6745,6 +6753,39 @@ class Verification:
                 "unchecked": self.unchecked, "not_held": len(self.not_held)}
 
 
+SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
+
+
+def held_by_series(target: SendTarget, keys: list[SeriesKey], workers: int
+                   ) -> tuple[dict[SeriesKey, set[str] | None], str]:
+    """What the receiver holds of each series: one association per worker, each querying
+    its share; (held by key, None where it did not answer; why an association failed)."""
+    shares = [keys[i::workers] for i in range(min(workers, len(keys)) or 1)]
+
+    def query(share: list[SeriesKey]) -> tuple[dict[SeriesKey, set[str] | None], str]:
+        tried = open_association(target, find_contexts())
+        if tried.assoc is None:
+            return dict.fromkeys(share), f"no association for C-FIND: {tried.why}"
+        held: dict[SeriesKey, set[str] | None] = dict.fromkeys(share)
+        try:
+            for key in share:
+                held[key] = held_instances(tried.assoc, *key, target)
+        except QueryFailedError as exc:  # the rest of the share is left unanswered
+            return held, str(exc)
+        finally:
+            if tried.assoc.is_established:
+                tried.assoc.release()
+        return held, ""
+
+    held: dict[SeriesKey, set[str] | None] = {}
+    why = ""
+    with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix=PROG) as pool:
+        for part, problem in pool.map(query, shares):
+            held |= part
+            why = why or problem
+    return held, why
+
+
 def verify_sent(target: SendTarget, sent: list[Sent]) -> Verification:
     """After a send, C-FIND every series it delivered to: each file the receiver
     acknowledged but does not hold (instances it held before do not matter)."""
@@ -6857,8 +6898,7 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
         summary["shard"] = f"{opts.shard[0]}/{opts.shard[1]}"
     for path in (opts.log_dir / f"dicom_sender_summary_{session.id}.json", opts.summary_json):
         if path is not None:
-            write_bytes_atomic((json.dumps(summary, indent=2) + "\n").encode(), path,
-                               fsync=False)
+            write_summary(summary, path)
     if not opts.quiet:
         shown = {k: v for k, v in summary.items() if k not in ("failed_files", "files")}
         tls = shown.pop("tls")
@@ -6970,39 +7010,6 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
-SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
-
-
-def held_by_series(target: SendTarget, keys: list[SeriesKey], workers: int
-                   ) -> tuple[dict[SeriesKey, set[str] | None], str]:
-    """What the receiver holds of each series: one association per worker, each querying
-    its share; (held by key, None where it did not answer; why an association failed)."""
-    shares = [keys[i::workers] for i in range(min(workers, len(keys)) or 1)]
-
-    def query(share: list[SeriesKey]) -> tuple[dict[SeriesKey, set[str] | None], str]:
-        tried = open_association(target, find_contexts())
-        if tried.assoc is None:
-            return dict.fromkeys(share), f"no association for C-FIND: {tried.why}"
-        held: dict[SeriesKey, set[str] | None] = dict.fromkeys(share)
-        try:
-            for key in share:
-                held[key] = held_instances(tried.assoc, *key, target)
-        except QueryFailedError as exc:  # the rest of the share is left unanswered
-            return held, str(exc)
-        finally:
-            if tried.assoc.is_established:
-                tried.assoc.release()
-        return held, ""
-
-    held: dict[SeriesKey, set[str] | None] = {}
-    why = ""
-    with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix=PROG) as pool:
-        for part, problem in pool.map(query, shares):
-            held |= part
-            why = why or problem
-    return held, why
-
-
 def series_keys(instances: list[dict[str, Any]]) -> list[SeriesKey]:
     """The series a manifest's instances are in, each once, in manifest order."""
     return list(dict.fromkeys((e["study_uid"], e["series_uid"]) for e in instances))
@@ -7071,8 +7078,7 @@ def run_check(opts: Options, out: Callable[[str], None]) -> int:
                      m["path"], m["expect"], m["scenario"], m["fault"],
                      "holds" if m["held"] else "does not hold")
     if opts.summary_json:
-        write_bytes_atomic((json.dumps(report, indent=2) + "\n").encode(), opts.summary_json,
-                           fsync=False)
+        write_summary(report, opts.summary_json)
     return EXIT_FAILURES if report["mismatches"] or report["unanswered"] else EXIT_OK
 
 
@@ -7205,8 +7211,7 @@ def run_merge(opts: Options, out: Callable[[str], None]) -> int:
     for problem in problems:
         print(f"{paint('error:', RED)} {problem}", file=sys.stderr)
     if opts.summary_json:
-        write_bytes_atomic((json.dumps(merged, indent=2) + "\n").encode(), opts.summary_json,
-                           fsync=False)
+        write_summary(merged, opts.summary_json)
     if not opts.quiet:
         print(render_summary(merged), file=sys.stderr)
     failed = merged.get("errors", 0) or merged.get("rejected", 0) or merged.get(
