@@ -2070,6 +2070,23 @@ class Status(enum.StrEnum):
     NOT_DICOM = "not-dicom"
 
 
+class Outcome(enum.StrEnum):
+    """What became of one file a --send tried (the summary's `outcome` of each file)."""
+
+    SENT = "sent"
+    WARNING = "warning"  # stored, with a warning status: counted as sent
+    FAILED = "failed"
+    NOT_SENT = "not-sent"  # the run was stopped first
+
+
+class Expect(enum.StrEnum):
+    """What an ingesting PACS should do with a generated file (manifest.json's `expect`)."""
+
+    ACCEPT = "accept"
+    REJECT = "reject"
+    ABSENT = "absent"  # declared in the manifest, deliberately not written
+
+
 @dataclasses.dataclass(slots=True)
 class FileResult:
     """What one task did to one file; built in a worker, consumed by the main thread.
@@ -5203,7 +5220,7 @@ class InstancePlan:
     size: tuple[int, int]
     fault: str | None
     encoding: str | None
-    expect: str  # accept | reject | absent
+    expect: Expect
     relpath: str
     tags: tuple[tuple[int, Any], ...] = ()
 
@@ -5315,7 +5332,7 @@ def plan_scenario(planner: Planner, name: str, index: int) -> list[InstancePlan]
             plans += plan_study(planner, name, dataclasses.replace(
                 patient, issuer="OTHERHOSP", patient_id="X" + patient.patient_id), ext, "MG")
         elif name in BROKEN_PRESETS:
-            plans[-1] = dataclasses.replace(plans[-1], fault=name, expect="reject")
+            plans[-1] = dataclasses.replace(plans[-1], fault=name, expect=Expect.REJECT)
     return plans
 
 
@@ -5332,7 +5349,7 @@ def plan_study(planner: Planner, scenario: str, patient: Patient, study: Study,
             sop_uid = planner.uid("sop", series_uid, n)
             plans.append(InstancePlan(
                 scenario, patient, study, series_uid, series_index + 1, modality, sop_uid,
-                n + 1, view, req.size or DEFAULT_SIZES[modality], None, encoding, "accept",
+                n + 1, view, req.size or DEFAULT_SIZES[modality], None, encoding, Expect.ACCEPT,
                 instance_relpath(req.layout, patient, study.uid, series_uid, sop_uid)))
     return plans
 
@@ -5378,7 +5395,7 @@ def apply_fault_plan(planner: Planner, plan: InstancePlan, fault: str,
                      siblings: list[InstancePlan]) -> InstancePlan:
     """Mark an instance with its fault; faults that change identity change the plan too."""
     plan = dataclasses.replace(plan, fault=fault,
-                               expect="absent" if fault == "missing_dicom" else "reject")
+                               expect=Expect.ABSENT if fault == "missing_dicom" else Expect.REJECT)
     if fault == "duplicate_sop":
         before = [x for x in siblings if x.study is plan.study and x.number == plan.number - 1]
         if before:
@@ -6072,7 +6089,7 @@ def instance_chunks(plan: InstancePlan, seed: int) -> list[bytes | memoryview]:
 def generate_task(plan: InstancePlan, output: Path, seed: int) -> FileResult:
     """Encode and write one planned instance atomically."""
     target = inside(output, plan.relpath)
-    if plan.expect == "absent":
+    if plan.expect == Expect.ABSENT:
         return FileResult(target, Status.SKIPPED, message="missing_dicom: deliberately not written")
     chunks = instance_chunks(plan, seed)
     staged = stage_atomic(target, lambda out: write_all(out, chunks))
@@ -6163,7 +6180,7 @@ def run_generate(opts: Options, out: Callable[[str], None], stop: StopSignal,
     if opts.dry_run:
         for p in plans:
             out(plan_line(p))
-        print(f"dry run: would write {sum(p.expect != 'absent' for p in plans)} files "
+        print(f"dry run: would write {sum(p.expect != Expect.ABSENT for p in plans)} files "
               f"to {output}", file=sys.stderr)
         return stop.exit_status() or EXIT_OK
     reporter = Reporter(opts, out, total=len(plans))
@@ -6240,7 +6257,7 @@ class Sent:
 
     path: Path
     study: str
-    outcome: str  # sent | warning | failed | not-sent
+    outcome: Outcome
     status: int | None
     reason: str
     size: int
@@ -6251,7 +6268,7 @@ class Sent:
     tls: str = ""  # the TLS protocol of the association it went over ("" for plain TCP)
 
     @staticmethod
-    def of(f: Indexed, outcome: str, reason: str, status: int | None = None,
+    def of(f: Indexed, outcome: Outcome, reason: str, status: int | None = None,
            seconds: float = 0.0, converted: str = "") -> Sent:
         """The outcome for an indexed file."""
         return Sent(f.path, f.study, outcome, status, reason, f.size, seconds, f.sop_instance,
@@ -6260,7 +6277,7 @@ class Sent:
     @property
     def delivered(self) -> bool:
         """The receiver answered success or warning: the file counts as sent."""
-        return self.outcome in ("sent", "warning")
+        return self.outcome in (Outcome.SENT, Outcome.WARNING)
 
 
 def valid_ae(title: str, flag: str) -> str:
@@ -6529,7 +6546,7 @@ def store_one(assoc: Any, f: Indexed, target: SendTarget) -> Sent | None:
     except Exception as exc:
         if not assoc.is_established:  # pynetdicom refuses to send on a closed association
             return None
-        return Sent.of(f, "failed", f"{type(exc).__name__}: {one_line(str(exc))}")
+        return Sent.of(f, Outcome.FAILED, f"{type(exc).__name__}: {one_line(str(exc))}")
 
 
 def _store_one(assoc: Any, f: Indexed, target: SendTarget, t0: float) -> Sent:
@@ -6555,14 +6572,14 @@ def _store_one(assoc: Any, f: Indexed, target: SendTarget, t0: float) -> Sent:
             converted = f"{pydicom.uid.UID(f.syntax).name} -> {pydicom.uid.UID(into).name}"
     else:
         syntax = pydicom.uid.UID(f.syntax)
-        return Sent.of(f, "failed", f"the receiver accepted no presentation context for "
+        return Sent.of(f, Outcome.FAILED, f"the receiver accepted no presentation context for "
                        f"{pydicom.uid.UID(f.sop_class).name} in {syntax.name}")
     status = assoc.send_c_store(dataset)
     seconds = time.perf_counter() - t0
     if not status or "Status" not in status:
         why = (f"no response within --dimse-timeout {target.dimse_timeout:g} s"
                if seconds >= target.dimse_timeout else "the receiver aborted the association")
-        return Sent.of(f, "failed", f"{why} while this file was sent; not sent again "
+        return Sent.of(f, Outcome.FAILED, f"{why} while this file was sent; not sent again "
                        "(the rest of its study goes on)", None, seconds, converted)
     from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
@@ -6570,8 +6587,8 @@ def _store_one(assoc: Any, f: Indexed, target: SendTarget, t0: float) -> Sent:
     category = code_to_category(code)
     meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (category, "unknown status"))[1]
     if category == "Success":
-        return Sent.of(f, "sent", "", code, seconds, converted)
-    outcome = "warning" if category == "Warning" else "failed"
+        return Sent.of(f, Outcome.SENT, "", code, seconds, converted)
+    outcome = Outcome.WARNING if category == "Warning" else Outcome.FAILED
     return Sent.of(f, outcome, f"0x{code:04X} {meaning}", code, seconds, converted)
 
 
@@ -6616,7 +6633,7 @@ def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any
                         outcome = dataclasses.replace(outcome, tls=tried.tls_version)
                     results.append(outcome)
                     events.put(outcome)
-                    if outcome.outcome == "failed" and outcome.status is None:
+                    if outcome.outcome == Outcome.FAILED and outcome.status is None:
                         break  # it broke the association, or failed here: reopen for the rest
             finally:
                 if assoc.is_established:
@@ -6626,8 +6643,8 @@ def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any
             attempt = attempt + 1 if lost else 0
         if pending and not ever_connected and not stop.is_set():
             unreachable.set()  # every try of this batch found no one listening
-        kind, reason = ("not-sent", "stopped before sending") if stop.is_set() else \
-            ("failed", why or "not sent")
+        kind, reason = (Outcome.NOT_SENT, "stopped before sending") if stop.is_set() else \
+            (Outcome.FAILED, why or "not sent")
         for f in pending:
             outcome = Sent.of(f, kind, reason)
             results.append(outcome)
@@ -6940,12 +6957,12 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
             bar.update(outcome.size)
             if watch is not None:
                 watch(outcome.size, total)
-            if outcome.outcome == "failed":
+            if outcome.outcome == Outcome.FAILED:
                 sender_log.error("failed: %s: %s", outcome.path, outcome.reason)
                 reporter.error(outcome.path, "SendFailed", outcome.reason)
-            elif outcome.outcome == "warning":
+            elif outcome.outcome == Outcome.WARNING:
                 sender_log.warning("sent with warning: %s: %s", outcome.path, outcome.reason)
-            elif outcome.outcome == "not-sent":
+            elif outcome.outcome == Outcome.NOT_SENT:
                 sender_log.info("not sent (stopped): %s", outcome.path)
             else:
                 sender_log.info("sent: %s (%d bytes, %.1f ms)", outcome.path, outcome.size,
@@ -6978,14 +6995,15 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
                  index_errors: int) -> dict[str, Any]:
     """The JSON summary of a send session (the fields of the user's own sender)."""
     ok = [s for s in sent if s.delivered]
-    failed = [s for s in sent if s.outcome == "failed"]
+    failed = [s for s in sent if s.outcome == Outcome.FAILED]
     total_bytes = sum(s.size for s in ok)
     return {
         "session_id": session, "start_time": started.isoformat(),
         "end_time": datetime.now(UTC).isoformat(), "total_files": len(sent) + index_errors,
-        "successful_transfers": len(ok), "warnings": sum(s.outcome == "warning" for s in sent),
+        "successful_transfers": len(ok),
+        "warnings": sum(s.outcome == Outcome.WARNING for s in sent),
         "failed_transfers": len(failed), "index_errors": index_errors,
-        "not_sent_stopped": sum(s.outcome == "not-sent" for s in sent),
+        "not_sent_stopped": sum(s.outcome == Outcome.NOT_SENT for s in sent),
         "total_bytes": total_bytes, "total_time_ms": round(seconds * 1000, 1),
         "average_transfer_time_ms": round(1000 * sum(s.seconds for s in ok) / max(1, len(ok)),
                                           2),
@@ -7032,7 +7050,7 @@ def compare_with_manifest(instances: list[dict[str, Any]],
     accept must be held; reject and absent must not be. A rejected instance that shares its
     SOP Instance UID with an accepted one (duplicate_sop) cannot be told apart by C-FIND.
     """
-    accepted = {e["sop_uid"] for e in instances if e["expect"] == "accept"}
+    accepted = {e["sop_uid"] for e in instances if e["expect"] == Expect.ACCEPT}
     table: dict[str, dict[str, dict[str, int]]] = {}
     mismatches, unanswered, indistinguishable = [], [], []
     for e in instances:
@@ -7046,9 +7064,9 @@ def compare_with_manifest(instances: list[dict[str, Any]],
             continue
         is_held = e["sop_uid"] in got
         row["held"] += is_held
-        if e["expect"] != "accept" and e["sop_uid"] in accepted:
+        if e["expect"] != Expect.ACCEPT and e["sop_uid"] in accepted:
             indistinguishable.append(brief)
-        elif is_held != (e["expect"] == "accept"):
+        elif is_held != (e["expect"] == Expect.ACCEPT):
             mismatches.append({**brief, "held": is_held})
             row["mismatches"] += 1
     return {"scenarios": table, "mismatches": mismatches, "unanswered": unanswered,
@@ -7394,7 +7412,7 @@ def wizard_server(port: int, opts: Options) -> Any:
                 check_generate_output(opts.output or Path(DEFAULT_GENERATED))
                 plans = plan_generation(opts.generate)
                 return {"lines": [plan_line(p) for p in plans],
-                        "files": sum(p.expect != "absent" for p in plans)}
+                        "files": sum(p.expect != Expect.ABSENT for p in plans)}
             if path == "/api/generate":
                 opts = wizard_generate_options(request, self.opts)
                 check_generate_output(opts.output or Path(DEFAULT_GENERATED))
