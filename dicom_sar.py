@@ -4402,9 +4402,9 @@ class DeidOptions:
     new_key: Path | None = None  # --new-key: make a key there, then exit
     key_exposed: bool = False  # the key file is readable by others
 
-    @property
+    @functools.cached_property
     def profile(self) -> Profile:
-        """The table resolved for these options."""
+        """The table resolved for these options, once (every element asks)."""
         return deid_profile(self.options)
 
 
