@@ -4626,9 +4626,9 @@ class Scrub:
         if new == old:
             return
         self.identifying.update(dict.fromkeys(parts, tag))
-        ds[tag] = DataElement(tag, vr, new.split("\\") if "\\" in new else new)
+        new = set_value(ds, tag, vr, new)
         what = {"Z": "replaced" if new else "emptied", "D": "replaced", "U": "replaced",
-                "C": "shifted"}[action]
+                "C": "shifted" if new else "emptied"}[action]
         self.note(ds, tag, what, old, new)
 
     def new_value(self, ds: Dataset, tag: int, vr: str, action: str, old: str) -> str:
@@ -4666,15 +4666,31 @@ class Scrub:
             for value in found:
                 new = re.sub(re.escape(value), "", new, flags=re.IGNORECASE)
             if new != old:
-                vr = element_vr(ds.get_item(tag), ds)
-                ds[tag] = DataElement(tag, vr, new.split("\\") if "\\" in new and vr not in
-                                      SINGLE_VALUE_VRS else new)
+                new = set_value(ds, tag, element_vr(ds.get_item(tag), ds), new)
                 self.note(ds, tag, "cleaned", old, new)
 
 
+def set_value(ds: Dataset, tag: int, vr: str, value: str) -> str:
+    """Give an element a new value (emptied if its VR refuses it: a shifted date that kept an
+    invalid tail, whose error would quote it); the value it got."""
+    try:
+        ds[tag] = DataElement(tag, vr, value.split("\\") if "\\" in value and vr not in
+                              SINGLE_VALUE_VRS else value)
+    except ValueError:
+        ds[tag] = DataElement(tag, vr, "")
+        return ""
+    return value
+
+
+DT_AFTER_DATE = re.compile(r"(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?([+-]\d{4})?")  # PS3.5 6.2
+
+
 def shift_date(value: str, vr: str, days: int) -> str:
-    """A DA or DT value moved back by days (the time of day kept); '' if it is no date."""
+    """A DA or DT value moved back by days (the time of day kept); '' if it is no date, or
+    if what follows a DT's date is no time (it would be carried over as it is)."""
     value = value.strip()
+    if len(value) != 8 and (vr != "DT" or not DT_AFTER_DATE.fullmatch(value[8:])):
+        return ""
     try:
         day = datetime.strptime(value[:8], "%Y%m%d")
         moved = (day - timedelta(days=days)).strftime("%Y%m%d")

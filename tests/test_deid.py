@@ -563,3 +563,23 @@ def test_a_kill_then_resume_gives_the_uninterrupted_tree(patients_tree: Path, ke
     assert resumed.code == 0, resumed.err
     assert tree_digest(out) == expected  # whole, no litter, nothing done twice
     assert re.search(r"skipped other\s+9", resumed.err)
+
+
+def test_a_shifted_date_its_vr_refuses_is_emptied_and_never_quoted(tmp_path: Path,
+                                                                   key: Path) -> None:
+    """A DT whose tail is not a time (read leniently, as scanners write them) would carry its
+    tail into the shifted value, which the leak search cannot see (only whole values are
+    searched): it is emptied, and nothing quotes it."""
+    tree = tmp_path / "in"
+    tree.mkdir()
+    ds = small_image("CTImageStorage", StudyDate="20230105")
+    tag = dicom_sar.tag_for_keyword("AcquisitionDateTime")
+    ds[tag] = dicom_sar.raw_element(tag, "DT", b"20230101XJOHNSMITH")
+    ds.save_as(tree / "odd", enforce_file_format=True)
+    run = deid(tree, tmp_path / "out", key, "--deid-option", "retain-long-modified-dates", "-v")
+    assert run.code == 0, run.err
+    assert "JOHNSMITH" not in run.log("errors.log") + run.err
+    (written,) = outputs(tmp_path / "out")
+    after = read(written)
+    assert after.AcquisitionDateTime == "" and after.StudyDate != "20230105"
+    assert b"JOHNSMITH" not in written.read_bytes()
