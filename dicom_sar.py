@@ -3083,8 +3083,6 @@ class Stats:
                      "unchanged": self.unchanged}
             if self.litter_removed is not None:
                 data["temporary_files_removed"] = self.litter_removed
-        if opts.mode == "deid":
-            data["already_deidentified_or_done"] = self.skipped
         if opts.mode == "deid_audit":
             data["with_identifying_data"] = self.rejected
         if opts.mode == "generate":
@@ -3582,8 +3580,6 @@ def pixel_sequence_lines(raw: RawDataElement, vr: str, level: int) -> list[str]:
     return lines
 
 
-
-
 def fast_tagged_lines(path: str | Path, specs: tuple[TagSpec, ...]) -> tuple[list[str] | None, int]:
     """dcmdump +P lines by raw scan: (lines, size); lines None for not-DICOM files.
 
@@ -3765,8 +3761,6 @@ def spec_label(spec: TagSpec) -> str:
     if spec.plain and spec.leaf.creator is None:
         return f"{spec.label()} {keyword_of(spec.leaf.tag)}"
     return spec.label()
-
-
 
 
 def run_dump(opts: Options, out: Callable[[str], None], stop: StopSignal,
@@ -4330,7 +4324,7 @@ LINKING_KEYWORDS = ("AccessionNumber", "StudyID")
 MAPPED_KEYWORDS = ("PatientID", "AccessionNumber", "StudyInstanceUID")  # --mapping's rows
 DUMMIES = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y",
            "DS": "0", "IS": "0", "UR": "urn:dicom-sar:removed"}
-BINARY_VRS = table("OB OD OF OL OV OW UN US SS UL SL UV SV FL FD AT".split())
+BINARY_VRS = table(vr for vr in VALID_VRS if vr not in STRING_VRS and vr != "SQ")
 DATE_SHIFT_DAYS = (365, 3650)  # a patient's dates move back by a keyed offset in this range
 KEY_BYTES, MIN_KEY_BYTES = 32, 16
 MIN_IDENTIFYING = 4  # shorter removed values are not searched for (they occur by chance)
@@ -4373,7 +4367,6 @@ class Profile:
         return "K"
 
 
-@functools.cache
 def deid_profile(options: tuple[str, ...]) -> Profile:
     """The profile of the Basic column with options' K and C over it (K, retain, wins over C)."""
     chosen = [DEID_OPTIONS.index(o) for o in options]
@@ -4699,13 +4692,15 @@ def shift_date(value: str, vr: str, days: int) -> str:
     return moved + value[8:] if vr == "DT" else moved
 
 
+def identity_removed(ds: Dataset) -> bool:
+    """Whether the file says it was de-identified (PatientIdentityRemoved YES), by anyone."""
+    return text_of(ds, 0x00120062).upper() == "YES"
+
+
 def marked_by_us(ds: Dataset) -> bool:
     """Whether our own de-identification wrote this file (a second pass would shift twice)."""
-    method = ds.get(0x00120063)
-    values = [] if method is None or method.value is None else \
-        [method.value] if isinstance(method.value, str) else list(method.value)
-    return text_of(ds, 0x00120062).upper() == "YES" and \
-        any(str(v).startswith(MARKED_BY) for v in values)
+    return identity_removed(ds) and any(
+        v.startswith(MARKED_BY) for v in text_of(ds, 0x00120063).split("\\"))
 
 
 def burned_in(ds: Dataset) -> str:
@@ -4769,7 +4764,7 @@ def leftovers(ds: Dataset, opts: DeidOptions, *, marked: bool) -> list[str]:
     elements of creators not kept, unknown or UN ones; in a file not marked de-identified,
     also every element it would replace or empty that holds a value."""
     found: list[str] = []
-    stack = [ds, *([ds.file_meta] if getattr(ds, "file_meta", None) is not None else [])]
+    stack = [container for _, container in all_datasets_of(ds)][::-1]  # the meta first
     while stack:
         current = stack.pop()
         for tag in list(current.keys()):
@@ -4852,7 +4847,7 @@ def searched_bytes(data: bytes, out: Dataset) -> bytes:
 
 def all_text_values(ds: Dataset) -> Iterator[tuple[int, str]]:
     """Every text element's value at any depth, file meta included."""
-    stack = [ds, *([ds.file_meta] if getattr(ds, "file_meta", None) is not None else [])]
+    stack = [container for _, container in all_datasets_of(ds)]
     while stack:
         current = stack.pop()
         for tag in list(current.keys()):
@@ -4991,7 +4986,7 @@ def audit_task(cand: Candidate, opts: Options) -> FileResult:
     ds, size, _ = whole(cand.path, read_dataset(cand.path, header_only=True))
     if ds is None:
         return FileResult(cand.path, Status.NOT_DICOM, nbytes=size)
-    found = leftovers(ds, opts.deid, marked=text_of(ds, 0x00120062).upper() == "YES")
+    found = leftovers(ds, opts.deid, marked=identity_removed(ds))
     if not found:
         return FileResult(cand.path, Status.OK, nbytes=size)
     return FileResult(cand.path, Status.REJECTED, nbytes=size,

@@ -34,7 +34,7 @@ PER_LINE = 3
 
 def row_id(row: dict[str, str]) -> str:
     """The row's tag as 8 hex digits (lower case), a group pattern, or 'odd' (private)."""
-    if re.fullmatch(r"[0-9a-f]{8}", row["id"]) or re.fullmatch(r"[0-9a-fx]{8}", row["id"]):
+    if re.fullmatch(r"[0-9a-fx]{8}", row["id"]):  # a tag, or a pattern such as 60xx4000
         return row["id"]
     if row["tag"].startswith("(GGGG,EEEE) WHERE GGGG IS ODD"):
         return "odd"
