@@ -1763,27 +1763,48 @@ def check_complete(ds: Dataset, fp: Any, size: int) -> None:
     pos = fp.tell()
     little = ds.original_encoding[1] is not False
     order = "<" if little else ">"
-    if getattr(last, "length", 0) == 0xFFFFFFFF and pos >= size:
-        fp.seek(size - 8)  # an undefined-length element that ends the file ends with (FFFE,E0DD)
-        if fp.read(8) != struct.pack(order + "HHI", 0xFFFE, 0xE0DD, 0):
-            raise TruncatedFileError(f"element {BaseTag(last.tag)} has no sequence delimiter "
-                                     "before the end of the file")
+    if getattr(last, "length", 0) == 0xFFFFFFFF and pos >= size \
+            and not ends_with_delimiter(fp, size, order):
+        raise TruncatedFileError(f"element {BaseTag(last.tag)} has no sequence delimiter "
+                                 "before the end of the file")
     if pos + 8 > size:
         return
-    fp.seek(pos)
-    head = fp.read(12)
-    if struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+    pixels = pixel_element_at(fp, pos, ds)
+    if pixels is None or pixels[0] != 0x7FE00010:
         return
-    implicit = ds.original_encoding[0] is True
-    if implicit:
-        (length,) = struct.unpack(order + "I", head[4:8])
-        header = 8
-    else:
-        (length,) = struct.unpack(order + "I", head[8:12])
-        header = 12
+    _, header, length = pixels
+    if length is None:
+        raise TruncatedFileError("the file ends inside PixelData's element header")
     if length != 0xFFFFFFFF and pos + header + length > size:
         raise TruncatedFileError(f"PixelData declares {length} bytes, the file ends after "
                                  f"{size - pos - header}")
+
+
+def ends_with_delimiter(fp: Any, size: int, order: str) -> bool:
+    """Whether the file ends with a sequence delimiter (FFFE,E0DD): what an undefined-length
+    element that ends the file must end with."""
+    fp.seek(size - 8)
+    return fp.read(8) == struct.pack(order + "HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def pixel_element_at(fp: Any, pos: int, ds: Dataset) -> tuple[int, int, int | None] | None:
+    """(tag, header size, value length) of the pixel data element (PIXEL_TAGS) at pos, where
+    pydicom's stop_before_pixels leaves the file, in ds's encoding; None if another element
+    (or nothing) is there; the length None if the file ends inside the header."""
+    implicit, little = ds.original_encoding
+    order = "<" if little is not False else ">"
+    fp.seek(pos)
+    head = fp.read(12)
+    if len(head) < 4:
+        return None
+    group, element = struct.unpack(order + "HH", head[:4])
+    if group << 16 | element not in PIXEL_TAGS:
+        return None
+    header = 8 if implicit is True else 12
+    if len(head) < header:
+        return group << 16 | element, header, None
+    (length,) = struct.unpack(order + "I", head[header - 4:header])
+    return group << 16 | element, header, length
 
 
 Header = tuple["Dataset | None", int, str | None, int]  # read_dataset's, and the first odd tag
@@ -4942,18 +4963,13 @@ def header_and_pixels(path: Path) -> tuple[Dataset | None, int, int | None]:
 
 def pixels_end(fp: BinaryIO, start: int, ds: Dataset, size: int) -> int:
     """Where the pixel data element at start ends (-1 if that is no pixel data element)."""
-    fp.seek(start)
-    head = fp.read(12)
-    implicit, little = ds.original_encoding
-    order = "<" if little is not False else ">"
-    if len(head) < 12 or struct.unpack(order + "HH", head[:4]) not in (
-            (0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
+    pixels = pixel_element_at(fp, start, ds)
+    if pixels is None or pixels[2] is None:
         return -1
-    header, (length,) = (8, struct.unpack(order + "I", head[4:8])) if implicit else \
-        (12, struct.unpack(order + "I", head[8:12]))
+    _, header, length = pixels
     if length == 0xFFFFFFFF:  # encapsulated: the file must end with its delimiter
-        fp.seek(size - 8)
-        return size if fp.read(8) == struct.pack(order + "HHI", 0xFFFE, 0xE0DD, 0) else -1
+        order = "<" if ds.original_encoding[1] is not False else ">"
+        return size if ends_with_delimiter(fp, size, order) else -1
     return start + header + length
 
 
