@@ -18,7 +18,8 @@ The file reads like its pipeline; each section starts with a ═══ header na
     Mode --deid         PS3.15 Annex E (Table E.1-1 as generated data), --deid-audit
     Mode --generate     synthetic trees, faults, manifest.json
     Mode --send         C-STORE by study (and --echo), TLS
-    Mode --check-ingest C-FIND against a manifest (and --ingest-test)
+    DICOMweb            --url: STOW-RS for --send, QIDO-RS for --verify, --check-ingest, --echo
+    Mode --check-ingest C-FIND or QIDO-RS against a manifest (and --ingest-test)
     Mode --merge-summaries
     Mode --ui           the generator's wizard on loopback
     Shell completions
@@ -284,6 +285,7 @@ examples (fish):
                  --regex_search '^X' --regex_replace 'Y' --path ~/archive
   generate:  python dicom_sar.py --generate --scenario default --patients 3 --seed 7 --output demo
   send:      python dicom_sar.py --send --path demo -H 127.0.0.1 -p 11112 -a STORESCP -t 4
+  stow-rs:   python dicom_sar.py --send --path demo --url http://127.0.0.1:8042/dicom-web -t 4
 
 exit status: 0 all fine, 1 some files failed or were rejected (or a peer refused), 2 usage
 error, 70 internal error (a bug: the traceback is in dicom_sar.log), 130 interrupted (143
@@ -316,10 +318,12 @@ MODES = (
          {"action": "store_true"}),
     Mode("--deid-audit", "list what the Basic Profile would still act on; exit 1 if any",
          {"action": "store_true"}),
-    Mode("--send", "C-STORE the tree, study by study", {"action": "store_true"}),
-    Mode("--echo", "C-ECHO the destination, send nothing", {"action": "store_true"}),
-    Mode("--check-ingest", "C-FIND what a PACS kept of a generated tree, against its "
-         "manifest", {"metavar": "MANIFEST"}),
+    Mode("--send", "send the tree study by study: C-STORE, or STOW-RS to a --url",
+         {"action": "store_true"}),
+    Mode("--echo", "C-ECHO the destination (QIDO-RS for a --url), send nothing",
+         {"action": "store_true"}),
+    Mode("--check-ingest", "ask (C-FIND, QIDO-RS) what a PACS kept of a generated tree, "
+         "against its manifest", {"metavar": "MANIFEST"}),
     Mode("--ingest-test", "generate -> send -> wait for the PACS -> --check-ingest, in one run",
          {"action": "store_true"}),
     Mode("--ui", "serve the generator's wizard on 127.0.0.1 (--port P, else a free one)",
@@ -359,6 +363,7 @@ OPTION_MODES: dict[str, tuple[str, ...]] = {
                      "dimse_timeout", "network_timeout", "max_pdu", "tls", "tls_ca",
                      "tls_cert", "tls_key", "tls_no_verify"), TALKING),
     "port": (*TALKING, "ui"),
+    **dict.fromkeys(("url", "token_file", "user", "allow_plain_http"), TALKING),
     "verify": ("send",),
     "settle_timeout": ("ingest_test",),
 }
@@ -519,6 +524,20 @@ def build_parser(prog: str = "dicom_sar.py") -> argparse.ArgumentParser:
     send.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
     send.add_argument("--tls-no-verify", action="store_true",
                       help="TLS without checking the receiver's certificate: test setups only")
+
+    web = p.add_argument_group("DICOMweb destination (instead of -H/-p/-a), for send, echo, "
+                               "check-ingest, ingest-test")
+    web.add_argument("--url", metavar="URL",
+                     help="the DICOMweb service root: STOW-RS sends, QIDO-RS checks, e.g. "
+                          "http://127.0.0.1:8042/dicom-web; https:// takes the --tls-* options")
+    web.add_argument("--token-file", metavar="FILE",
+                     help="a bearer token, read again for each request (a refreshed token is "
+                          "picked up)")
+    web.add_argument("--user", metavar="NAME",
+                     help=f"HTTP Basic user; the password comes from ${PASSWORD_VARIABLE}")
+    web.add_argument("--allow-plain-http", action="store_true",
+                     help="allow http:// to a host other than loopback (patient data "
+                          "unencrypted)")
     return p
 
 
@@ -578,7 +597,8 @@ def options_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser | 
     if mode is None:
         raise UsageError("choose a mode: " + ", ".join(FLAG_OF[m] for m in RUN_MODES)
                          + " (see --help)")
-    refuse_foreign_options(parser or build_parser(), ns, mode)
+    parser = parser or build_parser()
+    refuse_foreign_options(parser, ns, mode)
     specs = tuple(s for text in (ns.tag or ()) for s in parse_tag_specs(text))
     workers = ns.workers if ns.workers is not None else default_workers()
     if workers < 1:
@@ -627,18 +647,18 @@ def options_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser | 
             return Options(**common, deid=deid)
         return Options(**common, deid=deid, **write_targets(ns, DEFAULT_DEID))
     if mode in ("send", "echo"):
-        return Options(**common, send=send_options(ns))
+        return Options(**common, send=send_options(ns, parser))
     if mode == "check_ingest":
         manifest = Path(ns.check_ingest)
         if not manifest.is_file():
             raise UsageError(f"--check-ingest {manifest}: no such file (the manifest.json of "
                              "a --generate tree)")
-        return Options(**common, send=send_options(ns), manifest=manifest)
+        return Options(**common, send=send_options(ns, parser), manifest=manifest)
     if mode == "ingest_test":
         if not ns.output:
             raise UsageError("--ingest-test needs --output DIR (new or empty: the generated "
                              "tree goes there)")
-        return Options(**common, send=send_options(ns), output=Path(ns.output),
+        return Options(**common, send=send_options(ns, parser), output=Path(ns.output),
                        generate=generate_plan_from_args(ns))
     return Options(**common, output=Path(ns.output) if ns.output else None,
                    generate=generate_plan_from_args(ns))
@@ -6262,6 +6282,15 @@ class SendTarget:
     context: Any = None  # the run's one ssl.SSLContext (see tls_context)
     settle_timeout: float = 60.0
 
+    @property
+    def where(self) -> str:
+        """The destination as the summary names it."""
+        return f"{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        """The destination as the session log names it."""
+        return f"{self.calling} -> {self.called}@{self.host}:{self.port}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Indexed:
@@ -6315,15 +6344,25 @@ def valid_ae(title: str, flag: str) -> str:
     return title.strip()
 
 
-def send_options(ns: argparse.Namespace) -> SendTarget:
-    """Validate the destination and timeouts of --send / --echo."""
-    if not ns.host or ns.port is None:
-        raise UsageError("the receiver needs -H/--host and -p/--port (and -a/--ae-title), "
-                         "e.g. -H 127.0.0.1 -p 11112 -a STORESCP")
-    if not 1 <= ns.port <= 65535:
-        raise UsageError(f"--port {ns.port}: use 1-65535")
+DIMSE_ONLY = ("host", "port", "ae_title", "calling_ae", "acse_timeout", "dimse_timeout",
+              "max_pdu")  # argparse dests that name a DIMSE destination (not a --url one)
+
+
+def send_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Destination:
+    """Validate the destination (DIMSE, or DICOMweb by --url) and its timeouts."""
     if bool(ns.tls_cert) != bool(ns.tls_key):
         raise UsageError("--tls-cert and --tls-key go together (a certificate and its key)")
+    if ns.url:
+        return web_options(ns, parser)
+    web_only = [flag for flag, given in (("--token-file", ns.token_file), ("--user", ns.user),
+                                         ("--allow-plain-http", ns.allow_plain_http)) if given]
+    if web_only:
+        raise UsageError(f"{', '.join(web_only)} go with a DICOMweb destination (--url)")
+    if not ns.host or ns.port is None:
+        raise UsageError("the receiver needs -H/--host and -p/--port (and -a/--ae-title), "
+                         "e.g. -H 127.0.0.1 -p 11112 -a STORESCP (or --url for DICOMweb)")
+    if not 1 <= ns.port <= 65535:
+        raise UsageError(f"--port {ns.port}: use 1-65535")
     tls = bool(ns.tls or ns.tls_ca or ns.tls_cert or ns.tls_no_verify)
     return SendTarget(ns.host, ns.port, valid_ae(ns.ae_title, "--ae-title"),
                       valid_ae(ns.calling_ae, "--calling-ae"), max(0, ns.retries),
@@ -6679,8 +6718,10 @@ def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any
     return results
 
 
-def echo(target: SendTarget) -> tuple[bool, str]:
-    """C-ECHO the destination: (ok, message with round-trip time)."""
+def echo(target: Destination) -> tuple[bool, str]:
+    """C-ECHO the destination (a --url: web_echo): (ok, message with round-trip time)."""
+    if isinstance(target, WebTarget):
+        return web_echo(target)
     t0 = time.perf_counter()
     tried = open_association(target, [(sop_class("Verification"),
                                        pydicom.uid.ImplicitVRLittleEndian)])
@@ -6800,25 +6841,35 @@ class Verification:
 SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
 
 
-def held_by_series(target: SendTarget, keys: list[SeriesKey], workers: int
+@contextlib.contextmanager
+def find_session(target: SendTarget) -> Iterator[Callable[[str, str], set[str]]]:
+    """A worker's C-FIND session: held(study, series) over one association."""
+    tried = open_association(target, find_contexts())
+    if tried.assoc is None:
+        raise QueryFailedError(f"no association for C-FIND: {tried.why}")
+    try:
+        yield lambda study, series: held_instances(tried.assoc, study, series, target)
+    finally:
+        if tried.assoc.is_established:
+            tried.assoc.release()
+
+
+def held_by_series(target: Destination, keys: list[SeriesKey], workers: int
                    ) -> tuple[dict[SeriesKey, set[str] | None], str]:
-    """What the receiver holds of each series: one association per worker, each querying
-    its share; (held by key, None where it did not answer; why an association failed)."""
+    """What the receiver holds of each series: one session (association, or connection
+    for QIDO-RS) per worker, each querying its share; (held by key, None where it did not
+    answer; why a session failed)."""
     shares = [keys[i::workers] for i in range(min(workers, len(keys)) or 1)]
+    session = qido_session if isinstance(target, WebTarget) else find_session
 
     def query(share: list[SeriesKey]) -> tuple[dict[SeriesKey, set[str] | None], str]:
-        tried = open_association(target, find_contexts())
-        if tried.assoc is None:
-            return dict.fromkeys(share), f"no association for C-FIND: {tried.why}"
         held: dict[SeriesKey, set[str] | None] = dict.fromkeys(share)
         try:
-            for key in share:
-                held[key] = held_instances(tried.assoc, *key, target)
+            with session(target) as ask:  # type: ignore[arg-type]
+                for key in share:
+                    held[key] = ask(*key)
         except QueryFailedError as exc:  # the rest of the share is left unanswered
             return held, str(exc)
-        finally:
-            if tried.assoc.is_established:
-                tried.assoc.release()
         return held, ""
 
     held: dict[SeriesKey, set[str] | None] = {}
@@ -6830,7 +6881,7 @@ def held_by_series(target: SendTarget, keys: list[SeriesKey], workers: int
     return held, why
 
 
-def verify_sent(target: SendTarget, sent: list[Sent]) -> Verification:
+def verify_sent(target: Destination, sent: list[Sent]) -> Verification:
     """After a send, C-FIND every series it delivered to: each file the receiver
     acknowledged but does not hold (instances it held before do not matter)."""
     delivered: dict[tuple[str, str], list[Sent]] = {}
@@ -6914,16 +6965,20 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
                  reporter: Reporter, stop: StopSignal, session: Session,
                  watch: Callable[[int, int], None] | None = None) -> int:
     """Announce, send (or list, for a dry run), verify, and write the session summary."""
-    target: SendTarget = opts.send
+    target: Destination = opts.send
     total_files = sum(len(v) for v in studies.values())
     print(f"Found {total_files} DICOM files, grouped into {len(studies)} studies", file=sys.stderr)
     for study, files in list(studies.items())[:5]:
         print(f"  {study}: {len(files)} files", file=sys.stderr)
-    if opts.dry_run:
+    if opts.dry_run and isinstance(target, WebTarget):
+        for line in stow_requests(studies, target):
+            out(line)
+    elif opts.dry_run:
         for study, files in studies.items():
             for i, (batch, contexts) in enumerate(association_batches(files)):
                 out(f"study {study}  association {i + 1}: {len(batch)} files, "
                     f"{len(contexts)} presentation contexts")
+    if opts.dry_run:
         return stop.exit_status() or (EXIT_FAILURES if reporter.stats.errors else EXIT_OK)
     sent = transfer(studies, target, opts, session.log, stop.event, reporter, watch)
     verified = verify_sent(target, sent) if target.verify else None
@@ -6944,7 +6999,8 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
         if path is not None:
             write_summary(summary, path)
     if not opts.quiet:
-        shown = {k: v for k, v in summary.items() if k not in ("failed_files", "files")}
+        shown = {k: v for k, v in summary.items()
+                 if k not in ("failed_files", "files") and v is not None}
         tls = shown.pop("tls")
         shown["tls"] = f"yes, {tls['protocol']}" if tls["encrypted"] else "no"
         if verified:
@@ -6958,7 +7014,7 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
     return stop.exit_status() or (EXIT_FAILURES if failed or problems else EXIT_OK)
 
 
-def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Options,
+def transfer(studies: dict[str, list[Indexed]], target: Destination, opts: Options,
              sender_log: logging.Logger, stop: threading.Event, reporter: Reporter,
              watch: Callable[[int, int], None] | None = None) -> list[Sent]:
     """Studies over the pool; events drive the reporter's bar (and watch), and the
@@ -6971,8 +7027,15 @@ def transfer(studies: dict[str, list[Indexed]], target: SendTarget, opts: Option
     sent: list[Sent] = []
     with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix=PROG) as pool:
         unreachable = threading.Event()  # shared like stop: see send_study
-        futures = [pool.submit(send_study, study, files, target, events, stop, unreachable)
-                   for study, files in studies.items()]
+        if isinstance(target, WebTarget):  # a worker keeps its connection from study to study
+            todo: queue.SimpleQueue[tuple[str, list[Indexed]]] = queue.SimpleQueue()
+            for item in studies.items():
+                todo.put(item)
+            futures = [pool.submit(stow_worker, todo, target, events, stop, unreachable)
+                       for _ in range(min(opts.workers, len(studies)))]
+        else:
+            futures = [pool.submit(send_study, study, files, target, events, stop, unreachable)
+                       for study, files in studies.items()]
         while True:
             try:
                 outcome = events.get(timeout=0.2)
@@ -7010,15 +7073,15 @@ def session_logger(opts: Options, session: str) -> logging.Logger:
     logger.addHandler(log_handler(path, logging.Formatter("%(asctime)s %(levelname)s %(message)s")))
     logger.propagate = False
     logger.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
-    logger.info("session %s: %s -> %s@%s:%d, %d workers, %s; %s", session, opts.send.calling,
-                opts.send.called, opts.send.host, opts.send.port, opts.workers,
+    logger.info("session %s: %s, %d workers, %s; %s", session, opts.send.describe(),
+                opts.workers,
                 ("TLS" + ("" if opts.send.tls_verify else " WITHOUT certificate verification"))
                 if opts.send.tls else "plain TCP", runtime_line())
     return logger
 
 
 def send_summary(session: str, started: datetime, seconds: float, sent: list[Sent],
-                 target: SendTarget, opts: Options, studies: int,
+                 target: Destination, opts: Options, studies: int,
                  index_errors: int) -> dict[str, Any]:
     """The JSON summary of a send session (the fields of the user's own sender)."""
     ok = [s for s in sent if s.delivered]
@@ -7035,8 +7098,10 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
         "average_transfer_time_ms": round(1000 * sum(s.seconds for s in ok) / max(1, len(ok)),
                                           2),
         "throughput_mbps": round(total_bytes / 1e6 / seconds, 2) if seconds else 0.0,
-        "threads_used": opts.workers, "destination": f"{target.host}:{target.port}",
-        "calling_ae": target.calling, "called_ae": target.called,
+        "threads_used": opts.workers, "destination": target.where,
+        "transport": "DICOMweb STOW-RS" if isinstance(target, WebTarget) else "DIMSE C-STORE",
+        "calling_ae": getattr(target, "calling", None), "called_ae": getattr(target, "called",
+                                                                             None),
         "studies_processed": studies, "free_threaded": gil_disabled(),
         "failed_files": [{"path": str(s.path), "reason": s.reason} for s in failed],
         "tls": {"encrypted": bool(ok) and all(s.tls for s in ok),
@@ -7046,6 +7111,535 @@ def send_summary(session: str, started: datetime, seconds: float, sent: list[Sen
         "files": [{"path": str(s.path), "sop_instance_uid": s.sop_instance,
                    "outcome": s.outcome, "status": s.status, "reason": s.reason,
                    **({"converted": s.converted} if s.converted else {})} for s in sent]}
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# DICOMweb (--url): STOW-RS for --send, QIDO-RS for --verify, --check-ingest and --echo
+# (PS3.18), on the standard library's http.client: one kept-alive connection per worker,
+# each file streamed from disk, the run's one TLS context, credentials read per request
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+STOW_REQUEST_BYTES = 64 * 2**20  # a study goes in requests of at most this (a bigger file alone)
+QIDO_PAGE = 1000  # instances asked for per QIDO-RS request (limit), then the next offset
+RETRY_AFTER_CAP = 120.0  # seconds: a longer Retry-After is waited for this long, then retried
+PASSWORD_VARIABLE = "DICOMWEB_PASSWORD"  # --user's password: never on the command line
+DICOM_JSON = "application/dicom+json"
+
+
+@dataclasses.dataclass(frozen=True)
+class WebTarget:
+    """A DICOMweb service: its root URL (no credentials in it), how to authenticate (the
+    secret itself never printed), TLS and patience."""
+
+    url: str  # the service root, without a trailing slash
+    token_file: Path | None
+    user: str | None
+    password: str = dataclasses.field(default="", repr=False)
+    retries: int = 3
+    timeout: float = 60.0
+    verify: bool = False
+    echo_only: bool = False
+    plain_http_allowed: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_verify: bool = True
+    context: Any = None  # the run's one ssl.SSLContext (see tls_context)
+    settle_timeout: float = 60.0
+
+    @property
+    def tls(self) -> bool:
+        """https:// (TLS, with tls_context's rules)."""
+        return self.url.startswith("https://")
+
+    @functools.cached_property
+    def address(self) -> tuple[str, int, str]:
+        """(host, port, root path) of the URL."""
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(self.url)
+        return parts.hostname or "", parts.port or (443 if self.tls else 80), parts.path
+
+    @property
+    def where(self) -> str:
+        """The destination as the summary names it."""
+        return self.url
+
+    def describe(self) -> str:
+        """The destination as the session log names it."""
+        return f"DICOMweb {self.url}"
+
+
+Destination = SendTarget | WebTarget
+
+
+def web_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> WebTarget:
+    """Validate a --url destination and its credentials (a usage error says what to do)."""
+    import ipaddress
+    import urllib.parse
+
+    dimse = [max(a.option_strings, key=len) for a in parser._actions if a.dest in DIMSE_ONLY
+             and getattr(ns, a.dest) != a.default]
+    if dimse:
+        raise UsageError(f"--url is a DICOMweb destination and {', '.join(dimse)} a DIMSE "
+                         "one: give one or the other")
+    url = ns.url.rstrip("/")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not one)
+    except ValueError as exc:
+        raise UsageError(f"--url: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--url {ns.url!r}: use the service root, e.g. "
+                         "https://pacs.example.org/dicom-web or http://127.0.0.1:8042/dicom-web")
+    if parts.username is not None or parts.password is not None:
+        raise UsageError("--url must not carry credentials (they would show in process lists "
+                         f"and logs): use --token-file FILE, or --user NAME with "
+                         f"{PASSWORD_VARIABLE} in the environment")
+    if parts.query or parts.fragment:
+        raise UsageError(f"--url {url}: the service root takes no ?query or #fragment")
+    try:
+        loopback = ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        loopback = parts.hostname == "localhost"
+    if parts.scheme == "http" and not ns.allow_plain_http and not loopback:
+        raise UsageError(f"--url {url}: patient data would cross the network unencrypted; use "
+                         "https://, or --allow-plain-http on a network you trust")
+    if parts.scheme == "http" and (ns.tls or ns.tls_ca or ns.tls_cert or ns.tls_no_verify):
+        raise UsageError("--tls and --tls-* go with an https:// --url")
+    if ns.token_file and ns.user:
+        raise UsageError("--token-file and --user are two ways to authenticate: give one")
+    if ns.token_file and not Path(ns.token_file).is_file():
+        raise UsageError(f"--token-file {ns.token_file}: no such file")
+    password = os.environ.get(PASSWORD_VARIABLE, "")
+    if ns.user and not password:
+        raise UsageError(f"--user {ns.user}: set the password in the environment variable "
+                         f"{PASSWORD_VARIABLE} (fish: set -x {PASSWORD_VARIABLE} (cat FILE))")
+    return WebTarget(url, Path(ns.token_file) if ns.token_file else None, ns.user,
+                     password if ns.user else "", max(0, ns.retries), ns.network_timeout,
+                     ns.verify, ns.echo, ns.allow_plain_http, ns.tls_ca, ns.tls_cert,
+                     ns.tls_key, not ns.tls_no_verify, settle_timeout=ns.settle_timeout)
+
+
+class WebError(Exception):
+    """A DICOMweb request that got no usable answer, after its retries."""
+
+    def __init__(self, why: str, connected: bool = True) -> None:
+        super().__init__(why)
+        self.connected = connected  # False: no TCP connection was ever made
+
+
+class Reply(NamedTuple):
+    """An HTTP response, read to its end."""
+
+    status: int
+    reason: str
+    headers: Any  # http.client.HTTPMessage
+    body: bytes
+
+
+class FilePart(NamedTuple):
+    """A file that goes into a request body as it is on disk."""
+
+    path: Path
+    size: int
+
+
+def authorization(target: WebTarget) -> dict[str, str]:
+    """The Authorization header: the token file read now (a refreshed token is picked up),
+    or HTTP Basic from --user and the environment's password."""
+    if target.token_file is not None:
+        try:
+            token = target.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise WebError(f"--token-file {target.token_file}: cannot read it "
+                           f"({getattr(exc, 'strerror', None) or exc})") from None
+        if not token or any(c in token for c in "\r\n"):
+            raise WebError(f"--token-file {target.token_file}: not one line holding a token")
+        return {"Authorization": f"Bearer {token}"}
+    if target.user:
+        pair = f"{target.user}:{target.password}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+    return {}
+
+
+class WebClient:
+    """One worker's kept-alive connection to the service (never shared between threads)."""
+
+    def __init__(self, target: WebTarget) -> None:
+        self.target = target
+        self.conn: Any = None
+        self.tls_version = ""
+        self.connected = False  # a TCP connection was made at least once
+
+    def close(self) -> None:
+        """Close the connection (the next exchange opens a new one)."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def connection(self) -> Any:
+        """The kept-alive connection, opened on first need."""
+        import http.client
+
+        if self.conn is None:
+            host, port, _ = self.target.address
+            self.conn = http.client.HTTPSConnection(
+                host, port, timeout=self.target.timeout, context=self.target.context) \
+                if self.target.tls else http.client.HTTPConnection(host, port,
+                                                                   timeout=self.target.timeout)
+        return self.conn
+
+    def exchange(self, method: str, path: str, headers: Mapping[str, str],
+                 body: Iterable[bytes | FilePart] = ()) -> Reply:
+        """One request and its whole response. A kept-alive connection the server closed
+        while idle is opened again once (nothing reached the server on it)."""
+        import http.client
+
+        for reused in (self.conn is not None, False):
+            conn = self.connection()
+            try:
+                return self._exchange(conn, method, path, headers, body)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+                if not reused:
+                    raise
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _exchange(self, conn: Any, method: str, path: str, headers: Mapping[str, str],
+                  body: Iterable[bytes | FilePart]) -> Reply:
+        conn.putrequest(method, self.target.address[2] + path, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        self.connected = True
+        if self.target.tls and not self.tls_version:
+            self.tls_version = conn.sock.version() or ""
+        for piece in body:
+            if isinstance(piece, FilePart):
+                with piece.path.open("rb") as fh:
+                    if conn.sock.sendfile(fh, 0, piece.size) != piece.size:
+                        raise WebError(f"{piece.path} got shorter since it was read: not sent")
+            else:
+                conn.sock.sendall(piece)
+        response = conn.getresponse()
+        data = response.read()
+        if response.will_close:
+            self.close()
+        return Reply(response.status, response.reason, response.headers, data)
+
+
+def web_call(client: WebClient, method: str, path: str, headers: Mapping[str, str],
+             body: Iterable[bytes | FilePart] = (), stop: threading.Event | None = None
+             ) -> Reply:
+    """A request with its retries: connection faults, 408, 429 and 5xx are retried with
+    backoff (a Retry-After honoured); any other answer is returned. Raises WebError."""
+    import http.client
+    import ssl
+
+    target, attempt = client.target, 0
+    while True:
+        delay = None
+        try:
+            reply = client.exchange(method, path, {**headers, **authorization(target)}, body)
+        except ssl.SSLCertVerificationError as exc:
+            raise WebError(f"TLS: the server's certificate is not accepted: "
+                           f"{exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            raise WebError(f"TLS handshake with {target.address[0]}:{target.address[1]} failed "
+                           f"({one_line(str(exc))}): does the server speak HTTPS on this "
+                           "port?") from None
+        except (OSError, http.client.HTTPException) as exc:
+            why = (f"no connection to {target.address[0]}:{target.address[1]} (refused or "
+                   "timed out): check --url, or whether the server runs") if not client.connected \
+                else f"{type(exc).__name__}: {one_line(str(exc)) or 'connection lost'}"
+        else:
+            if reply.status not in (408, 429) and reply.status < 500:
+                return reply
+            why, delay = http_problem(reply, target), retry_after(reply)
+        if attempt >= target.retries or (stop is not None and stop.is_set()):
+            raise WebError(why, client.connected)
+        attempt += 1
+        wait = delay if delay is not None else min(0.5 * 2 ** (attempt - 1), 8.0)
+        if stop is not None:
+            stop.wait(wait)
+        else:
+            time.sleep(wait)
+
+
+def retry_after(reply: Reply) -> float | None:
+    """Seconds a Retry-After header asks for (a number or an HTTP date), at most the cap."""
+    from email.utils import parsedate_to_datetime
+
+    value = (reply.headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value) if value.isdigit() else (
+            parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+    return min(max(0.0, seconds), RETRY_AFTER_CAP)
+
+
+def http_problem(reply: Reply, target: WebTarget) -> str:
+    """An HTTP answer that is not what was asked for, with what to do about it."""
+    credentials = target.token_file or target.user
+    hint = {
+        401: ": the credentials were refused (check --token-file, or --user and "
+             f"{PASSWORD_VARIABLE})" if credentials else
+             ": the server wants credentials (--token-file, or --user with "
+             f"{PASSWORD_VARIABLE})",
+        403: ": these credentials may not do this",
+        404: ": is --url the service root (e.g. http://127.0.0.1:8042/dicom-web)?",
+        413: ": the request is too large for the server",
+        415: ": the server does not take multipart/related application/dicom here",
+    }.get(reply.status, "")
+    if 300 <= reply.status < 400:
+        hint = f": redirected to {reply.headers.get('Location') or '?'} (give that as --url)"
+    said = server_message(reply)
+    return f"HTTP {reply.status} {reply.reason}{hint}" + (f" ({said})" if said else "")
+
+
+def server_message(reply: Reply) -> str:
+    """What an error's body says, on one short line (a JSON Message, else its text)."""
+    text = reply.body[:2000].decode("utf-8", "replace")
+    with contextlib.suppress(ValueError, AttributeError):
+        text = str(json.loads(text).get("Message") or "")
+    return one_line(text)[:160]
+
+
+def response_dataset(reply: Reply) -> Dataset | None:
+    """The DICOM JSON body of a STOW-RS response as a data set (None if it has none)."""
+    try:
+        return Dataset.from_json(json.loads(reply.body))
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return None
+
+
+# ── STOW-RS: --send ──────────────────────────────────────────────────────────────────────
+
+
+def stow_batches(files: list[Indexed]) -> list[list[Indexed]]:
+    """A study's files in requests of at most STOW_REQUEST_BYTES (a bigger file alone)."""
+    batches: list[list[Indexed]] = []
+    size = 0
+    for f in files:
+        if not batches or size + f.size > STOW_REQUEST_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(f)
+        size += f.size
+    return batches
+
+
+def part10_bytes(f: Indexed) -> bytes:
+    """A file that is not a Part 10 file as it is (no preamble or file meta, meta that
+    disagrees with its data set, odd lengths), encoded as one by pydicom."""
+    ds = pydicom.dcmread(f.path, force=True)
+    for elem in ds.iterall():  # pydicom writes binary values as they are: pad odd
+        if elem.VR in BULK_VRS and isinstance(elem.value, bytes) and len(elem.value) % 2:
+            elem.value += b"\0"
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = f.sop_class, f.sop_instance
+    meta.TransferSyntaxUID = EXPLICIT_LE if f.syntax == DEFLATED else f.syntax
+    ds.file_meta = meta
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def stow_body(files: list[Indexed], boundary: bytes) -> tuple[list[bytes | FilePart], int]:
+    """A multipart/related body of the files (each streamed as it is on disk, or encoded
+    by part10_bytes), and its length."""
+    head = b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n"
+    pieces: list[bytes | FilePart] = []
+    for f in files:
+        pieces += [head, FilePart(f.path, f.path.stat().st_size) if f.part10
+                   else part10_bytes(f), b"\r\n"]
+    pieces.append(b"--" + boundary + b"--\r\n")
+    return pieces, sum(p.size if isinstance(p, FilePart) else len(p) for p in pieces)
+
+
+def stow(client: WebClient, files: list[Indexed], stop: threading.Event) -> list[Sent]:
+    """POST one request of a study's files to {url}/studies; each file's outcome from the
+    response's ReferencedSOPSequence and FailedSOPSequence."""
+    import uuid
+
+    t0 = time.perf_counter()
+    boundary = f"dicom_sar-{uuid.uuid4().hex}".encode()
+    try:
+        body, length = stow_body(files, boundary)
+    except OSError as exc:
+        return [Sent.of(f, Outcome.FAILED, f"cannot read the files of this request again: "
+                        f"{exc.strerror or exc}") for f in files]
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary='
+               + boundary.decode(), "Content-Length": str(length), "Accept": DICOM_JSON}
+    reply = web_call(client, "POST", "/studies", headers, body, stop)
+    seconds = (time.perf_counter() - t0) / len(files)
+    tls = client.tls_version
+    return [dataclasses.replace(s, tls=tls) if s.delivered else s
+            for s in stow_outcomes(files, reply, client.target, seconds)]
+
+
+def stow_outcomes(files: list[Indexed], reply: Reply, target: WebTarget,
+                  seconds: float) -> list[Sent]:
+    """Each file's outcome in a STOW-RS response (PS3.18 10.5.3): listed as stored (with
+    its WarningReason) or failed (with its FailureReason); unlisted, the HTTP status says."""
+    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+    ds = response_dataset(reply) or Dataset()
+    stored = {str(i.get("ReferencedSOPInstanceUID", "")): i
+              for i in ds.get("ReferencedSOPSequence") or ()}
+    failed = {str(i.get("ReferencedSOPInstanceUID", "")): i
+              for i in ds.get("FailedSOPSequence") or ()}
+    http = f"HTTP {reply.status} {reply.reason}"
+
+    def meaning(code: int) -> str:
+        return f"0x{code:04X} " + STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown"))[1]
+
+    outcomes = []
+    for f in files:
+        if f.sop_instance in failed:
+            code = int(failed[f.sop_instance].get("FailureReason") or 0xC000)
+            outcomes.append(Sent.of(f, Outcome.FAILED, f"{meaning(code)} ({http})", code,
+                                    seconds))
+        elif f.sop_instance in stored:  # whatever the HTTP status (a partial failure)
+            warning = int(stored[f.sop_instance].get("WarningReason") or 0)
+            outcomes.append(Sent.of(f, Outcome.WARNING, meaning(warning), warning, seconds)
+                            if warning else Sent.of(f, Outcome.SENT, "", 0, seconds))
+        else:
+            why = http_problem(reply, target) if reply.status >= 300 else \
+                f"{http}, but the response does not list this instance as stored"
+            outcomes.append(Sent.of(f, Outcome.FAILED, why, None, seconds))
+    return outcomes
+
+
+def stow_worker(todo: Any, target: WebTarget, events: Any, stop: threading.Event,
+                unreachable: threading.Event) -> list[Sent]:
+    """Take studies from the queue until it is empty and send each, request by request,
+    over this worker's one kept-alive connection."""
+    import queue
+
+    client, results = WebClient(target), []
+    try:
+        while True:
+            try:
+                _study, files = todo.get_nowait()
+            except queue.Empty:
+                return results
+            for batch in stow_batches(files):
+                outcomes = stow_or_fail(client, batch, stop, unreachable)
+                results += outcomes
+                for outcome in outcomes:
+                    events.put(outcome)
+    finally:
+        client.close()
+
+
+def stow_or_fail(client: WebClient, batch: list[Indexed], stop: threading.Event,
+                 unreachable: threading.Event) -> list[Sent]:
+    """stow, or every file of the request failed (or not sent, after a stop) and why."""
+    if stop.is_set():
+        return [Sent.of(f, Outcome.NOT_SENT, "stopped before sending") for f in batch]
+    if unreachable.is_set():
+        why = f"no connection to {client.target.url}; not tried, as another request found " \
+              "no one there"
+        return [Sent.of(f, Outcome.FAILED, why) for f in batch]
+    try:
+        return stow(client, batch, stop)
+    except WebError as exc:
+        if not exc.connected:
+            unreachable.set()
+        return [Sent.of(f, Outcome.FAILED, str(exc)) for f in batch]
+
+
+def stow_requests(studies: dict[str, list[Indexed]], target: WebTarget) -> Iterator[str]:
+    """--dry-run: the requests a send would make."""
+    for study, files in studies.items():
+        for i, batch in enumerate(stow_batches(files)):
+            yield (f"POST {target.url}/studies  study {study}  request {i + 1}: {len(batch)} "
+                   f"files, {sum(f.size for f in batch)} bytes")
+
+
+def web_echo(target: WebTarget) -> tuple[bool, str]:
+    """--echo: ask QIDO-RS for one study; (ok, what answered and how fast)."""
+    client, t0 = WebClient(target), time.perf_counter()
+    where = f"QIDO-RS {target.url}/studies?limit=1"
+    try:
+        reply = web_call(client, "GET", "/studies?limit=1", {"Accept": DICOM_JSON})
+    except WebError as exc:
+        return False, f"{where}: {exc}"
+    finally:
+        client.close()
+    rtt = (time.perf_counter() - t0) * 1000
+    if reply.status not in (200, 204):
+        return False, f"{where}: {http_problem(reply, target)}"
+    server = reply.headers.get("Server")
+    tls = f", {client.tls_version}" if client.tls_version else ", not encrypted"
+    return True, (f"{where}: HTTP {reply.status} {reply.reason}" + (f" from {server}" if server
+                                                                     else "")
+                  + f", {rtt:.1f} ms round trip{tls}")
+
+
+# ── QIDO-RS: --verify, --check-ingest ────────────────────────────────────────────────────
+
+
+@contextlib.contextmanager
+def qido_session(target: WebTarget) -> Iterator[Callable[[str, str], set[str]]]:
+    """A worker's query session: held(study, series) over one connection, after checking
+    the service answers searches at all (so a wrong --url is not 'nothing held')."""
+    client = WebClient(target)
+    try:
+        try:
+            reply = web_call(client, "GET", "/studies?limit=1", {"Accept": DICOM_JSON})
+        except WebError as exc:
+            raise QueryFailedError(f"no answer from QIDO-RS at {target.url}: {exc}") from None
+        if reply.status not in (200, 204):
+            raise QueryFailedError(f"QIDO-RS at {target.url} refused the search: "
+                                   f"{http_problem(reply, target)}")
+        yield lambda study, series: qido_held(client, study, series)
+    finally:
+        client.close()
+
+
+def qido_held(client: WebClient, study: str, series: str) -> set[str]:
+    """The SOP Instance UIDs the service holds in a series (or a study, series unknown),
+    page by page until a page brings nothing new. Raises QueryFailedError."""
+    import urllib.parse
+
+    def quoted(uid: str) -> str:
+        return urllib.parse.quote(uid, safe="")
+
+    path = f"/studies/{quoted(study)}" + (f"/series/{quoted(series)}" if series else "")
+    held: set[str] = set()
+    offset = 0
+    while True:
+        query = f"{path}/instances?includefield=00080018&limit={QIDO_PAGE}&offset={offset}"
+        try:
+            reply = web_call(client, "GET", query, {"Accept": DICOM_JSON})
+        except WebError as exc:
+            raise QueryFailedError(f"no answer from QIDO-RS at {client.target.url}: "
+                                   f"{exc}") from None
+        if reply.status in (204, 404):  # nothing matches (404: no such study or series)
+            return held
+        if reply.status != 200:
+            raise QueryFailedError(f"QIDO-RS at {client.target.url} refused the search: "
+                                   f"{http_problem(reply, client.target)}")
+        try:
+            items = [Dataset.from_json(item) for item in json.loads(reply.body)]
+        except (ValueError, TypeError, AttributeError, KeyError):
+            raise QueryFailedError(f"QIDO-RS at {client.target.url} answered something that "
+                                   "is not a DICOM JSON list") from None
+        page = {str(ds.get("SOPInstanceUID", "")) for ds in items} - {""}
+        if not page - held:  # the end, or a server that ignores offset
+            return held
+        held |= page
+        offset += len(items)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -7109,7 +7703,7 @@ def run_check(opts: Options, out: Callable[[str], None]) -> int:
     instances = read_manifest(opts.manifest)
     held, why = held_by_series(target, series_keys(instances), opts.workers)
     report = compare_with_manifest(instances, held)
-    report = {"manifest": str(opts.manifest), "destination": f"{target.host}:{target.port}",
+    report = {"manifest": str(opts.manifest), "destination": target.where,
               "instances": len(instances), "checked": not why, "error": why or None, **report}
     for line in render_check(report):
         out(line)
@@ -7169,7 +7763,7 @@ def run_ingest_test(opts: Options, out: Callable[[str], None], stop: StopSignal)
     if run_generate(dataclasses.replace(opts, mode="generate"), out, stop) not in (0, 1) \
             or stop.signum:
         return stop.exit_status() or EXIT_FAILURES
-    print(f"== send to {opts.send.called}@{opts.send.host}:{opts.send.port}", file=sys.stderr)
+    print(f"== send to {opts.send.describe()}", file=sys.stderr)
     run_send(dataclasses.replace(opts, mode="send", paths=(opts.output,)), out, stop)
     if stop.signum:
         return stop.exit_status()
@@ -7321,9 +7915,15 @@ def wizard_send_options(request: dict[str, Any], base: Options, mode: str) -> Op
     argv = [FLAG_OF[mode]]
     if mode == "check_ingest":
         argv.append(str(Path(request.get("output") or ".") / "manifest.json"))
-    argv += ["-H", str(request.get("host") or ""), "-p", str(request.get("port") or 0),
-             "-a", str(request.get("called") or "ANY-SCP"),
-             "-c", str(request.get("calling") or "DICOM_SAR")]
+    if request.get("url"):  # DICOMweb; a password only from the wizard's environment
+        argv += ["--url", str(request["url"])]
+        for key, flag in (("token_file", "--token-file"), ("user", "--user")):
+            if request.get(key):
+                argv += [flag, str(request[key])]
+    else:
+        argv += ["-H", str(request.get("host") or ""), "-p", str(request.get("port") or 0),
+                 "-a", str(request.get("called") or "ANY-SCP"),
+                 "-c", str(request.get("calling") or "DICOM_SAR")]
     if mode == "send":
         argv += ["--path", str(request.get("output") or "")]
     return wizard_run_options(argv, base)
@@ -7573,6 +8173,11 @@ td{padding:1px 10px 1px 0}
 <label>port <input id="port" type="number" value="4242"></label>
 <label>called AE <input id="called" type="text" value="ORTHANC" size="12"></label>
 <label>calling AE <input id="calling" type="text" value="DICOM_SAR" size="12"></label><br>
+<label>or DICOMweb URL <input id="url" type="text" size="36"
+  placeholder="http://127.0.0.1:8042/dicom-web"></label>
+<label>token file <input id="token_file" type="text" size="16"></label>
+<label>user <input id="user" type="text" size="10"
+  title="its password from DICOMWEB_PASSWORD in the wizard's environment"></label><br>
 <button class="light" id="echo">Echo</button>
 <button id="send">Send</button>
 <button id="check">Check ingestion</button>
@@ -7758,7 +8363,9 @@ async function init() {
         $("status"), $("progress"));
   });
   const send = () => ({host: $("host").value, port: $("port").value, called: $("called").value,
-                       calling: $("calling").value, output: $("output").value.trim()});
+                       calling: $("calling").value, output: $("output").value.trim(),
+                       url: $("url").value.trim(), token_file: $("token_file").value.trim(),
+                       user: $("user").value.trim()});
   $("echo").addEventListener("click", async () => {
     const [code, b] = await api("/api/echo", send());
         $("send-status").textContent = b.message || b.error; });

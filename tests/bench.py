@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "dicom_sar.py"
 PY = sys.executable
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 NAIVE = """
 import sys, pydicom
 from concurrent.futures import ThreadPoolExecutor
@@ -296,6 +297,20 @@ def main() -> None:
                      "-a", "ORTHANC", "-t", "4"],
         "dcmsend": ["dcmsend", "-aec", "ORTHANC", "--scan-directories", "--recurse", "-nh",
                     "{host}", "{port}", str(ct)]}, work, target="ours faster than dcmsend")
+    # 12. the same by STOW-RS (Orthanc's DICOMweb plugin), against C-STORE, dcmsend and
+    # Orthanc's own intake floor: four curl processes POSTing the files to /instances
+    stow = [*ours, "--send", "--path", str(ct), "--url", "http://127.0.0.1:18098/dicom-web"]
+    orthanc_pair(bench, f"12 send {ct_n} CT to Orthanc by STOW-RS", {
+        "ours STOW -j2": [*stow, "-j", "2"],
+        "ours STOW -j4": [*stow, "-j", "4"],
+        "ours C-STORE -j2": [*ours, "--send", "--path", str(ct), "-H", "{host}", "-p",
+                             "{port}", "-a", "ORTHANC", "-t", "2"],
+        "dcmsend": ["dcmsend", "-aec", "ORTHANC", "--scan-directories", "--recurse", "-nh",
+                    "{host}", "{port}", str(ct)],
+        "curl x4 /instances": ["sh", "-c", f"find {ct} -type f -print0 | xargs -0 -P 4 -I {{}} "
+                               "curl -s -o /dev/null -H Expect: --data-binary @{} "
+                               "http://127.0.0.1:18098/instances"]}, work,
+        target="ours STOW <= 1.1x the curl floor", web=True)
 
     # 11. de-identification against dicognito (PyPI), as its README runs it (one thread)
     dicognito = shutil.which("dicognito", path=str(Path(PY).parent))
@@ -359,13 +374,14 @@ def real_tree(cache: Path) -> Path | None:
 
 
 def orthanc_pair(bench: Bench, name: str, sides: dict[str, list[str]], work: Path,
-                 target: str) -> None:
+                 target: str, web: bool = False) -> None:
     """Each side, alternately, into a fresh Orthanc on loopback (its own network namespace
-    when root): wall and CPU time, and the distinct instances Orthanc holds afterwards."""
+    when root): wall and CPU time, and the distinct instances Orthanc holds afterwards.
+    web: with the DICOMweb plugin loaded (apt-get install orthanc-dicomweb)."""
     if bench.only and name.split(maxsplit=1)[0] not in bench.only:
         return
-    if not shutil.which("Orthanc"):
-        print(f"{name}: skipped (apt-get install orthanc)")
+    if not shutil.which("Orthanc") or (web and not DICOMWEB_PLUGIN.exists()):
+        print(f"{name}: skipped (apt-get install orthanc orthanc-dicomweb)")
         return
     ns = f"dsar-orthanc-{os.getpid()}"
     prefix: list[str] = []
@@ -383,7 +399,8 @@ def orthanc_pair(bench: Bench, name: str, sides: dict[str, list[str]], work: Pat
                 config = {"StorageDirectory": str(store), "IndexDirectory": str(store),
                           "DicomAet": "ORTHANC", "DicomPort": 11198, "HttpPort": 18098,
                           "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-                          "DicomAlwaysAllowStore": True, "Plugins": []}
+                          "DicomAlwaysAllowStore": True,
+                          "Plugins": [str(DICOMWEB_PLUGIN)] if web else []}
                 (work / "orthanc.json").write_text(json.dumps(config))
                 server = subprocess.Popen([*prefix, "Orthanc", str(work / "orthanc.json")],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -376,6 +376,93 @@ def default_orthanc(ns: Namespace, tmp_path: Path):
     ns.wait_for_port(PORT)
 
 
+# ── TLS: a CA made the classic way (openssl req -x509) ───────────────────────────────
+
+def openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run([need("openssl"), *map(str, args)], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost, one for another host,
+    a client certificate, and a second CA nobody uses."""
+    d = tmp_path_factory.mktemp("certs")
+    for ca in ("ca", "other_ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                f"/CN=dicom_sar test {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    for name, san in (("server", "DNS:localhost,IP:127.0.0.1"), ("wronghost",
+                                                                 "DNS:elsewhere.invalid"),
+                      ("client", "DNS:client.invalid")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
+                f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        usage = "clientAuth" if name == "client" else "serverAuth"
+        (d / f"{name}.ext").write_text(
+            f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage={usage}\nauthorityKeyIdentifier=keyid,issuer\n"
+            "subjectKeyIdentifier=hash\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out",
+                f"{name}.crt", cwd=d)
+    return d
+
+
+# ── Orthanc with its DICOMweb plugin, HTTP authentication on ────────────────────────────
+
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+USER, PASSWORD = "alice", "correct horse battery staple"
+
+
+@pytest.fixture
+def web_orthanc(ns: Namespace, tmp_path: Path):
+    """Orthanc with the DICOMweb plugin at /dicom-web/, HTTP Basic authentication on (one
+    registered user), no DICOM port in use; rest(url) reads its REST API,
+    rest.restart(lua=FILE) starts it again with a Lua script."""
+    need("Orthanc")
+    if not PLUGIN.exists():
+        message = f"{PLUGIN} is missing (apt-get install orthanc-dicomweb)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    running = []
+
+    def start(lua: Path | None = None) -> None:
+        config = {"Name": "dicom_sar_web", "StorageDirectory": str(tmp_path / "orthanc"),
+                  "IndexDirectory": str(tmp_path / "orthanc"), "DicomPort": 11112,
+                  "HttpPort": HTTP_PORT, "RemoteAccessAllowed": False,
+                  "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
+                  "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+                  "LuaScripts": [str(lua)] if lua else []}
+        path = tmp_path / "orthanc.json"
+        path.write_text(json.dumps(config))
+        running.append(ns.start(need("Orthanc"), path, log=tmp_path / "orthanc.log"))
+        ns.wait_for_port(HTTP_PORT)
+
+    def restart(lua: Path | None = None) -> None:
+        ns.stop(running.pop())
+        start(lua)
+
+    def rest(url: str, method: str = "GET") -> object:
+        return json.loads(ns.python(textwrap.dedent(f"""
+            import base64, urllib.request
+            auth = base64.b64encode({f"{USER}:{PASSWORD}".encode()!r}).decode()
+            req = urllib.request.Request('http://127.0.0.1:{HTTP_PORT}{url}', method={method!r},
+                                         headers={{'Authorization': 'Basic ' + auth}})
+            print(urllib.request.urlopen(req).read().decode() or 'null')""")))
+
+    start()
+    rest.restart = restart  # type: ignore[attr-defined]
+    return rest
+
+
+def held(orthanc) -> set[str]:
+    """The SOP Instance UIDs Orthanc holds, from its REST API."""
+    return {x["MainDicomTags"]["SOPInstanceUID"] for x in orthanc("/instances?expand")}
+
+
 # ── Random DICOM files for the property tests (hypothesis) ──────────────────────────────
 
 def property_settings(examples: int) -> settings:

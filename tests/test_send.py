@@ -26,6 +26,7 @@ from conftest import (
     Namespace,
     instances,
     need,
+    openssl,
     read,
     run_tool,
 )
@@ -563,38 +564,6 @@ def test_real_files_all_stored_that_dcmtk_stores(ns, orthanc, real_files: list[P
 
 
 # ── DICOM TLS ────────────────────────────────────────────────────────────────────────────
-
-def openssl(*args: str | Path, cwd: Path) -> None:
-    subprocess.run([need("openssl"), *map(str, args)], cwd=cwd, check=True,
-                   capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A throwaway CA, a server certificate for 127.0.0.1/localhost, one for another host,
-    a client certificate, and a second CA nobody uses."""
-    d = tmp_path_factory.mktemp("certs")
-    for ca in ("ca", "other_ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                f"/CN=dicom_sar test {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
-                "-addext", "basicConstraints=critical,CA:TRUE",
-                "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    for name, san in (("server", "DNS:localhost,IP:127.0.0.1"), ("wronghost",
-                                                                 "DNS:elsewhere.invalid"),
-                      ("client", "DNS:client.invalid")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
-                f"{name}.key", "-out", f"{name}.csr", cwd=d)
-        usage = "clientAuth" if name == "client" else "serverAuth"
-        (d / f"{name}.ext").write_text(
-            f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
-            "keyUsage=critical,digitalSignature,keyEncipherment\n"
-            f"extendedKeyUsage={usage}\nauthorityKeyIdentifier=keyid,issuer\n"
-            "subjectKeyIdentifier=hash\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out",
-                f"{name}.crt", cwd=d)
-    return d
-
 
 @pytest.fixture
 def tls_storescp(ns: Namespace, tmp_path: Path, certs: Path):

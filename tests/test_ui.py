@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, PORT, TOOL, need, run_tool, tree_digest
+from conftest import HTTP_PORT, IN_CI, PASSWORD, PORT, TOOL, USER, held, need, run_tool, tree_digest
 
 
 @pytest.fixture
@@ -190,10 +190,10 @@ def test_the_wizard_in_headless_chromium(ui, tmp_path: Path) -> None:
     assert pydicom.dcmread(tmp_path / "out" / first["path"]).InstitutionName == "WIZARD HOSPITAL"
 
 
-def wizard_in(ns, tmp_path: Path):
+def wizard_in(ns, tmp_path: Path, env: dict[str, str] | None = None):
     """The wizard served inside the namespace: its API as a function (path, body) -> JSON."""
     ns.start(sys.executable, TOOL, "--ui", "--port", "18099", "--log-dir", tmp_path / "logs",
-             log=tmp_path / "ui.log")
+             log=tmp_path / "ui.log", env=env)
     ns.wait_for_port(18099)
     deadline = time.monotonic() + 20
     while "token=" not in (tmp_path / "ui.log").read_text() and time.monotonic() < deadline:
@@ -246,3 +246,21 @@ def test_the_send_section_against_a_pacs_that_refuses_queries(ns, default_orthan
     assert check["code"] == 1 and check["report"]["checked"] is False
     assert "register AE title DICOM_SAR there" in check["report"]["error"]
     assert api("/api/echo", receiver)["ok"]  # C-ECHO, as C-STORE, it allows anyone
+
+
+def test_the_send_section_takes_a_dicomweb_url(ns, web_orthanc, tmp_path: Path) -> None:
+    """The Send section with a URL instead of host and port: echo by QIDO-RS, send by
+    STOW-RS, check by QIDO-RS, the password from the wizard's own environment."""
+    api = wizard_in(ns, tmp_path, env={"DICOMWEB_PASSWORD": PASSWORD})
+    out = str(tmp_path / "gen")
+    finished(api, api("/api/generate", {"scenarios": ["default"], "output": out})["job"])
+    receiver = {"url": f"http://127.0.0.1:{HTTP_PORT}/dicom-web", "user": USER, "output": out}
+    echo = api("/api/echo", receiver)
+    assert echo["ok"] and "HTTP 200 OK" in echo["message"], echo
+    state = finished(api, api("/api/send", receiver)["job"])
+    assert state["code"] == 0 and state["summary"]["successful_transfers"] == 4, state
+    assert state["summary"]["transport"] == "DICOMweb STOW-RS" and len(held(web_orthanc)) == 4
+    check = api("/api/check", receiver)
+    assert check["code"] == 0 and check["report"]["checked"], check
+    refused = api("/api/echo", {**receiver, "user": "mallory"})
+    assert not refused["ok"] and "HTTP 401" in refused["message"]
