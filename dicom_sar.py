@@ -7197,8 +7197,9 @@ def web_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> WebT
         raise UsageError("--url must not carry credentials (they would show in process lists "
                          f"and logs): use --token-file FILE, or --user NAME with "
                          f"{PASSWORD_VARIABLE} in the environment")
-    if parts.query or parts.fragment:
-        raise UsageError(f"--url {url}: the service root takes no ?query or #fragment")
+    if parts.query or parts.fragment or any(c.isspace() or not c.isprintable() for c in url):
+        raise UsageError(f"--url {url!r}: the service root takes no ?query, #fragment or "
+                         "blanks")
     try:
         loopback = ipaddress.ip_address(parts.hostname).is_loopback
     except ValueError:
@@ -7453,37 +7454,54 @@ def part10_bytes(f: Indexed) -> bytes:
     return out.getvalue()
 
 
-def stow_body(files: list[Indexed], boundary: bytes) -> tuple[list[bytes | FilePart], int]:
-    """A multipart/related body of the files (each streamed as it is on disk, or encoded
-    by part10_bytes), and its length."""
+def stow_part(f: Indexed) -> bytes | FilePart:
+    """A file as a part of a request: as it is on disk, or encoded by part10_bytes. Raises
+    OSError or ValueError when it cannot be read again."""
+    if f.part10:
+        return FilePart(f.path, f.path.stat().st_size)
+    try:
+        return part10_bytes(f)
+    except pydicom.errors.InvalidDicomError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def stow_body(parts: list[bytes | FilePart], boundary: bytes
+              ) -> tuple[list[bytes | FilePart], int]:
+    """A multipart/related body of the parts, and its length."""
     head = b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n"
     pieces: list[bytes | FilePart] = []
-    for f in files:
-        pieces += [head, FilePart(f.path, f.path.stat().st_size) if f.part10
-                   else part10_bytes(f), b"\r\n"]
+    for part in parts:
+        pieces += [head, part, b"\r\n"]
     pieces.append(b"--" + boundary + b"--\r\n")
     return pieces, sum(p.size if isinstance(p, FilePart) else len(p) for p in pieces)
 
 
 def stow(client: WebClient, files: list[Indexed], stop: threading.Event) -> list[Sent]:
     """POST one request of a study's files to {url}/studies; each file's outcome from the
-    response's ReferencedSOPSequence and FailedSOPSequence."""
+    response's ReferencedSOPSequence and FailedSOPSequence (a file that cannot be read
+    again since it was indexed fails alone)."""
     import uuid
 
     t0 = time.perf_counter()
     boundary = f"dicom_sar-{uuid.uuid4().hex}".encode()
-    try:
-        body, length = stow_body(files, boundary)
-    except OSError as exc:
-        return [Sent.of(f, Outcome.FAILED, f"cannot read the files of this request again: "
-                        f"{exc.strerror or exc}") for f in files]
+    parts, unread = [], []
+    for f in files:
+        try:
+            parts.append(stow_part(f))
+        except (OSError, ValueError) as exc:
+            unread.append(Sent.of(f, Outcome.FAILED, "cannot read it again since it was "
+                                  f"indexed: {getattr(exc, 'strerror', None) or exc}"))
+    files = [f for f in files if f.path not in {s.path for s in unread}]
+    if not files:
+        return unread
+    body, length = stow_body(parts, boundary)
     headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary='
                + boundary.decode(), "Content-Length": str(length), "Accept": DICOM_JSON}
     reply = web_call(client, "POST", "/studies", headers, body, stop)
     seconds = (time.perf_counter() - t0) / len(files)
     tls = client.tls_version
-    return [dataclasses.replace(s, tls=tls) if s.delivered else s
-            for s in stow_outcomes(files, reply, client.target, seconds)]
+    return unread + [dataclasses.replace(s, tls=tls) if s.delivered else s
+                     for s in stow_outcomes(files, reply, client.target, seconds)]
 
 
 def stow_outcomes(files: list[Indexed], reply: Reply, target: WebTarget,
