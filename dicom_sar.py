@@ -7351,13 +7351,19 @@ def web_call(client: WebClient, method: str, path: str, headers: Mapping[str, st
             raise WebError(f"TLS: the server's certificate is not accepted: "
                            f"{exc.verify_message}") from None
         except ssl.SSLError as exc:
-            raise WebError(f"TLS handshake with {target.address[0]}:{target.address[1]} failed "
+            hint = "" if target.tls_cert else \
+                "; or does it want a client certificate (--tls-cert, --tls-key)?"
+            raise WebError(f"TLS with {target.address[0]}:{target.address[1]} failed "
                            f"({one_line(str(exc))}): does the server speak HTTPS on this "
-                           "port?") from None
+                           f"port{hint}") from None
         except (OSError, http.client.HTTPException) as exc:
             why = (f"no connection to {target.address[0]}:{target.address[1]} (refused or "
                    "timed out): check --url, or whether the server runs") if not client.connected \
                 else f"{type(exc).__name__}: {one_line(str(exc)) or 'connection lost'}"
+            if target.tls and not target.tls_cert and isinstance(exc, ConnectionResetError
+                                                                  | BrokenPipeError):
+                why += " (over TLS: does the server want a client certificate (--tls-cert, " \
+                       "--tls-key)?)"
         else:
             if reply.status not in (408, 429) and reply.status < 500:
                 return reply

@@ -42,7 +42,8 @@ FRONT = textwrap.dedent("""
     # it accepts; rotate: after each accepted request it writes a new one into token_file and
     # accepts only that), unavailable (answer that many POSTs 503 with Retry-After), status
     # (answer every POST with it), fail_sop / warn_sop (answer a POST itself: every part
-    # stored but that one, failed 0xA700 / stored with warning 0xB007), cert and key (HTTPS).
+    # stored but that one, failed 0xA700 / stored with warning 0xB007), cert and key (HTTPS;
+    # client_ca: a client certificate signed by it required).
     # Every request is recorded in the state file.
     import base64, email.parser, email.policy, http.client, http.server, io, json, os, ssl
     import sys, threading, time, uuid
@@ -136,6 +137,9 @@ FRONT = textwrap.dedent("""
     if opts.get("cert"):
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(opts["cert"], opts["key"])
+        if opts.get("client_ca"):
+            context.load_verify_locations(opts["client_ca"])
+            context.verify_mode = ssl.CERT_REQUIRED
         server.socket = context.wrap_socket(server.socket, server_side=True)
     save()
     server.serve_forever()
@@ -422,3 +426,21 @@ def test_qido_pages_until_a_page_brings_nothing_new(ns, web_orthanc, generated: 
         print(len(held[{key!r}]), why or "-")"""))
     assert found.split() == ["4", "-"]
     assert held(web_orthanc) == {e["sop_uid"] for e in instances(manifest, scenario="default")}
+
+
+def test_https_that_wants_a_client_certificate(ns, front, certs: Path, generated: Path,
+                                               manifest: dict, tmp_path: Path,
+                                               web_orthanc) -> None:
+    front(cert=str(certs / "server.crt"), key=str(certs / "server.key"),
+          client_ca=str(certs / "ca.crt"))
+    tree = tree_of(generated, manifest, tmp_path, "default")
+    url = f"https://127.0.0.1:{FRONT_PORT}/dicom-web"
+    code, summary, out = web(ns, tmp_path, "--path", tree, "--tls-ca", certs / "ca.crt",
+                             "--retries", "0", url=url)
+    assert code == 1 and summary["successful_transfers"] == 0 and not held(web_orthanc)
+    assert "want a client certificate (--tls-cert, --tls-key)?" in \
+        summary["failed_files"][0]["reason"], out
+    code, summary, out = web(ns, tmp_path, "--path", tree, "--tls-ca", certs / "ca.crt",
+                             "--tls-cert", certs / "client.crt", "--tls-key",
+                             certs / "client.key", url=url)
+    assert code == 0 and summary["successful_transfers"] == 4 == len(held(web_orthanc)), out
