@@ -570,14 +570,14 @@ class Options:
     backup: Path | None = None
     copy_unmodified: bool = False
     fsync: bool = True
-    generate: Any = None
+    generate: GenerateRequest | None = None
     manifest: Path | None = None  # --check-ingest
     files_from: str | None = None  # a path, or "-" for stdin
     null: bool = False
     shard: tuple[int, int] | None = None  # (I, N), 1 <= I <= N
     merge: tuple[str, ...] = ()  # --merge-summaries
     ui_port: int = 0  # --ui: 0 for a free port
-    send: Any = None
+    send: Destination | None = None  # --send, --echo, --check-ingest, --ingest-test
     deid: DeidOptions | None = None  # --deid, --deid-audit
     resume: bool = False
     restart: bool = False
@@ -586,7 +586,12 @@ class Options:
     fast: bool = False  # plain public --tag (text dump, or SAR): the raw scanner may read
 
 
-class UsageError(Exception):
+class DicomSarError(Exception):
+    """The base of every error this tool raises on purpose: the fault of a file, a peer or
+    the command line, each reported in one line (anything else is a bug of ours)."""
+
+
+class UsageError(DicomSarError):
     """A problem with the command line; reported before any file is touched (exit 2)."""
 
 
@@ -1127,7 +1132,7 @@ def excluded_locations(opts: Options, log_paths: list[Path]) -> list[Path]:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
-class RawScanError(Exception):
+class RawScanError(DicomSarError):
     """The raw scanner met something it leaves to pydicom."""
 
 
@@ -1665,7 +1670,7 @@ def unreadable(path: str | Path) -> str | None:
     return None
 
 
-class UnreadableFileError(Exception):
+class UnreadableFileError(DicomSarError):
     """A DICOM file that cannot be read to its end (see unreadable())."""
 
 
@@ -1742,7 +1747,7 @@ def check_inflated_size(fp: Any, size: int) -> None:
         pass
 
 
-class DeflateBombError(Exception):
+class DeflateBombError(DicomSarError):
     """A deflated dataset that would inflate far beyond its file's size."""
 
 
@@ -1767,7 +1772,7 @@ def inflated(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     yield inflater.flush()
 
 
-class TruncatedFileError(Exception):
+class TruncatedFileError(DicomSarError):
     """The file ends before an element it declares."""
 
 
@@ -2150,7 +2155,7 @@ class FileResult:
     staged: Staged | None = None  # a written file waiting for its batch's commit (Committer)
 
 
-class TimeLimitError(Exception):
+class TimeLimitError(DicomSarError):
     """A worker found its file abandoned at the time limit; the file is left as it was."""
 
 
@@ -6371,11 +6376,11 @@ def send_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Des
                       not ns.tls_no_verify, settle_timeout=ns.settle_timeout)
 
 
-class TLSSetupError(Exception):
+class TLSSetupError(DicomSarError):
     """The TLS context cannot be built (a missing or unreadable CA, certificate or key)."""
 
 
-def tls_context(target: SendTarget) -> Any:
+def tls_context(target: Destination) -> Any:
     """The one ssl.SSLContext of a run (None without TLS): TLS 1.2 or later and the standard
     library's defaults (BCP 195) but its strict X.509 checks, the system's trust store unless
     --tls-ca names a CA."""
@@ -6403,7 +6408,7 @@ def tls_context(target: SendTarget) -> Any:
     return context
 
 
-def with_tls(target: SendTarget) -> SendTarget | None:
+def with_tls(target: Destination) -> Destination | None:
     """target with the run's TLS context (once per run, before any association); None,
     after saying why, when it cannot be built."""
     if target.context is not None:
@@ -6741,7 +6746,7 @@ def echo(target: Destination) -> tuple[bool, str]:
                 f"{rtt:.1f} ms round trip{tls}")
 
 
-class QueryFailedError(Exception):
+class QueryFailedError(DicomSarError):
     """A C-FIND that gave no answer to rely on: refused, unanswered, or cut off."""
 
 
@@ -7223,7 +7228,7 @@ def web_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> WebT
                      ns.tls_key, not ns.tls_no_verify, settle_timeout=ns.settle_timeout)
 
 
-class WebError(Exception):
+class WebError(DicomSarError):
     """A DICOMweb request that got no usable answer, after its retries."""
 
     def __init__(self, why: str, connected: bool = True) -> None:
