@@ -6264,28 +6264,43 @@ UNCOMPRESSED = (EXPLICIT_LE, IMPLICIT_LE)
 MAX_CONTEXTS = 128
 
 
-@dataclasses.dataclass(frozen=True)
-class SendTarget:
-    """Where to send and how patiently."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Peer:
+    """What every destination has, DIMSE (SendTarget) or DICOMweb (WebTarget): how
+    patiently to talk to it, what else the mode does, and TLS."""
 
-    host: str
-    port: int
-    called: str
-    calling: str
-    retries: int
-    acse_timeout: float
-    dimse_timeout: float
-    network_timeout: float
-    max_pdu: int
-    verify: bool
-    echo_only: bool
-    tls: bool = False
+    retries: int = 3
+    verify: bool = False  # --send --verify
+    echo_only: bool = False
+    settle_timeout: float = 60.0
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_verify: bool = True
     context: Any = None  # the run's one ssl.SSLContext (see tls_context)
-    settle_timeout: float = 60.0
+
+    @staticmethod
+    def common(ns: argparse.Namespace) -> dict[str, Any]:
+        """The Peer fields from the command line."""
+        return {"retries": max(0, ns.retries), "verify": ns.verify, "echo_only": ns.echo,
+                "settle_timeout": ns.settle_timeout, "tls_ca": ns.tls_ca,
+                "tls_cert": ns.tls_cert, "tls_key": ns.tls_key,
+                "tls_verify": not ns.tls_no_verify}
+
+
+@dataclasses.dataclass(frozen=True)
+class SendTarget(Peer):
+    """A DIMSE destination: where to send, as whom, and its timeouts."""
+
+    host: str
+    port: int
+    called: str
+    calling: str
+    acse_timeout: float
+    dimse_timeout: float
+    network_timeout: float
+    max_pdu: int
+    tls: bool = False
 
     @property
     def where(self) -> str:
@@ -6370,10 +6385,8 @@ def send_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Des
         raise UsageError(f"--port {ns.port}: use 1-65535")
     tls = bool(ns.tls or ns.tls_ca or ns.tls_cert or ns.tls_no_verify)
     return SendTarget(ns.host, ns.port, valid_ae(ns.ae_title, "--ae-title"),
-                      valid_ae(ns.calling_ae, "--calling-ae"), max(0, ns.retries),
-                      ns.acse_timeout, ns.dimse_timeout, ns.network_timeout, ns.max_pdu,
-                      ns.verify, ns.echo, tls, ns.tls_ca, ns.tls_cert, ns.tls_key,
-                      not ns.tls_no_verify, settle_timeout=ns.settle_timeout)
+                      valid_ae(ns.calling_ae, "--calling-ae"), ns.acse_timeout,
+                      ns.dimse_timeout, ns.network_timeout, ns.max_pdu, tls, **Peer.common(ns))
 
 
 class TLSSetupError(DicomSarError):
@@ -7133,25 +7146,16 @@ DICOM_JSON = "application/dicom+json"
 
 
 @dataclasses.dataclass(frozen=True)
-class WebTarget:
+class WebTarget(Peer):
     """A DICOMweb service: its root URL (no credentials in it), how to authenticate (the
-    secret itself never printed), TLS and patience."""
+    secret itself never printed) and its timeout."""
 
     url: str  # the service root, without a trailing slash
     token_file: Path | None
     user: str | None
     password: str = dataclasses.field(default="", repr=False)
-    retries: int = 3
     timeout: float = 60.0
-    verify: bool = False
-    echo_only: bool = False
     plain_http_allowed: bool = False
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_verify: bool = True
-    context: Any = None  # the run's one ssl.SSLContext (see tls_context)
-    settle_timeout: float = 60.0
 
     @property
     def tls(self) -> bool:
@@ -7176,7 +7180,7 @@ class WebTarget:
         return f"DICOMweb {self.url}"
 
 
-Destination = SendTarget | WebTarget
+Destination = SendTarget | WebTarget  # both are Peers
 
 
 def web_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> WebTarget:
@@ -7223,9 +7227,8 @@ def web_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> WebT
         raise UsageError(f"--user {ns.user}: set the password in the environment variable "
                          f"{PASSWORD_VARIABLE} (fish: set -x {PASSWORD_VARIABLE} (cat FILE))")
     return WebTarget(url, Path(ns.token_file) if ns.token_file else None, ns.user,
-                     password if ns.user else "", max(0, ns.retries), ns.network_timeout,
-                     ns.verify, ns.echo, ns.allow_plain_http, ns.tls_ca, ns.tls_cert,
-                     ns.tls_key, not ns.tls_no_verify, settle_timeout=ns.settle_timeout)
+                     password if ns.user else "", ns.network_timeout, ns.allow_plain_http,
+                     **Peer.common(ns))
 
 
 class WebError(DicomSarError):

@@ -182,6 +182,17 @@ def instances(manifest: dict, **match: object) -> list[dict]:
     return [e for e in manifest["instances"] if all(e.get(k) == v for k, v in match.items())]
 
 
+def tree_of(generated: Path, manifest: dict, tmp_path: Path, *scenarios: str) -> Path:
+    """The accepted files of these scenarios of the generated tree, copied to tmp_path/tree."""
+    tree = tmp_path / "tree"
+    for scenario in scenarios:
+        for e in instances(manifest, scenario=scenario, expect="accept"):
+            target = tree / e["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(generated / e["path"], target)
+    return tree
+
+
 @pytest.fixture
 def copy_of(tmp_path: Path):
     """Copy files (or manifest entries of a generated tree) into a fresh input dir."""

@@ -28,6 +28,7 @@ from conftest import (
     instances,
     read,
     run_tool,
+    tree_of,
 )
 
 FRONT_PORT = 18443
@@ -173,16 +174,6 @@ def web(ns: Namespace, tmp_path: Path, *args: str | Path, url: str = ROOT,
     summaries = sorted(logs.glob("dicom_sender_summary_*.json"), key=lambda p: p.stat().st_mtime)
     summary = json.loads(summaries[-1].read_text()) if summaries else {}
     return run.code, summary, run.out + run.err
-
-
-def tree_of(generated: Path, manifest: dict, tmp_path: Path, *scenarios: str) -> Path:
-    tree = tmp_path / "tree"
-    for scenario in scenarios:
-        for e in instances(manifest, scenario=scenario, expect="accept"):
-            target = tree / e["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(generated / e["path"], target)
-    return tree
 
 
 def test_stow_stores_what_the_summary_claims_and_verify_agrees(

@@ -29,6 +29,7 @@ from conftest import (
     openssl,
     read,
     run_tool,
+    tree_of,
 )
 
 
@@ -57,16 +58,6 @@ def send(ns: Namespace, tree: Path, tmp_path: Path, *extra: str, called: str = "
                        key=lambda p: p.stat().st_mtime)
     summary = json.loads(summaries[-1].read_text()) if summaries else {}
     return run.code, summary, run.err
-
-
-def tree_of(generated: Path, manifest: dict, tmp_path: Path, *scenarios: str) -> Path:
-    tree = tmp_path / "tree"
-    for scenario in scenarios:
-        for e in instances(manifest, scenario=scenario, expect="accept"):
-            target = tree / e["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(generated / e["path"], target)
-    return tree
 
 
 def received(rx: Path) -> dict[str, pydicom.Dataset]:
