@@ -41,7 +41,7 @@ def need(program: str) -> str:
     path = shutil.which(program)
     if path is None:
         message = (f"{program} is not installed "
-                   "(apt-get install dcmtk dicom3tools orthanc fish strace)")
+                   "(apt-get install dcmtk dicom3tools orthanc orthanc-dicomweb fish strace)")
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
