@@ -7206,9 +7206,11 @@ def web_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> WebT
         raise UsageError("--url must not carry credentials (they would show in process lists "
                          f"and logs): use --token-file FILE, or --user NAME with "
                          f"{PASSWORD_VARIABLE} in the environment")
-    if parts.query or parts.fragment or any(c.isspace() or not c.isprintable() for c in url):
-        raise UsageError(f"--url {url!r}: the service root takes no ?query, #fragment or "
-                         "blanks")
+    if parts.query or parts.fragment or not url.isascii() or any(
+            c.isspace() or not c.isprintable() for c in url):
+        raise UsageError(f"--url {url!r}: the service root takes no ?query, #fragment, "
+                         "blanks or non-ASCII characters (percent-encode them, and give a "
+                         "host name in its xn-- form)")
     try:
         loopback = ipaddress.ip_address(parts.hostname).is_loopback
     except ValueError:

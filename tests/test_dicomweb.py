@@ -369,6 +369,7 @@ def test_ingest_test_and_check_ingest_over_qido_agree_with_orthanc(ns, web_ortha
     (["--url", ROOT, "--user", "a", "--token-file", "t"], WITH_PASSWORD, "give one"),
     (["-H", "127.0.0.1", "-p", "104", "--token-file", "t"], {}, "go with a DICOMweb"),
     (["--url", "ftp://127.0.0.1/x"], {}, "use the service root"),
+    (["--url", "https://pacs.hôpital.example/dicom-web"], {}, "in its xn-- form"),
 ])
 def test_destination_usage_errors(args: list[str], env: dict, message: str,
                                   tmp_path: Path) -> None:
