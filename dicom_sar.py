@@ -369,15 +369,22 @@ OPTION_MODES: dict[str, tuple[str, ...]] = {
 }
 
 
+def given_options(parser: argparse.ArgumentParser, ns: argparse.Namespace,
+                  dests: Iterable[str]) -> dict[str, str]:
+    """Those of these options (argparse dests) the command line set, each with its long
+    flag, in --help order."""
+    dests = set(dests)
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions
+            if a.dest in dests and getattr(ns, a.dest) != a.default}
+
+
 def refuse_foreign_options(parser: argparse.ArgumentParser, ns: argparse.Namespace,
                            mode: str) -> None:
     """A usage error for an option given to a mode that would ignore it, naming its modes."""
-    for action in parser._actions:
-        modes = OPTION_MODES.get(action.dest)
-        if modes is None or mode in modes or getattr(ns, action.dest) == action.default:
-            continue
-        flag = max(action.option_strings, key=len)
-        raise UsageError(f"{flag} belongs to " + ", ".join(FLAG_OF[m] for m in modes)
+    foreign = given_options(parser, ns, (d for d, modes in OPTION_MODES.items()
+                                         if mode not in modes))
+    for dest, flag in foreign.items():
+        raise UsageError(f"{flag} belongs to " + ", ".join(FLAG_OF[m] for m in OPTION_MODES[dest])
                          + f", not to {FLAG_OF[mode]}")
 
 
@@ -6364,8 +6371,15 @@ def valid_ae(title: str, flag: str) -> str:
     return title.strip()
 
 
+# argparse dests that belong to one kind of destination only
 DIMSE_ONLY = ("host", "port", "ae_title", "calling_ae", "acse_timeout", "dimse_timeout",
-              "max_pdu")  # argparse dests that name a DIMSE destination (not a --url one)
+              "max_pdu")
+WEB_ONLY = ("token_file", "user", "allow_plain_http")
+
+
+def tls_asked(ns: argparse.Namespace) -> bool:
+    """The command line asks for TLS (--tls, or an option that implies it)."""
+    return bool(ns.tls or ns.tls_ca or ns.tls_cert or ns.tls_no_verify)
 
 
 def send_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Destination:
@@ -6374,19 +6388,19 @@ def send_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Des
         raise UsageError("--tls-cert and --tls-key go together (a certificate and its key)")
     if ns.url:
         return web_options(ns, parser)
-    web_only = [flag for flag, given in (("--token-file", ns.token_file), ("--user", ns.user),
-                                         ("--allow-plain-http", ns.allow_plain_http)) if given]
+    web_only = given_options(parser, ns, WEB_ONLY)
     if web_only:
-        raise UsageError(f"{', '.join(web_only)} go with a DICOMweb destination (--url)")
+        raise UsageError(f"{', '.join(web_only.values())} go with a DICOMweb destination "
+                         "(--url)")
     if not ns.host or ns.port is None:
         raise UsageError("the receiver needs -H/--host and -p/--port (and -a/--ae-title), "
                          "e.g. -H 127.0.0.1 -p 11112 -a STORESCP (or --url for DICOMweb)")
     if not 1 <= ns.port <= 65535:
         raise UsageError(f"--port {ns.port}: use 1-65535")
-    tls = bool(ns.tls or ns.tls_ca or ns.tls_cert or ns.tls_no_verify)
     return SendTarget(ns.host, ns.port, valid_ae(ns.ae_title, "--ae-title"),
                       valid_ae(ns.calling_ae, "--calling-ae"), ns.acse_timeout,
-                      ns.dimse_timeout, ns.network_timeout, ns.max_pdu, tls, **Peer.common(ns))
+                      ns.dimse_timeout, ns.network_timeout, ns.max_pdu, tls_asked(ns),
+                      **Peer.common(ns))
 
 
 class TLSSetupError(DicomSarError):
@@ -6633,6 +6647,17 @@ def store_one(assoc: Any, f: Indexed, target: SendTarget) -> Sent | None:
         return Sent.of(f, Outcome.FAILED, f"{type(exc).__name__}: {one_line(str(exc))}")
 
 
+def decoded_for_sending(f: Indexed) -> tuple[Dataset, str]:
+    """A file that cannot go out as its bytes, read by pydicom with odd-length binary values
+    padded even (pydicom writes them as they are), and the syntax it was decoded from
+    (deflate is undone by reading)."""
+    ds = pydicom.dcmread(f.path, force=True)
+    for elem in ds.iterall():
+        if elem.VR in BULK_VRS and isinstance(elem.value, bytes) and len(elem.value) % 2:
+            elem.value += b"\0"
+    return ds, EXPLICIT_LE if f.syntax == DEFLATED else f.syntax
+
+
 def _store_one(assoc: Any, f: Indexed, target: SendTarget, t0: float) -> Sent:
     accepted = accepted_syntaxes(assoc, f.sop_class)
     converted = ""
@@ -6641,14 +6666,9 @@ def _store_one(assoc: Any, f: Indexed, target: SendTarget, t0: float) -> Sent:
     elif f.syntax in accepted or (f.syntax in CONVERTIBLE and accepted & set(UNCOMPRESSED)):
         # decoded: pynetdicom takes the dataset's own UIDs and encodes it for the accepted
         # syntax (no pixel codec: compressed pixel data goes only in its own syntax)
-        dataset = pydicom.dcmread(f.path, force=True)
+        dataset, source = decoded_for_sending(f)
         if not hasattr(dataset, "file_meta"):
             dataset.file_meta = pydicom.dataset.FileMetaDataset()
-        for elem in dataset.iterall():  # pydicom writes binary values as they are: pad odd
-            if elem.VR in BULK_VRS and isinstance(elem.value, bytes) and len(elem.value) % 2:
-                elem.value += b"\0"
-        # the syntax it was decoded from (deflate is undone by reading)
-        source = EXPLICIT_LE if f.syntax == DEFLATED else f.syntax
         dataset.file_meta.TransferSyntaxUID = source
         if f.syntax not in accepted:
             into = source if source in accepted else next(ts for ts in UNCOMPRESSED
@@ -6674,6 +6694,14 @@ def _store_one(assoc: Any, f: Indexed, target: SendTarget, t0: float) -> Sent:
         return Sent.of(f, Outcome.SENT, "", code, seconds, converted)
     outcome = Outcome.WARNING if category == "Warning" else Outcome.FAILED
     return Sent.of(f, outcome, f"0x{code:04X} {meaning}", code, seconds, converted)
+
+
+def association_plan(studies: dict[str, list[Indexed]]) -> Iterator[str]:
+    """--dry-run: the associations a send would open."""
+    for study, files in studies.items():
+        for i, (batch, contexts) in enumerate(association_batches(files)):
+            yield (f"study {study}  association {i + 1}: {len(batch)} files, "
+                   f"{len(contexts)} presentation contexts")
 
 
 def send_study(study: str, files: list[Indexed], target: SendTarget, events: Any,
@@ -6988,15 +7016,10 @@ def send_studies(studies: dict[str, list[Indexed]], opts: Options, out: Callable
     print(f"Found {total_files} DICOM files, grouped into {len(studies)} studies", file=sys.stderr)
     for study, files in list(studies.items())[:5]:
         print(f"  {study}: {len(files)} files", file=sys.stderr)
-    if opts.dry_run and isinstance(target, WebTarget):
-        for line in stow_requests(studies, target):
-            out(line)
-    elif opts.dry_run:
-        for study, files in studies.items():
-            for i, (batch, contexts) in enumerate(association_batches(files)):
-                out(f"study {study}  association {i + 1}: {len(batch)} files, "
-                    f"{len(contexts)} presentation contexts")
     if opts.dry_run:
+        for line in stow_requests(studies, target) if isinstance(target, WebTarget) \
+                else association_plan(studies):
+            out(line)
         return stop.exit_status() or (EXIT_FAILURES if reporter.stats.errors else EXIT_OK)
     sent = transfer(studies, target, opts, session.log, stop.event, reporter, watch)
     verified = verify_sent(target, sent) if target.verify else None
@@ -7155,7 +7178,6 @@ class WebTarget(Peer):
     user: str | None
     password: str = dataclasses.field(default="", repr=False)
     timeout: float = 60.0
-    plain_http_allowed: bool = False
 
     @property
     def tls(self) -> bool:
@@ -7188,11 +7210,10 @@ def web_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> WebT
     import ipaddress
     import urllib.parse
 
-    dimse = [max(a.option_strings, key=len) for a in parser._actions if a.dest in DIMSE_ONLY
-             and getattr(ns, a.dest) != a.default]
+    dimse = given_options(parser, ns, DIMSE_ONLY)
     if dimse:
-        raise UsageError(f"--url is a DICOMweb destination and {', '.join(dimse)} a DIMSE "
-                         "one: give one or the other")
+        raise UsageError(f"--url is a DICOMweb destination and {', '.join(dimse.values())} a "
+                         "DIMSE one: give one or the other")
     url = ns.url.rstrip("/")
     try:
         parts = urllib.parse.urlsplit(url)
@@ -7218,7 +7239,7 @@ def web_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> WebT
     if parts.scheme == "http" and not ns.allow_plain_http and not loopback:
         raise UsageError(f"--url {url}: patient data would cross the network unencrypted; use "
                          "https://, or --allow-plain-http on a network you trust")
-    if parts.scheme == "http" and (ns.tls or ns.tls_ca or ns.tls_cert or ns.tls_no_verify):
+    if parts.scheme == "http" and tls_asked(ns):
         raise UsageError("--tls and --tls-* go with an https:// --url")
     if ns.token_file and ns.user:
         raise UsageError("--token-file and --user are two ways to authenticate: give one")
@@ -7229,8 +7250,7 @@ def web_options(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> WebT
         raise UsageError(f"--user {ns.user}: set the password in the environment variable "
                          f"{PASSWORD_VARIABLE} (fish: set -x {PASSWORD_VARIABLE} (cat FILE))")
     return WebTarget(url, Path(ns.token_file) if ns.token_file else None, ns.user,
-                     password if ns.user else "", ns.network_timeout, ns.allow_plain_http,
-                     **Peer.common(ns))
+                     password if ns.user else "", ns.network_timeout, **Peer.common(ns))
 
 
 class WebError(DicomSarError):
@@ -7457,13 +7477,10 @@ def stow_batches(files: list[Indexed]) -> list[list[Indexed]]:
 def part10_bytes(f: Indexed) -> bytes:
     """A file that is not a Part 10 file as it is (no preamble or file meta, meta that
     disagrees with its data set, odd lengths), encoded as one by pydicom."""
-    ds = pydicom.dcmread(f.path, force=True)
-    for elem in ds.iterall():  # pydicom writes binary values as they are: pad odd
-        if elem.VR in BULK_VRS and isinstance(elem.value, bytes) and len(elem.value) % 2:
-            elem.value += b"\0"
+    ds, source = decoded_for_sending(f)
     meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = f.sop_class, f.sop_instance
-    meta.TransferSyntaxUID = EXPLICIT_LE if f.syntax == DEFLATED else f.syntax
+    meta.TransferSyntaxUID = source
     ds.file_meta = meta
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
@@ -7500,17 +7517,18 @@ def stow(client: WebClient, files: list[Indexed], stop: threading.Event) -> list
 
     t0 = time.perf_counter()
     boundary = f"dicom_sar-{uuid.uuid4().hex}".encode()
-    parts, unread = [], []
+    ready: list[tuple[Indexed, bytes | FilePart]] = []
+    unread: list[Sent] = []
     for f in files:
         try:
-            parts.append(stow_part(f))
+            ready.append((f, stow_part(f)))
         except (OSError, ValueError) as exc:
             unread.append(Sent.of(f, Outcome.FAILED, "cannot read it again since it was "
                                   f"indexed: {getattr(exc, 'strerror', None) or exc}"))
-    files = [f for f in files if f.path not in {s.path for s in unread}]
-    if not files:
+    if not ready:
         return unread
-    body, length = stow_body(parts, boundary)
+    files = [f for f, _ in ready]
+    body, length = stow_body([part for _, part in ready], boundary)
     headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary='
                + boundary.decode(), "Content-Length": str(length), "Accept": DICOM_JSON}
     reply = web_call(client, "POST", "/studies", headers, body, stop)
