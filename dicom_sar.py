@@ -6900,6 +6900,13 @@ def find_session(target: SendTarget) -> Iterator[Callable[[str, str], set[str]]]
             tried.assoc.release()
 
 
+def queryable(series: str) -> str:
+    """A series UID to query by, or "" (ask for the whole study) when it is not a valid UID:
+    a PACS keeps such a value in a form of its own (Orthanc drops the blanks of 'REM
+    SAMPLES 1'), so asking by it finds nothing of what it holds."""
+    return series if pydicom.uid.RE_VALID_UID.match(series) else ""
+
+
 def held_by_series(target: Destination, keys: list[SeriesKey], workers: int
                    ) -> tuple[dict[SeriesKey, set[str] | None], str]:
     """What the receiver holds of each series: one session (association, or connection
@@ -6912,8 +6919,8 @@ def held_by_series(target: Destination, keys: list[SeriesKey], workers: int
         held: dict[SeriesKey, set[str] | None] = dict.fromkeys(share)
         try:
             with session(target) as ask:  # type: ignore[arg-type]
-                for key in share:
-                    held[key] = ask(*key)
+                for study, series in share:
+                    held[study, series] = ask(study, queryable(series))
         except QueryFailedError as exc:  # the rest of the share is left unanswered
             return held, str(exc)
         return held, ""

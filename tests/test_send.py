@@ -539,14 +539,16 @@ def test_real_archive_bad_files_fail_alone_and_fast(receiver: str, request, ns, 
 def test_real_files_all_stored_that_dcmtk_stores(ns, orthanc, real_files: list[Path],
                                                  tmp_path: Path) -> None:
     """pydicom's test files and the corpus (vendors, syntaxes, damage): no file stalls the
-    run, and Orthanc holds every file the summary says it acknowledged."""
+    run, Orthanc holds every file the summary says it acknowledged, and --verify (C-FIND)
+    agrees, a series UID that is not one included."""
     tree = tmp_path / "real"
     tree.mkdir()
     for i, src in enumerate(real_files):
         shutil.copy(src, tree / f"{i:03d}")
     code, summary, err = send(ns, tree, tmp_path, "-t", "2", "--dimse-timeout", "20",
-                              called="ORTHANC")
+                              "--verify", called="ORTHANC")
     assert code == 1 and "Traceback" not in err  # the corpus holds broken files on purpose
+    assert summary["verify"] == {"made": True, "error": None, "unchecked": 0, "not_held": 0}
     log = next((tmp_path / "logs").glob("dicom_sender_*.log")).read_text()
     assert "no response within" not in log  # nothing was left for the receiver to stall on
     held = {x["MainDicomTags"]["SOPInstanceUID"] for x in orthanc("/instances?expand")}
