@@ -6558,6 +6558,21 @@ def set_nodelay(event: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def leave_responses_to_the_caller(dimse: Any) -> None:
+    """Make pynetdicom's association thread leave the DIMSE queue alone. It polls the queue
+    for requests to serve, and its pause handshake with send_c_store/send_c_find can lose a
+    race (under CPU load, about one send in ten over the corpus): the poll then takes the
+    response the caller waits for, so a stored file reads as unanswered after
+    --dimse-timeout and a C-FIND answer goes missing. Our associations propose no SCP role,
+    so the peer has no request for that thread to serve."""
+    wait_for = dimse.get_msg
+
+    def get_msg(block: bool = False) -> tuple[Any, Any]:
+        return wait_for(True) if block else (None, None)
+
+    dimse.get_msg = get_msg
+
+
 @dataclasses.dataclass(frozen=True)
 class Attempt:
     """One try at an association: the association, or why not and whether to try again."""
@@ -6590,6 +6605,7 @@ def open_association(target: SendTarget, contexts: list[tuple]) -> Attempt:
         sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
         opened.append(sock.version() or "" if hasattr(sock, "version") else "")
         set_nodelay(event)
+        leave_responses_to_the_caller(event.assoc.dimse)  # before its thread starts polling
 
     t0 = time.monotonic()
     try:

@@ -436,6 +436,48 @@ def test_a_study_needing_more_than_128_contexts_is_split() -> None:
     assert (files[0].sop_class, pydicom.uid.ExplicitVRLittleEndian) in first_contexts
 
 
+def test_the_association_thread_never_takes_the_response_we_wait_for(ns, storescp) -> None:
+    """pynetdicom's association thread polls the DIMSE queue between our calls; when its
+    pause handshake lost a race it took the response a C-STORE or C-FIND waited for (CI: a
+    stored file 'no response within --dimse-timeout', a held file 'not held'). A response
+    left on the queue stays there, however often that thread goes round."""
+    storescp()
+    out = ns.python(textwrap.dedent(f"""
+        import sys, threading
+        sys.path.insert(0, {str(TOOL.parent)!r})
+        import dicom_sar
+        from pynetdicom.dimse_primitives import C_ECHO
+        dicom_sar.load_pydicom()
+        target = dicom_sar.options_from_args(dicom_sar.build_parser().parse_args(
+            ["--send", "--path", "/", "-H", "127.0.0.1", "-p", "{PORT}", "-a", "STORESCP"])).send
+        tried = dicom_sar.open_association(target, [("1.2.840.10008.1.1", "1.2.840.10008.1.2")])
+        assoc = tried.assoc
+        assert assoc is not None, tried.why
+        response = C_ECHO()
+        response.MessageIDBeingRespondedTo, response.Status = 1, 0x0000
+        assoc.dimse.msg_queue.put((1, response))
+        rounds, went_round = [], threading.Event()
+        asked = assoc.acse.is_release_requested
+
+        def counted():  # the thread asks this once a round, after its poll
+            rounds.append(1)
+            if len(rounds) >= 20:
+                went_round.set()
+            return asked()
+
+        assoc.acse.is_release_requested = counted
+        print("went round:", went_round.wait(timeout=10))
+        left = list(assoc.dimse.msg_queue.queue) == [(1, response)]
+        print("left:", left)
+        if left:
+            assoc.dimse.msg_queue.get()
+            print("echo:", assoc.send_c_echo().Status)
+            assoc.release()
+        else:
+            assoc.abort()"""))
+    assert out.split("\n")[:3] == ["went round: True", "left: True", "echo: 0"], out
+
+
 def test_raw_index_agrees_with_pydicom_on_every_file(generated: Path, fuzz_tree: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Indexing reads three UIDs by raw scan; pydicom must see the same for every file."""
