@@ -6561,10 +6561,8 @@ def set_nodelay(event: Any) -> None:
 def leave_responses_to_the_caller(dimse: Any) -> None:
     """Make pynetdicom's association thread leave the DIMSE queue alone. It polls the queue
     for requests to serve, and its pause handshake with send_c_store/send_c_find can lose a
-    race (under CPU load, about one send in ten over the corpus): the poll then takes the
-    response the caller waits for, so a stored file reads as unanswered after
-    --dimse-timeout and a C-FIND answer goes missing. Our associations propose no SCP role,
-    so the peer has no request for that thread to serve."""
+    race: the poll then takes the response the caller waits for. Our associations propose
+    no SCP role, so the peer has no request for that thread to serve."""
     wait_for = dimse.get_msg
 
     def get_msg(block: bool = False) -> tuple[Any, Any]:
